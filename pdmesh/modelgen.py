@@ -22,18 +22,7 @@ from pathlib import Path
 MODEL_FORMAT_VERSION = 1
 DEFAULT_MODEL_NAME = "pdmesh-tiny-llama"
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from it be are this an not or have which one had but "
-    "all were they there can been has more if will would when who so what out up about into than them some "
-    "could time only other new these two may first then do any like my now over such our man me even most made "
-    "after also did many before must through back years where much your way well down should because each just "
-    "those people how too little state good very make world still own see men work long get here between both "
-    "life being under never day same another know while last might us great old year off come since against go "
-    "came right used take three prefill decode cache token kernel layer block chunk router worker request stream "
-    "memory transfer latency bandwidth engine model tensor batch queue lease commit write read shared remote "
-    "local disk pool page prefix hash key value attention head vector matrix gradient weight bias norm rope "
-    "sequence context window output input server client socket packet network cluster node replica shard"
-).split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "it", "be", "are", "this", "an", "not", "or", "have", "which", "one", "had", "but", "all", "were", "they", "there", "can", "been", "has", "more", "if", "will", "would", "when", "who", "so", "what", "out", "up", "about", "into", "than", "them", "some", "could", "time", "only", "other", "new", "these", "two", "may", "first", "then", "do", "any", "like", "my", "now", "over", "such", "our", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "prefill", "decode", "cache", "token", "kernel", "layer", "block", "chunk", "router", "worker", "request", "stream", "memory", "transfer", "latency", "bandwidth", "engine", "model", "tensor", "batch", "queue", "lease", "commit", "write", "read", "shared", "remote", "local", "disk", "pool", "page", "prefix", "hash", "key", "value", "attention", "head", "vector", "matrix", "gradient", "weight", "bias", "norm", "rope", "sequence", "context", "window", "output", "input", "server", "client", "socket", "packet", "network", "cluster", "node", "replica", "shard"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +97,9 @@ def _build_tokenizer(out: Path, spec: TinyModelSpec) -> int:
     return len(fast)
 
 
-def make_model(out_dir: str | os.PathLike[str], spec: TinyModelSpec | None = None, force: bool = False) -> Path:
+def make_model(
+    out_dir: str | os.PathLike[str], spec: TinyModelSpec | None = None, force: bool = False
+) -> Path:
     """Build the tiny model into ``out_dir`` (atomically: built in a temp dir, then renamed).
 
     Returns the directory. If it already holds a complete model built by this format version and ``force`` is

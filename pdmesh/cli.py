@@ -1,0 +1,184 @@
+"""The ``pdmesh`` command: one entry point, one subcommand per service or tool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from pdmesh.modelgen import default_model_dir, make_model
+
+    out = make_model(args.dir or default_model_dir(), force=args.force)
+    print(out)
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from router.config import ConfigError, load_router_config
+    from router.main import run_router
+
+    try:
+        cfg = load_router_config(args.config, host=args.host, port=args.port, pd_mode=args.pd_mode)
+    except ConfigError as e:
+        print(f"pdmesh router: {e}", file=sys.stderr)
+        return 2
+    run_router(cfg)
+    return 0
+
+
+def _cmd_worker(role_name: str):
+    def run(args: argparse.Namespace) -> int:
+        from pdmesh.worker_agent import run_worker
+
+        if role_name == "prefill":
+            from prefiller.role import PREFILL as role
+        else:
+            from decoder.role import DECODE as role
+        return run_worker(role, args)
+
+    return run
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pdmesh.cluster import ClusterSpec, LocalCluster
+
+    spec = ClusterSpec(
+        model=args.model,
+        prefillers=args.prefillers,
+        decoders=args.decoders,
+        port=args.port,
+        pd_mode=args.pd_mode,
+        log_dir=args.log_dir,
+        vllm_args=[a for a in args.vllm_args if a != "--"],
+    )
+    cluster = LocalCluster(spec)
+    stopping = False
+
+    def _stop(signum, frame):  # turn SIGTERM into the same clean path as Ctrl-C
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        print(
+            f"pdmesh: starting router + {args.prefillers} prefill + {args.decoders} decode (logs: {cluster.log_dir})"
+        )
+        cluster.start()
+        print(f"pdmesh ready: {cluster.url}/v1  (OpenAI API; Ctrl-C stops everything)", flush=True)
+        if args.demo:
+            return _demo_request(cluster.url)
+        while True:
+            time.sleep(1)
+            cluster._check_alive()
+    except KeyboardInterrupt:
+        print("pdmesh: stopping", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"pdmesh: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()
+
+
+def _demo_request(url: str) -> int:
+    import httpx
+
+    models = httpx.get(url + "/v1/models", timeout=10, trust_env=False).json()["data"]
+    model = models[0]["id"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Explain prefill and decode disaggregation."}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    print(f"POST {url}/v1/chat/completions  model={model}  (streaming)")
+    text = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            text.append(delta)
+            print(delta, end="", flush=True)
+    print("\n(the tiny built-in model has random weights: the text is gibberish, but every token is exact)")
+    metrics = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
+    pd = [ln for ln in metrics.splitlines() if ln.startswith("pdmesh_router_pd_requests_total")]
+    print("router:", *pd)
+    return 0 if text else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from decoder.role import DECODE
+    from pdmesh.worker_agent import add_worker_args
+    from prefiller.role import PREFILL
+
+    p = argparse.ArgumentParser(
+        prog="pdmesh", description="prefill/decode disaggregation mesh for LLM serving"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-model", help="build the tiny built-in Llama model (deterministic)")
+    s.add_argument("dir", nargs="?", default=None, help="output dir (default: ~/.cache/pdmesh/models/...)")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=_cmd_make_model)
+
+    s = sub.add_parser("router", help="run the OpenAI-compatible router")
+    s.add_argument("--config", default=None, help="YAML config (see configs/router.example.yaml)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--pd-mode", default=None, choices=["nixl"])
+    s.set_defaults(func=_cmd_router)
+
+    for name, role, cmd in (("prefiller", PREFILL, "prefill"), ("decoder", DECODE, "decode")):
+        s = sub.add_parser(name, help=f"run a {cmd} worker (vLLM + registration)")
+        add_worker_args(s, role)
+        s.set_defaults(func=_cmd_worker(cmd))
+
+    s = sub.add_parser("up", help="run a local cluster: router + prefill + decode workers")
+    s.add_argument("--model", default=None, help="model dir (default: the embedded tiny model)")
+    s.add_argument("--prefillers", type=int, default=1)
+    s.add_argument("--decoders", type=int, default=1)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--pd-mode", default="nixl", choices=["nixl"])
+    s.add_argument("--log-dir", default=None)
+    s.add_argument("--demo", action="store_true", help="send one request, print the answer, stop")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args for every worker after --")
+    s.set_defaults(func=_cmd_up)
+
+    _add_optional_subcommands(sub)
+    return p
+
+
+def _add_optional_subcommands(sub) -> None:
+    """Subcommands contributed by layers (tier server, cache server, benchmarks) when present."""
+    try:
+        from kvcache import cli as kv_cli
+    except ImportError:
+        return
+    if hasattr(kv_cli, "add_parsers"):
+        kv_cli.add_parsers(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

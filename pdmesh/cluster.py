@@ -1,0 +1,164 @@
+"""A local pdmesh cluster on 127.0.0.1: router + N prefill + M decode workers (``pdmesh up``).
+
+:class:`LocalCluster` owns every process it starts; :meth:`LocalCluster.stop` (idempotent, also run by the
+context manager) stops them all, workers first so they deregister. Children also die with this process
+(PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of the owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from pdmesh.procs import ManagedProcess, free_port
+
+log = logging.getLogger("pdmesh.cluster")
+
+
+@dataclass
+class ClusterSpec:
+    model: str | None = None  # None: the embedded tiny model
+    served_model_name: str | None = None
+    prefillers: int = 1
+    decoders: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pd_mode: str = "nixl"
+    vllm_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra env for every process
+    log_dir: str | None = None  # per-process logs; default: a temp dir
+    startup_timeout: float = 600.0
+    pin_cores: bool = True  # bind each engine's OpenMP threads to one core (round robin)
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdmesh-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.router: ManagedProcess | None = None
+        self.workers: dict[str, ManagedProcess] = {}
+        self.worker_ports: dict[str, int] = {}
+        self.url = f"http://{spec.host}:{spec.port}"
+        self._n_started = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> LocalCluster:
+        """Start the router and all workers; blocks until the router sees them all healthy."""
+        from pdmesh.modelgen import ensure_default_model
+
+        if self.spec.model is None:
+            ensure_default_model()  # build once here instead of racing in every worker
+        try:
+            self.router = self._spawn(
+                "router",
+                ["router", "--host", self.spec.host, "--port", str(self.spec.port)],
+                self.log_dir / "router.log",
+            )
+            self.wait_router(60)
+            for _ in range(self.spec.prefillers):
+                self.add_worker("prefill")
+            for _ in range(self.spec.decoders):
+                self.add_worker("decode")
+            self.wait_ready(self.spec.prefillers, self.spec.decoders, self.spec.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_worker(self, role: str) -> str:
+        """Start one more worker of ``role``; returns its name (e.g. ``decode-1``). Does not wait."""
+        idx = sum(1 for n in self.workers if n.startswith(role))
+        name = f"{role}-{idx}"
+        port = free_port(self.spec.host)
+        cmd = "prefiller" if role == "prefill" else "decoder"
+        argv = [cmd, "--router", self.url, "--host", self.spec.host, "--port", str(port), "--worker-id", name]
+        argv += ["--pd-mode", self.spec.pd_mode]
+        if self.spec.model:
+            argv += ["--model", self.spec.model]
+        if self.spec.served_model_name:
+            argv += ["--served-model-name", self.spec.served_model_name]
+        env = {}
+        if self.spec.pin_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self._n_started % (os.cpu_count() or 1))
+        self._n_started += 1
+        if self.spec.vllm_args:
+            argv += ["--", *self.spec.vllm_args]
+        self.workers[name] = self._spawn(name, argv, self.log_dir / f"{name}.log", env)
+        self.worker_ports[name] = port
+        return name
+
+    def kill_worker(self, name: str, sig: int = 9) -> None:
+        """Send ``sig`` to a worker's whole process tree (agent + vLLM), e.g. to simulate a crash."""
+        proc = self.workers.pop(name)
+        proc.signal_group(sig)
+        proc.stop(10)
+
+    def stop(self) -> None:
+        """Stop workers (they deregister), then the router. Blocking; idempotent."""
+        for name in list(self.workers):
+            self.workers.pop(name).stop(30)
+        if self.router is not None:
+            self.router.stop(10)
+            self.router = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- waiting -----------------------------------------------------------------------------------------
+    def wait_router(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                httpx.get(self.url + "/health", timeout=1.0, trust_env=False)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"router did not start within {timeout:.0f}s (log: {self.log_dir / 'router.log'})")
+
+    def wait_ready(self, prefillers: int, decoders: int, timeout: float) -> None:
+        """Block until the router reports at least this many healthy workers of each role."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                last = httpx.get(self.url + "/health", timeout=2.0, trust_env=False).json()
+                if last.get("prefill_workers", 0) >= prefillers and last.get("decode_workers", 0) >= decoders:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last} (logs in {self.log_dir})")
+
+    def _check_alive(self) -> None:
+        for name, proc in [("router", self.router), *self.workers.items()]:
+            if proc is not None and not proc.alive():
+                tail = _tail(self.log_dir / f"{name}.log")
+                raise RuntimeError(f"{name} exited with code {proc.poll()}; last log lines:\n{tail}")
+
+    def _spawn(
+        self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        full_env = {**os.environ, **self.spec.env, **(env or {})}
+        return ManagedProcess(
+            name, [sys.executable, "-m", "pdmesh.cli", *args], env=full_env, log_path=str(log_path)
+        )
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,112 @@
+"""Child processes that never outlive their owner.
+
+Every child is started in its own session (so its whole tree can be signalled as a group) and, on Linux, with
+``PR_SET_PDEATHSIG`` so that it receives SIGTERM if its parent dies without cleaning up (even on SIGKILL).
+The owner of a :class:`ManagedProcess` must call :meth:`ManagedProcess.stop`; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger("pdmesh.procs")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except OSError:
+            pass
+
+
+class ManagedProcess:
+    """A subprocess (and its process group) owned by the caller."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self._log_file = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned, closed in stop()
+        out = self._log_file if self._log_file else None
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+        log.debug("started %s pid=%d: %s", name, self.proc.pid, " ".join(self.argv))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL it. Blocking; idempotent."""
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing", self.name, timeout)
+        # Kill stragglers of the group even if the leader exited (grandchildren).
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+        return self.proc.returncode
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; raise TimeoutError after ``timeout`` s. Blocking."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,172 @@
+"""The worker agent behind ``pdmesh prefiller`` and ``pdmesh decoder``.
+
+Lifecycle (blocking, :func:`run_worker`):
+1. start one vLLM OpenAI server subprocess with the kv-transfer-config of the role;
+2. wait until it is healthy (``--startup-timeout``; exit 1 if it dies or times out);
+3. register with the router and heartbeat; while the router is unreachable, retry with capped exponential
+   backoff and say so in the log (the worker keeps serving whoever reaches it);
+4. on SIGTERM/SIGINT: deregister (best effort, 2 s timeout), stop vLLM (SIGTERM, then SIGKILL after 20 s),
+   exit 0. If vLLM exits on its own, deregister and exit with a non-zero code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import httpx
+
+from pdmesh.procs import free_port
+from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
+from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
+from router.registration import WorkerRegistration
+
+log = logging.getLogger("pdmesh.worker")
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    name: str  # "prefill" | "decode"
+    kv_role: str  # vLLM kv_role
+    default_port: int
+
+
+def kv_transfer_config(role: WorkerRole, pd_mode: str, device: str) -> dict:
+    """The vLLM kv-transfer-config of ``role`` in ``pd_mode``.
+
+    ``nixl``: stock NixlConnector; the decoder pulls the prompt's blocks from the prefill engine named in the
+    request's ``kv_transfer_params``; the prefill engine holds them until pulled or its abort timeout.
+    """
+    if pd_mode != "nixl":
+        raise ValueError(f"unsupported pd mode {pd_mode!r}")
+    cfg: dict = {"kv_connector": "NixlConnector", "kv_role": role.kv_role}
+    if device == "cpu":
+        cfg["kv_buffer_device"] = "cpu"
+    return cfg
+
+
+def add_worker_args(p: argparse.ArgumentParser, role: WorkerRole) -> None:
+    p.add_argument("--model", default=None, help="model directory or name (default: the embedded tiny model)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--router", default=os.environ.get("PDMESH_ROUTER_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--host", default="127.0.0.1", help="address vLLM binds to")
+    p.add_argument("--port", type=int, default=role.default_port)
+    p.add_argument(
+        "--advertise-host",
+        default=os.environ.get("PDMESH_ADVERTISE_HOST"),
+        help="host name the router and peers use to reach this worker (default: --host, or the hostname)",
+    )
+    p.add_argument(
+        "--nixl-port", type=int, default=None, help="NIXL side-channel port (default: a free port)"
+    )
+    p.add_argument("--pd-mode", default="nixl", choices=["nixl"])
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--log-file", default=None, help="file for vLLM's own output (default: inherit)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM server args after --")
+
+
+def _advertised_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    if args.host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return args.host
+
+
+def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
+    """Run the worker until signalled; returns the process exit code."""
+    from pdmesh.modelgen import DEFAULT_MODEL_NAME, ensure_default_model
+
+    model = args.model or str(ensure_default_model())
+    served = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else args.model)
+    device = detect_device()
+    host = _advertised_host(args)
+    nixl_port = args.nixl_port or free_port()
+    extra = [a for a in args.vllm_args if a != "--"]
+    spec = VLLMServerSpec(
+        model=model,
+        host=args.host,
+        port=args.port,
+        served_model_name=served,
+        kv_transfer_config=kv_transfer_config(role, args.pd_mode, device),
+        extra_args=extra,
+        env={"VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)},
+        device=device,
+    )
+    worker_id = args.worker_id or f"{role.name}-{host}-{args.port}"
+    server = VLLMServer(spec, log_path=args.log_file)
+    try:
+        card = server.wait_healthy(args.startup_timeout)
+        log.info("%s worker %s: vLLM healthy at %s", role.name, worker_id, server.url)
+        reg = WorkerRegistration(
+            worker_id=worker_id,
+            role=role.name,  # type: ignore[arg-type]
+            url=f"http://{host}:{args.port}",
+            models=[served],
+            max_model_len=card.get("max_model_len"),
+        )
+        return asyncio.run(_heartbeat_until_stopped(server, reg, args.router.rstrip("/")))
+    except (RuntimeError, TimeoutError) as e:
+        log.error("%s worker failed to start: %s", role.name, e)
+        return 1
+    finally:
+        server.stop()
+
+
+async def _heartbeat_until_stopped(server: VLLMServer, reg: WorkerRegistration, router: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    headers = {TOKEN_HEADER: cluster_token_from_env()}
+    interval, backoff, registered = 2.0, 0.5, False
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(5.0, connect=2.0), headers=headers, trust_env=False
+    ) as client:
+        while not stop.is_set():
+            if not server.process.alive():
+                log.error("vLLM exited with code %s; worker stops", server.process.poll())
+                await _deregister(client, router, reg.worker_id)
+                return 2
+            try:
+                r = await client.post(f"{router}/internal/workers", content=reg.model_dump_json())
+                r.raise_for_status()
+                interval = float(r.json().get("heartbeat_interval_s", interval))
+                if not registered:
+                    log.info("registered with router %s as %s", router, reg.worker_id)
+                registered, backoff, wait = True, 0.5, interval
+            except httpx.HTTPStatusError as e:
+                log.error(
+                    "router %s refused registration: %s %s",
+                    router,
+                    e.response.status_code,
+                    e.response.text[:300],
+                )
+                registered, wait = False, backoff
+                backoff = min(backoff * 2, 10.0)
+            except httpx.HTTPError as e:
+                log.warning(
+                    "router %s unreachable (%s); retrying in %.1fs", router, type(e).__name__, backoff
+                )
+                registered, wait = False, backoff
+                backoff = min(backoff * 2, 10.0)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+        log.info("stopping worker %s", reg.worker_id)
+        await _deregister(client, router, reg.worker_id)
+    return 0
+
+
+async def _deregister(client: httpx.AsyncClient, router: str, worker_id: str) -> None:
+    try:
+        await client.delete(f"{router}/internal/workers/{worker_id}", timeout=2.0)
+    except httpx.HTTPError as e:
+        log.warning("could not deregister from router: %s", e)

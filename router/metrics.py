@@ -1,0 +1,60 @@
+"""Prometheus metrics of the router, in a registry owned by the app (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdmesh_router_requests",
+            "Client requests by endpoint and final status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdmesh_router_e2e_seconds",
+            "Request latency until the last byte",
+            ["endpoint"],
+            buckets=_LAT_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "pdmesh_router_ttft_seconds",
+            "Time to first streamed byte",
+            ["endpoint"],
+            buckets=_LAT_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            "pdmesh_router_prefill_leg_seconds",
+            "Duration of the prefill leg",
+            buckets=_LAT_BUCKETS,
+            registry=r,
+        )
+        self.pd_requests = Counter(
+            "pdmesh_router_pd_requests", "Requests served by PD, by mode", ["mode"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "pdmesh_router_upstream_errors",
+            "Failed upstream attempts by leg and reason",
+            ["leg", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdmesh_router_retries", "Leg attempts retried on another worker", ["leg"], registry=r
+        )
+        self.stream_aborts = Counter(
+            "pdmesh_router_stream_errors", "Streams ended by an error event after the first byte", registry=r
+        )
+        self.workers = Gauge(
+            "pdmesh_router_workers", "Registered workers by role and health", ["role", "healthy"], registry=r
+        )
+        self.in_flight = Gauge(
+            "pdmesh_router_worker_in_flight", "Requests in flight per worker", ["worker"], registry=r
+        )

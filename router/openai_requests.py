@@ -1,0 +1,82 @@
+"""Validation of client requests at the edge: OpenAI completions and chat completions.
+
+Only what the router must rely on is checked; every other field passes through to vLLM unchanged (vLLM
+validates the rest and its 4xx errors are relayed). Internal fields a client must never set
+(``kv_transfer_params``) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from router.errors import OpenAIError
+
+INTERNAL_FIELDS = ("kv_transfer_params",)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1, description="n > 1 is not supported through PD")
+
+
+class CompletionRequest(_Base):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if (
+            isinstance(self.prompt, list)
+            and isinstance(self.prompt[0], (str, list))
+            and len(self.prompt) != 1
+        ):
+            raise ValueError("batched prompts are not supported; send one prompt per request")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(min_length=1)
+    content: Any = None
+
+
+class ChatRequest(_Base):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+Kind = Literal["completions", "chat"]
+
+
+def parse_request(raw: bytes, kind: Kind) -> dict:
+    """Parse and validate a request body; returns the JSON object with internal fields removed.
+
+    Raises :class:`OpenAIError` 400 with the offending parameter named.
+    """
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
+    model_cls = CompletionRequest if kind == "completions" else ChatRequest
+    try:
+        model_cls.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise OpenAIError(
+            400, f"{param}: {msg}" if param else msg, param=param, code="invalid_request"
+        ) from None
+    for name in INTERNAL_FIELDS:
+        obj.pop(name, None)
+    return obj

@@ -1,0 +1,43 @@
+"""Wire schema of worker registration (``POST /internal/workers``), owned by the router.
+
+Workers send the same document as registration and as heartbeat; the router answers with the heartbeat
+interval it expects. ``DELETE /internal/workers/{worker_id}`` deregisters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Role = Literal["prefill", "decode", "both"]
+
+
+class WorkerRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    role: Role
+    # Base URL of the worker's OpenAI server, e.g. http://10.0.0.5:8100
+    url: str = Field(min_length=1, max_length=512)
+    # Served model names.
+    models: list[str] = Field(min_length=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    # Engine's KV block size (tokens), for cache-aware routing.
+    block_size: int | None = Field(default=None, gt=0)
+    # Address of the worker's tier server HTTP API, when it runs one.
+    tier_url: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class RegistrationReply(BaseModel):
+    worker_id: str
+    heartbeat_interval_s: float
+    ttl_s: float
