@@ -19,6 +19,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from router import pd_nixl
@@ -127,8 +128,8 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         st = state(request)
-        prefill = len(st.registry.candidates("prefill"))
-        decode = len(st.registry.candidates("decode"))
+        prefill = st.registry.healthy_count("prefill")
+        decode = st.registry.healthy_count("decode")
         body = {"prefill_workers": prefill, "decode_workers": decode}
         if prefill and decode:
             return JSONResponse({"status": "ok", **body})
@@ -154,7 +155,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def register(request: Request) -> RegistrationReply:
         st = state(request)
         check_cluster_token(request, config.cluster_token)
-        info = WorkerRegistration.model_validate_json(await read_body(request))
+        try:
+            info = WorkerRegistration.model_validate_json(await read_body(request))
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise OpenAIError(400, f"invalid registration: {param}: {err['msg']}", param=param) from None
         known = any(w.id == info.worker_id for w in st.registry.all())
         st.registry.upsert(info)
         if not known:

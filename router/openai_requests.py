@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import OpenAIError
 
@@ -29,17 +29,14 @@ class _Base(BaseModel):
 class CompletionRequest(_Base):
     prompt: str | list[int] | list[str] | list[list[int]]
 
-    @model_validator(mode="after")
-    def _non_empty(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and not self.prompt:
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: object) -> object:
+        if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
-        if (
-            isinstance(self.prompt, list)
-            and isinstance(self.prompt[0], (str, list))
-            and len(self.prompt) != 1
-        ):
+        if isinstance(v, list) and isinstance(v[0], (str, list)) and len(v) != 1:
             raise ValueError("batched prompts are not supported; send one prompt per request")
-        return self
+        return v
 
 
 class ChatMessage(BaseModel):

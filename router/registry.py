@@ -81,8 +81,21 @@ class Registry:
         return now - w.last_seen <= self.ttl_s and w.failed_until <= now
 
     def candidates(self, role: str, model: str | None = None) -> list[Worker]:
-        """Healthy workers that serve ``role`` (and ``model``), in registration order."""
-        return [w for w in self._workers.values() if w.serves(role, model) and self.is_healthy(w)]
+        """Healthy workers that serve ``role`` (and ``model``), in registration order.
+
+        Panic mode: when every live (heartbeating) worker of the role is in failure cooldown, they are all
+        returned, soonest-to-recover first, rather than failing the request without trying.
+        """
+        now = self._clock()
+        live = [
+            w for w in self._workers.values() if w.serves(role, model) and now - w.last_seen <= self.ttl_s
+        ]
+        healthy = [w for w in live if w.failed_until <= now]
+        return healthy or sorted(live, key=lambda w: w.failed_until)
+
+    def healthy_count(self, role: str) -> int:
+        """Workers of ``role`` that are heartbeating and not in failure cooldown."""
+        return sum(1 for w in self._workers.values() if w.serves(role, None) and self.is_healthy(w))
 
     def all(self) -> list[Worker]:
         return list(self._workers.values())

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from router.app import create_app
+from router.config import RouterConfig
+from tests.router.fake_worker import FakeWorker
+from tests.servers import ThreadServer
+
+TOKEN = "test-cluster-token"
+
+
+class RouterHarness:
+    """A real router (uvicorn thread) plus fake workers registered through the real registration API."""
+
+    def __init__(self, **cfg) -> None:
+        self.config = RouterConfig(cluster_token=TOKEN, **cfg)
+        self.server = ThreadServer(create_app(self.config)).start()
+        self.url = self.server.url
+        self.client = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        self.workers: list[tuple[FakeWorker, ThreadServer]] = []
+
+    def add(self, role: str, name: str | None = None, model: str = "m") -> FakeWorker:
+        fw = FakeWorker(name or f"{role}-{len(self.workers)}")
+        srv = ThreadServer(fw.app).start()
+        self.workers.append((fw, srv))
+        self.register(fw.name, role, srv.url, model)
+        fw.url = srv.url  # type: ignore[attr-defined]
+        return fw
+
+    def register(self, worker_id: str, role: str, url: str, model: str = "m") -> httpx.Response:
+        r = self.client.post(
+            "/internal/workers",
+            json={"worker_id": worker_id, "role": role, "url": url, "models": [model]},
+            headers={"X-PDMesh-Token": TOKEN},
+        )
+        r.raise_for_status()
+        return r
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = self.client.get("/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head.split("{")[0] != name:
+                continue
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def close(self) -> None:
+        self.client.close()
+        for _, srv in self.workers:
+            srv.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def harness():
+    h = RouterHarness()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def make_harness():
+    made: list[RouterHarness] = []
+
+    def make(**cfg) -> RouterHarness:
+        h = RouterHarness(**cfg)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

@@ -1,0 +1,118 @@
+"""A fake OpenAI/vLLM worker for router tests: speaks the stock NIXL PD protocol, records what it received.
+
+Behaviour knobs (attributes of :class:`FakeWorker`, changeable during a test): ``max_model_len`` (prompts
+longer than that in "tokens" = words get vLLM's 400), ``fail_status`` (answer every request with that status),
+``die_after_chunks`` (break a stream abruptly after that many chunks), ``chunk_delay_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+class FakeWorker:
+    def __init__(self, name: str, tokens: int = 5) -> None:
+        self.name = name
+        self.tokens = tokens
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.max_model_len = 64
+        self.fail_status: int | None = None
+        self.die_after_chunks: int | None = None
+        self.chunk_delay_s = 0.0
+        self.cancelled = 0
+        self.app = self._build()
+
+    def _prompt_len(self, body: dict) -> int:
+        if "messages" in body:
+            return sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        p = body.get("prompt")
+        return len(p) if isinstance(p, list) else len(str(p).split())
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+        me = self
+
+        async def handle(request: Request, chat: bool):
+            body = await request.json()
+            me.requests.append(body)
+            me.headers.append(dict(request.headers))
+            if me.fail_status:
+                return JSONResponse(
+                    {"error": {"message": "boom", "type": "InternalServerError"}}, me.fail_status
+                )
+            if me._prompt_len(body) > me.max_model_len:
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "prompt too long for max_model_len",
+                            "type": "BadRequestError",
+                            "code": 400,
+                        }
+                    },
+                    400,
+                )
+            params = body.get("kv_transfer_params") or {}
+            if params.get("do_remote_decode"):
+                out = {
+                    "id": "p",
+                    "choices": [{"index": 0, "text": "x"}],
+                    "kv_transfer_params": {
+                        "remote_engine_id": me.name,
+                        "remote_block_ids": [1, 2],
+                        "remote_host": "127.0.0.1",
+                        "remote_port": 1,
+                        "do_remote_prefill": True,
+                        "do_remote_decode": False,
+                    },
+                }
+                return JSONResponse(out)
+            n = body.get("max_tokens") or me.tokens
+            if not body.get("stream"):
+                text = " ".join(f"t{i}" for i in range(n))
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}}
+                    if chat
+                    else {"index": 0, "text": text}
+                )
+                return JSONResponse(
+                    {"id": "d", "object": "x", "model": body["model"], "worker": me.name, "choices": [choice]}
+                )
+
+            async def gen():
+                try:
+                    for i in range(n):
+                        if me.die_after_chunks is not None and i >= me.die_after_chunks:
+                            raise RuntimeError("fake worker crash")
+                        delta = {"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "}
+                        yield f"data: {json.dumps({'id': 'd', 'choices': [{'index': 0, **delta}]})}\n\n".encode()
+                        if me.chunk_delay_s:
+                            await asyncio.sleep(me.chunk_delay_s)
+                    yield b"data: [DONE]\n\n"
+                except asyncio.CancelledError:
+                    me.cancelled += 1
+                    raise
+                except GeneratorExit:
+                    me.cancelled += 1
+                    raise
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            return await handle(request, chat=True)
+
+        @app.get("/health")
+        async def health():
+            return {"ok": True, "t": time.time()}
+
+        return app

@@ -1,0 +1,35 @@
+"""Helpers for tests: serve an ASGI app with uvicorn on a free 127.0.0.1 port in a background thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from pdmesh.procs import free_port
+
+
+class ThreadServer:
+    """Owns a uvicorn server thread; ``stop()`` (idempotent) shuts it down within a few seconds."""
+
+    def __init__(self, app, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 10.0) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
