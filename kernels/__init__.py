@@ -1,1 +1,53 @@
-"""pdmesh: kernels."""
+"""pdmesh kernels: pack/unpack of paged KV blocks <-> contiguous chunk buffers (docs/kernels.md).
+
+Public surface::
+
+    from kernels import pack, unpack, chunk_nbytes, layout_for, CPU_ATTN
+    layout = layout_for("CPU_ATTN", next(iter(kv_caches.values())).shape)
+    buf = pack(kv_caches, layout, block_ids, out=pool_view)      # -> uint8 view, chunk format
+    unpack(buf, kv_caches, layout, other_block_ids)
+"""
+
+from kernels.api import BlockIdError, pack, select_impl, unpack
+from kernels.chunk import ChunkBufferError, ChunkFormat, chunk_format, chunk_nbytes
+from kernels.layouts import (
+    CPU_ATTN,
+    FLASH_ATTN_HND,
+    FLASH_ATTN_NHD,
+    FLASHINFER_HND,
+    FLASHINFER_NHD,
+    MLA,
+    KVLayout,
+    LayerGeometry,
+    LayoutError,
+    all_layouts,
+    get_layout,
+    layout_for,
+    register_layout,
+    vllm_paged_layout,
+)
+
+__all__ = [
+    "CPU_ATTN",
+    "FLASHINFER_HND",
+    "FLASHINFER_NHD",
+    "FLASH_ATTN_HND",
+    "FLASH_ATTN_NHD",
+    "MLA",
+    "BlockIdError",
+    "ChunkBufferError",
+    "ChunkFormat",
+    "KVLayout",
+    "LayerGeometry",
+    "LayoutError",
+    "all_layouts",
+    "chunk_format",
+    "chunk_nbytes",
+    "get_layout",
+    "layout_for",
+    "pack",
+    "register_layout",
+    "select_impl",
+    "unpack",
+    "vllm_paged_layout",
+]
