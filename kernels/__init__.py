@@ -6,9 +6,10 @@ Public surface::
     layout = layout_for("CPU_ATTN", next(iter(kv_caches.values())).shape)
     buf = pack(kv_caches, layout, block_ids, out=pool_view)      # -> uint8 view, chunk format
     unpack(buf, kv_caches, layout, other_block_ids)
+    bound = bind(kv_caches, layout)  # validate once at register_kv_caches, then bound.pack(...) / bound.unpack(...)
 """
 
-from kernels.api import BlockIdError, pack, select_impl, unpack
+from kernels.api import BlockIdError, BoundKVCaches, bind, pack, select_impl, unpack
 from kernels.chunk import ChunkBufferError, ChunkFormat, chunk_format, chunk_nbytes
 from kernels.layouts import (
     CPU_ATTN,
@@ -35,12 +36,14 @@ __all__ = [
     "FLASH_ATTN_NHD",
     "MLA",
     "BlockIdError",
+    "BoundKVCaches",
     "ChunkBufferError",
     "ChunkFormat",
     "KVLayout",
     "LayerGeometry",
     "LayoutError",
     "all_layouts",
+    "bind",
     "chunk_format",
     "chunk_nbytes",
     "get_layout",

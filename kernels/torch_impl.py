@@ -13,6 +13,7 @@ caches' device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,12 +55,13 @@ def pack(
     out4d: torch.Tensor,
     *,
     numpy_on_cpu: bool = True,
+    views: CpuViews | None = None,
 ) -> None:
     """Gather ``block_ids`` (validated, in range) of every layer into ``out4d`` (``[L, P, n, S]`` uint8).
     ``numpy_on_cpu=False`` forces the torch-ops (GPU) code path on CPU tensors (tests)."""
     dev = caches[0].device
     if numpy_on_cpu and dev.type == "cpu" and out4d.device.type == "cpu":
-        _pack_numpy(caches, geo, block_ids, out4d.numpy())
+        pack_numpy(views if views is not None else numpy_views(caches, geo), block_ids, out4d.numpy())
         return
     target = out4d if out4d.device == dev else torch.empty(out4d.shape, dtype=torch.uint8, device=dev)
     runs = block_runs(block_ids)
@@ -81,12 +83,13 @@ def unpack(
     ids_tensor: torch.Tensor,
     *,
     numpy_on_cpu: bool = True,
+    views: CpuViews | None = None,
 ) -> None:
     """Scatter ``buf4d`` (``[L, P, n, S]`` uint8) into distinct ``block_ids`` of every layer; other blocks are
     untouched. ``numpy_on_cpu=False`` forces the torch-ops (GPU) code path on CPU tensors (tests)."""
     dev = caches[0].device
     if numpy_on_cpu and dev.type == "cpu" and buf4d.device.type == "cpu":
-        _unpack_numpy(buf4d.numpy(), caches, geo, block_ids)
+        unpack_numpy(buf4d.numpy(), views if views is not None else numpy_views(caches, geo), block_ids)
         return
     src4d = buf4d if buf4d.device == dev else buf4d.to(dev, non_blocking=True)
     runs = block_runs(block_ids)
@@ -102,28 +105,64 @@ def unpack(
 # ran at ~memcpy speed here, where torch.index_select reached ~65-85% and index_copy_ ~45% (docs/kernels.md).
 # mode="clip" avoids numpy's buffered out= path; ids are validated by the caller.
 
+CpuViews = np.ndarray | list[np.ndarray]
 
-def _pack_numpy(
-    caches: Sequence[torch.Tensor], geo: LayerGeometry, block_ids: Sequence[int], out: np.ndarray
-) -> None:
+
+def numpy_views(caches: Sequence[torch.Tensor], geo: LayerGeometry) -> CpuViews:
+    """Zero-copy uint8 numpy views of CPU caches, built once per registration.
+
+    When all layers are views of ONE allocation at a uniform layer stride (vLLM >= 0.32 allocates the KV cache
+    that way), returns one ``[L, P, NB, S]`` array so pack/unpack is a single numpy call for all layers;
+    otherwise a list of per-layer ``[P, NB, S]`` arrays.
+    """
+    views = [plane_views(c, geo).numpy() for c in caches]
+    if len(caches) > 1:
+        storage = caches[0].untyped_storage().data_ptr()
+        ptrs = [c.data_ptr() for c in caches]
+        stride = ptrs[1] - ptrs[0]
+        if (
+            stride > 0
+            and all(c.untyped_storage().data_ptr() == storage for c in caches)
+            and all(b - a == stride for a, b in itertools.pairwise(ptrs))
+        ):
+            v0 = views[0]
+            return np.lib.stride_tricks.as_strided(
+                v0, shape=(len(views), *v0.shape), strides=(stride, *v0.strides)
+            )
+    return views
+
+
+def pack_numpy(views: CpuViews, block_ids: Sequence[int], out: np.ndarray) -> None:
+    """Gather ``block_ids`` from numpy ``views`` into ``out`` (``[L, P, n, S]``)."""
     runs = block_runs(block_ids)
+    first, n = block_ids[0], len(block_ids)
     ids = np.asarray(block_ids, dtype=np.intp)
-    for layer, cache in enumerate(caches):
-        src = plane_views(cache, geo).numpy()
+    if isinstance(views, np.ndarray):  # all layers in one array
         if len(runs) == 1:
-            out[layer] = src[:, block_ids[0] : block_ids[0] + len(block_ids)]
+            out[...] = views[:, :, first : first + n]
+        else:
+            np.take(views, ids, axis=2, out=out, mode="clip")
+        return
+    for layer, src in enumerate(views):
+        if len(runs) == 1:
+            out[layer] = src[:, first : first + n]
         else:
             np.take(src, ids, axis=1, out=out[layer], mode="clip")
 
 
-def _unpack_numpy(
-    buf: np.ndarray, caches: Sequence[torch.Tensor], geo: LayerGeometry, block_ids: Sequence[int]
-) -> None:
+def unpack_numpy(buf: np.ndarray, views: CpuViews, block_ids: Sequence[int]) -> None:
+    """Scatter ``buf`` (``[L, P, n, S]``) into distinct ``block_ids`` of numpy ``views``."""
     runs = block_runs(block_ids)
+    first, n = block_ids[0], len(block_ids)
     ids = np.asarray(block_ids, dtype=np.intp)
-    for layer, cache in enumerate(caches):
-        dst = plane_views(cache, geo).numpy()
+    if isinstance(views, np.ndarray):
         if len(runs) == 1:
-            dst[:, block_ids[0] : block_ids[0] + len(block_ids)] = buf[layer]
+            views[:, :, first : first + n] = buf
+        else:
+            views[:, :, ids] = buf
+        return
+    for layer, dst in enumerate(views):
+        if len(runs) == 1:
+            dst[:, first : first + n] = buf[layer]
         else:
             dst[:, ids] = buf[layer]

@@ -17,6 +17,7 @@ from kernels import (
     ChunkBufferError,
     ChunkFormat,
     LayoutError,
+    bind,
     chunk_format,
     chunk_nbytes,
     pack,
@@ -206,3 +207,17 @@ def test_chunk_nbytes_from_shape_matches_tensors():
         )
         geo = cache_geometry(layout, caches)
         assert ChunkFormat.of(geo, 2, 4).nbytes == 2 * 4 * geo.block_nbytes
+
+
+def test_bind_once_then_pack_unpack_many():
+    caches = random_caches(FLASH_ATTN_NHD, (2, NB, 4, 2, 8), torch.bfloat16, LAYERS, seed=16)
+    bound = bind({str(i): t for i, t in enumerate(caches)}, FLASH_ATTN_NHD)
+    pool = torch.zeros(bound.chunk_nbytes(3) * 3, dtype=torch.uint8)
+    for k, ids in enumerate(([1, 5, 2], [0, 1, 2], [8, 7, 6])):
+        region = pool[k * bound.chunk_nbytes(3) : (k + 1) * bound.chunk_nbytes(3)]
+        bound.pack(ids, out=region)
+        assert same_bytes(region, reference_pack(caches, FLASH_ATTN_NHD, ids))
+    saved = [t.clone() for t in caches]
+    bound.unpack(pool[: bound.chunk_nbytes(3)], [3, 4, 0])
+    for s, t in zip(saved, caches, strict=True):
+        assert same_bytes(t[:, [3, 4, 0]], s[:, [1, 5, 2]])
