@@ -96,9 +96,22 @@ class LocalCluster:
         return name
 
     def kill_worker(self, name: str, sig: int = 9) -> None:
-        """Send ``sig`` to a worker's whole process tree (agent + vLLM), e.g. to simulate a crash."""
+        """Send ``sig`` to every process of a worker (agent, vLLM and its engine), e.g. to simulate a crash.
+
+        vLLM runs in its own session, so the agent's process group alone does not cover it: the tree is walked.
+        """
+        import psutil
+
         proc = self.workers.pop(name)
-        proc.signal_group(sig)
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         proc.stop(10)
 
     def stop(self) -> None:
@@ -151,7 +164,8 @@ class LocalCluster:
     def _spawn(
         self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
     ) -> ManagedProcess:
-        full_env = {**os.environ, **self.spec.env, **(env or {})}
+        # Everything is on loopback: keep UCX (NIXL) off the real NICs unless the user says otherwise.
+        full_env = {"UCX_NET_DEVICES": "lo", **os.environ, **self.spec.env, **(env or {})}
         return ManagedProcess(
             name, [sys.executable, "-m", "pdmesh.cli", *args], env=full_env, log_path=str(log_path)
         )

@@ -72,11 +72,21 @@ def add_worker_args(p: argparse.ArgumentParser, role: WorkerRole) -> None:
 
 
 def _advertised_host(args: argparse.Namespace) -> str:
+    """The address peers use to reach this worker.
+
+    Explicit ``--advertise-host`` wins; a specific ``--host`` is used as is; for a wildcard bind (containers)
+    it is this host's own address on its network (the IP its hostname maps to), which every container on the
+    same network can reach without depending on DNS for container hostnames.
+    """
     if args.advertise_host:
         return args.advertise_host
-    if args.host in ("0.0.0.0", "::", ""):
-        return socket.gethostname()
-    return args.host
+    if args.host not in ("0.0.0.0", "::", ""):
+        return args.host
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name
 
 
 def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:

@@ -1,0 +1,39 @@
+# pdmesh images. CPU (default):   docker build -t pdmesh:cpu .
+#                GPU (CUDA vLLM): docker build --target gpu -t pdmesh:gpu .
+# The CPU image installs exactly the versions CI proves (requirements/cpu.lock). torch==2.13.0+cpu comes from
+# PyTorch's CPU wheel index: pass it with --build-arg PIP_EXTRA_INDEX_URL=<that index> where pip does not
+# already know it.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG VLLM_GPU_IMAGE=vllm/vllm-openai:latest
+
+FROM ${PYTHON_IMAGE} AS cpu
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc g++ libnuma1 libgomp1 curl \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/pdmesh
+COPY requirements/ requirements/
+RUN pip install --no-deps -r requirements/cpu.lock \
+ && (pip uninstall -y torchvision torchaudio torchcodec || true)
+COPY pyproject.toml README.md ./
+COPY pdmesh/ pdmesh/
+COPY router/ router/
+COPY prefiller/ prefiller/
+COPY decoder/ decoder/
+COPY kvcache/ kvcache/
+COPY transfer/ transfer/
+COPY kernels/ kernels/
+COPY configs/ configs/
+RUN pip install --no-deps -e .
+ENTRYPOINT ["pdmesh"]
+CMD ["--help"]
+
+FROM ${VLLM_GPU_IMAGE} AS gpu
+ENV PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
+WORKDIR /opt/pdmesh
+COPY . .
+RUN pip install --no-cache-dir "nixl==1.5.1" "nixl-cu12==1.5.1" && pip install --no-cache-dir -e .
+ENTRYPOINT ["pdmesh"]
+CMD ["--help"]

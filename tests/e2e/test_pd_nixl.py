@@ -1,0 +1,195 @@
+"""1 prefill + 1 decode worker (stock NixlConnector) behind the router, against a single engine's tokens."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from pdmesh.cluster import ClusterSpec, LocalCluster
+from pdmesh.procs import free_port
+from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
+from tests.e2e.conftest import ENGINE_ARGS
+from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
+
+pytestmark = pytest.mark.e2e
+REQUESTS = make_requests()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
+    """Token ids of a single plain vLLM engine (no KV connector), same engine args, sequential requests."""
+    spec = VLLMServerSpec(
+        model=tiny_model,
+        host="127.0.0.1",
+        port=free_port(),
+        served_model_name=MODEL,
+        kv_transfer_config=None,
+        extra_args=ENGINE_ARGS,
+        device=detect_device(),
+    )
+    server = VLLMServer(spec, log_path=str(tmp_path_factory.mktemp("ref") / "vllm.log"))
+    try:
+        server.wait_healthy(300)
+        with httpx.Client(timeout=300, trust_env=False) as c:
+            out = [token_ids(path, _non_streaming(body), server.url, c) for path, body in REQUESTS]
+    finally:
+        server.stop()
+    assert all(out), "reference engine produced empty outputs"
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(expected, tiny_model, tmp_path_factory):
+    spec = ClusterSpec(
+        model=tiny_model,
+        served_model_name=MODEL,
+        port=free_port(),
+        vllm_args=ENGINE_ARGS,
+        log_dir=str(tmp_path_factory.mktemp("cluster")),
+        startup_timeout=300,
+    )
+    with LocalCluster(spec) as c:
+        yield c
+
+
+def _non_streaming(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+
+
+def _worker_url(cluster: LocalCluster, role: str) -> str:
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        workers = c.get(cluster.url + "/internal/workers").json()
+    return next(w["url"] for w in workers if w["role"] == role and w["healthy"])
+
+
+def test_pd_tokens_equal_single_engine_sequential(cluster, expected):
+    with httpx.Client(timeout=300, trust_env=False) as c:
+        for (path, body), want in zip(REQUESTS, expected):
+            assert token_ids(path, body, cluster.url, c) == want, (path, body.get("stream"))
+
+
+def test_pd_tokens_equal_single_engine_concurrency_8(cluster, expected):
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda req: token_ids(req[0], req[1], cluster.url), REQUESTS))
+    assert got == expected
+
+
+def test_decoder_got_prompt_by_kv_transfer(cluster):
+    decode_url = _worker_url(cluster, "decode")
+    prefill_url = _worker_url(cluster, "prefill")
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        before = c.get(decode_url + "/metrics").text
+        # A prompt no engine has seen (the decoder's own prefix cache must not serve it).
+        prompt = " ".join(f"fresh{i}" for i in range(200))
+        r = c.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3})
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+        after = c.get(decode_url + "/metrics").text
+        prefill_metrics = c.get(prefill_url + "/metrics").text
+    name = "vllm:prompt_tokens_by_source_total"
+    transferred = scrape(after, name, source="external_kv_transfer") - scrape(
+        before, name, source="external_kv_transfer"
+    )
+    computed = scrape(after, name, source="local_compute") - scrape(before, name, source="local_compute")
+    assert transferred >= prompt_tokens - 1 > 200, (prompt_tokens, transferred, computed)
+    assert computed == 0, f"decoder computed {computed} prompt tokens itself"
+    assert scrape(prefill_metrics, name, source="local_compute") > 0
+
+
+def test_openai_client(cluster):
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    c = client.completions.create(model=MODEL, prompt="prefill decode cache", max_tokens=6, temperature=0)
+    assert c.choices[0].text and c.usage.completion_tokens == 6
+    stream = client.completions.create(
+        model=MODEL, prompt="prefill decode", max_tokens=5, temperature=0, stream=True
+    )
+    assert (
+        "".join(ch.choices[0].text for ch in stream if ch.choices)
+        == client.completions.create(model=MODEL, prompt="prefill decode", max_tokens=5, temperature=0)
+        .choices[0]
+        .text
+    )
+    msgs = [{"role": "user", "content": "hello router"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    pieces = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=6, temperature=0, stream=True
+    )
+    assert (
+        "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+        == chat.choices[0].message.content
+    )
+
+
+def test_bad_input_against_real_workers(cluster):
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=4)
+    assert "Traceback" not in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with httpx.Client(timeout=30, trust_env=False) as c:
+        r = c.post(
+            cluster.url + "/v1/chat/completions",
+            content=b"{oops",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_decoder_killed_mid_stream_then_replaced(cluster):
+    """Last in this module: it replaces the decode worker."""
+    body = {
+        "model": MODEL,
+        "prompt": "stream for a long time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    events: list[dict] = []
+    with (
+        httpx.Client(timeout=120, trust_env=False) as c,
+        c.stream("POST", cluster.url + "/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        killed = False
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            assert line != "data: [DONE]", "stream finished before the decoder was killed"
+            events.append(json.loads(line[6:]))
+            if len(events) == 3 and not killed:
+                cluster.kill_worker("decode-0", signal.SIGKILL)
+                killed = True
+    assert killed
+    assert "error" in events[-1], events[-1]
+    assert events[-1]["error"]["code"] == "PD_PEER_UNAVAILABLE"
+
+    # The router is still up; with the only decoder dead, requests fail cleanly (no 500, no hang)...
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        r = c.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code in (502, 503), r.text
+        assert r.json()["error"]["message"]
+    # ... and once a decode worker is back, they are served again.
+    cluster.add_worker("decode")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            r = c.post(
+                cluster.url + "/v1/completions",
+                json={"model": MODEL, "prompt": "back again", "max_tokens": 4},
+            )
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"]
