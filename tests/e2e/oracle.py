@@ -13,7 +13,20 @@ MODEL = "pdmesh-tiny-llama"
 def make_requests() -> list[tuple[str, dict]]:
     """(path, body) pairs: completions and chat, short and multi-block prompts, stream and non-stream."""
     rng = random.Random(7)
-    words = ["cache", "block", "token", "layer", "prefill", "decode", "router", "worker", "stream", "memory", "page", "tensor"]
+    words = [
+        "cache",
+        "block",
+        "token",
+        "layer",
+        "prefill",
+        "decode",
+        "router",
+        "worker",
+        "stream",
+        "memory",
+        "page",
+        "tensor",
+    ]
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
@@ -31,7 +44,7 @@ def make_requests() -> list[tuple[str, dict]]:
                 {"model": MODEL, "messages": msgs, "max_tokens": 10 + i, "stream": not stream},
             )
         )
-    for path, body in reqs:
+    for _path, body in reqs:
         body.update(temperature=0, return_token_ids=True)
         if body["stream"]:
             body["stream_options"] = {"include_usage": True}

@@ -70,7 +70,7 @@ def _worker_url(cluster: LocalCluster, role: str) -> str:
 
 def test_pd_tokens_equal_single_engine_sequential(cluster, expected):
     with httpx.Client(timeout=300, trust_env=False) as c:
-        for (path, body), want in zip(REQUESTS, expected):
+        for (path, body), want in zip(REQUESTS, expected, strict=True):
             assert token_ids(path, body, cluster.url, c) == want, (path, body.get("stream"))
 
 

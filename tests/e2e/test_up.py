@@ -80,5 +80,5 @@ def test_up_serves_and_stops_without_orphans(tiny_model, tmp_path, sig):
             proc.kill()
             proc.wait(10)
         proc.stdout.close()
-    gone, alive = psutil.wait_procs(tree, timeout=30)
+    _gone, alive = psutil.wait_procs(tree, timeout=30)
     assert not alive, f"orphans left behind: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
