@@ -121,7 +121,7 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
             models=[served],
             max_model_len=card.get("max_model_len"),
         )
-        return asyncio.run(_heartbeat_until_stopped(server, reg, args.router.rstrip("/")))
+        return asyncio.run(_run_until_signalled(server, reg, args.router.rstrip("/")))
     except (RuntimeError, TimeoutError) as e:
         log.error("%s worker failed to start: %s", role.name, e)
         return 1
@@ -129,11 +129,22 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
         server.stop()
 
 
-async def _heartbeat_until_stopped(server: VLLMServer, reg: WorkerRegistration, router: str) -> int:
+async def _run_until_signalled(server: VLLMServer, reg: WorkerRegistration, router: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return await heartbeat_until_stopped(server, reg, router, stop)
+
+
+async def heartbeat_until_stopped(
+    server: VLLMServer, reg: WorkerRegistration, router: str, stop: asyncio.Event
+) -> int:
+    """Register and heartbeat until ``stop`` is set (returns 0) or vLLM exits (returns 2); deregisters both ways.
+
+    While the router is unreachable or refuses, retries with exponential backoff (0.5 s doubling to 10 s) and
+    logs each failure. Each HTTP call has a 5 s timeout (2 s to connect, 2 s for the final deregistration).
+    """
     headers = {TOKEN_HEADER: cluster_token_from_env()}
     interval, backoff, registered = 2.0, 0.5, False
     async with httpx.AsyncClient(

@@ -1,0 +1,97 @@
+"""The worker agent's registration loop against a real router: retries while the router is down, registers
+when it comes up, deregisters on stop, and stops when its vLLM process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import httpx
+
+from pdmesh.procs import free_port
+from pdmesh.worker_agent import heartbeat_until_stopped
+from router.app import create_app
+from router.config import RouterConfig
+from router.registration import WorkerRegistration
+from tests.servers import ThreadServer
+
+
+class _FakeProcess:
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+
+    def alive(self) -> bool:
+        return self.exit_code is None
+
+    def poll(self) -> int | None:
+        return self.exit_code
+
+
+class _FakeServer:
+    def __init__(self) -> None:
+        self.process = _FakeProcess()
+
+
+REG = WorkerRegistration(worker_id="decode-x", role="decode", url="http://127.0.0.1:9", models=["m"])
+
+
+def _workers(url: str) -> list[dict]:
+    return httpx.get(url + "/internal/workers", headers={"X-PDMesh-Token": "tok"}, timeout=5).json()
+
+
+def test_retries_until_router_is_up_then_deregisters_on_stop(monkeypatch, caplog):
+    monkeypatch.setenv("PDMESH_CLUSTER_TOKEN", "tok")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    result: dict = {}
+    ready = threading.Event()
+
+    async def agent_main() -> int:
+        result["loop"], result["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        ready.set()
+        return await heartbeat_until_stopped(_FakeServer(), REG, url, result["stop"])
+
+    def agent() -> None:
+        result["code"] = asyncio.run(agent_main())
+
+    caplog.set_level(logging.INFO, logger="pdmesh.worker")
+    t = threading.Thread(target=agent, daemon=True)
+    t.start()
+    time.sleep(1.5)  # router not there yet: the agent must keep trying and say so
+    assert any("unreachable" in r.getMessage() for r in caplog.records)
+    router = ThreadServer(create_app(RouterConfig(cluster_token="tok", heartbeat_ttl_s=4)), port=port).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not _workers(url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [w["worker_id"] for w in _workers(url)] == ["decode-x"]
+        assert ready.wait(5)
+        result["loop"].call_soon_threadsafe(result["stop"].set)  # what the SIGTERM handler does
+        t.join(15)
+        assert result.get("code") == 0
+        assert _workers(url) == []
+    finally:
+        router.stop()
+
+
+def test_agent_stops_when_vllm_dies(monkeypatch):
+    monkeypatch.setenv("PDMESH_CLUSTER_TOKEN", "tok")
+    router = ThreadServer(create_app(RouterConfig(cluster_token="tok"))).start()
+    server = _FakeServer()
+    try:
+
+        async def run() -> int:
+            task = asyncio.create_task(heartbeat_until_stopped(server, REG, router.url, asyncio.Event()))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if await asyncio.to_thread(_workers, router.url):
+                    break
+            server.process.exit_code = 137
+            return await asyncio.wait_for(task, 15)
+
+        assert asyncio.run(run()) == 2
+        assert _workers(router.url) == []
+    finally:
+        router.stop()
