@@ -1,0 +1,150 @@
+"""The small backend interface: how chunk bytes move once the control protocol has allocated regions.
+
+Shaped like NIXL's agent API. One backend instance lives on each side of a transfer, over that side's pool:
+
+* both sides: ``register_memory(buffer)`` once (the whole tier pool, a writable buffer), then ``local_metadata()``
+  is what a peer needs to write into it (sent in the control handshake);
+* sender: ``connect(peer_metadata) -> peer`` (checks the compatibility fingerprint embedded in the metadata and
+  raises :class:`IncompatiblePeer` on mismatch), ``write(peer, segments, notif) -> handle`` posts ONE descriptor
+  list for a whole batch of chunks, ``wait(handle, deadline)`` drives it to completion or raises a typed error by
+  the deadline (after which nothing of the batch is still being written by this process), ``disconnect(peer)``;
+* receiver: ``get_notifs()`` drains completion notifications (``notif`` bytes of finished writes), and
+  ``set_write_guard(guard)`` lets backends that see writes arrive (TCP) check them against live leases;
+* ``close()`` releases everything (idempotent).
+
+Offsets are byte offsets into the registered buffers. Backends never allocate: the receiver's RegionProvider
+does (see :mod:`transfer.provider`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from transfer.errors import IncompatiblePeer
+
+METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Copy ``length`` bytes from the sender's buffer at ``local_offset`` to the receiver's at ``remote_offset``."""
+
+    local_offset: int
+    length: int
+    remote_offset: int
+
+
+class WriteGuard(Protocol):
+    """Receiver-side check for backends that see each write arrive (TCP)."""
+
+    def begin_write(self, notif: bytes, segments: Sequence[tuple[int, int]]) -> float | None:
+        """Admit a write of (remote_offset, length) segments for the transfer named by ``notif``.
+
+        Returns the deadline (time.monotonic) by which the write must be over, or None to refuse it. An admitted
+        write pins its transfer's leases until :meth:`end_write`.
+        """
+
+    def end_write(self, notif: bytes, ok: bool) -> None:
+        """The write admitted by :meth:`begin_write` is over (successfully or not)."""
+
+
+def buffer_address(buf: memoryview) -> int:
+    """Address of the first byte of a writable, contiguous buffer (no copy; the export is released at once)."""
+    c = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(c)
+    finally:
+        del c
+
+
+def host_id() -> str:
+    """Identifies this host (and boot) for the same-host shared-memory shortcut."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def pack_metadata(backend: str, fingerprint: str, payload: dict[str, Any]) -> bytes:
+    """Wrap a backend's metadata payload with its name, format version and the compatibility fingerprint."""
+    return msgpack.packb(
+        {"backend": backend, "v": METADATA_VERSION, "fingerprint": fingerprint, "payload": payload},
+        use_bin_type=True,
+    )
+
+
+def unpack_metadata(data: bytes, backend: str, fingerprint: str) -> dict[str, Any]:
+    """Unwrap peer metadata; raise IncompatiblePeer unless backend, version and fingerprint all match."""
+    try:
+        md = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise IncompatiblePeer(f"unreadable {backend} metadata: {exc}") from exc
+    if not isinstance(md, dict) or md.get("backend") != backend or md.get("v") != METADATA_VERSION:
+        raise IncompatiblePeer(f"peer metadata is not {backend} v{METADATA_VERSION}")
+    if md.get("fingerprint") != fingerprint:
+        raise IncompatiblePeer(
+            f"fingerprint mismatch: peer {md.get('fingerprint')!r} != local {fingerprint!r}"
+        )
+    return md["payload"]
+
+
+def check_segments(segments: Sequence[Segment], local_size: int, remote_size: int) -> None:
+    """Raise ValueError if a segment falls outside either buffer."""
+    for s in segments:
+        if s.length < 0 or s.local_offset < 0 or s.remote_offset < 0:
+            raise ValueError(f"negative segment {s}")
+        if s.local_offset + s.length > local_size or s.remote_offset + s.length > remote_size:
+            raise ValueError(f"segment {s} outside buffers ({local_size}, {remote_size})")
+
+
+class TransferBackend(ABC):
+    """One side's data path. Thread-safe: many pushes may call write/wait concurrently."""
+
+    name: str = ""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+    @abstractmethod
+    def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
+        """Register the whole pool buffer (writable, contiguous). ``segment_name`` is its shared-memory name."""
+
+    @abstractmethod
+    def local_metadata(self) -> bytes:
+        """Everything a peer needs to write into the registered buffer (includes the fingerprint)."""
+
+    @abstractmethod
+    def connect(self, peer_metadata: bytes) -> str:
+        """Prepare writes to the peer. Returns a peer id. Raises IncompatiblePeer / PeerUnavailable."""
+
+    @abstractmethod
+    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> Any:
+        """Post one batch (one descriptor list). Returns a handle for :meth:`wait`. Never blocks for long."""
+
+    @abstractmethod
+    def wait(self, handle: Any, deadline: float) -> None:
+        """Block until the batch is written (remote side complete) or raise a TransferError by ``deadline``
+        (time.monotonic). On any exit the handle is released; after an error nothing is still written."""
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        """Receiver side: drain (peer, notif) pairs of finished writes. Backends without notifications: []."""
+        return []
+
+    def set_write_guard(self, guard: WriteGuard) -> None:  # noqa: B027 - optional hook
+        """Receiver side: install the lease check (only backends that see writes arrive use it)."""
+
+    def disconnect(self, peer: str) -> None:  # noqa: B027 - optional hook
+        """Forget a peer returned by :meth:`connect`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release all resources. Idempotent."""
