@@ -120,6 +120,8 @@ class Receiver:
         """Stop serving; backends are closed. Leases still held are left to the provider's owner."""
         self._stop.set()
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # unblocks accept() in the accept thread
             self._listener.close()
         with self._lock:
             conns = list(self._conns.values())

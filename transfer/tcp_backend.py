@@ -201,6 +201,8 @@ class TcpBackend(TransferBackend):
                 c.shutdown(socket.SHUT_RDWR)
             c.close()
         if ls is not None:
+            with contextlib.suppress(OSError):
+                ls.shutdown(socket.SHUT_RDWR)  # unblocks accept()
             ls.close()
 
     # receiver side
