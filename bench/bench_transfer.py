@@ -1,0 +1,205 @@
+"""Benchmark: transfer GB/s per backend beside memcpy and a shared-memory single copy, in one run (docs/transfer.md).
+
+    python bench/bench_transfer.py           # full run: 1, 16, 256 MiB; writes bench/results/transfer.json + .png
+    python bench/bench_transfer.py --quick   # smoke run (< 20 s): 1 and 16 MiB, fewer rounds
+
+The receiver (ReferencePool + Receiver with tcp, shm and nixl backends) runs in a spawned child process; this
+process is the sender. A backend's number is a whole ``Sender.push`` of ONE chunk of the given size: ALLOC +
+WRITE + COMMIT round trips included, GB/s = chunk bytes / wall seconds. Baselines in the same run: ``memcpy``
+(numpy copy, one thread, between two private buffers of this process) and ``shm_copy`` (one ctypes.memmove into
+the receiver's mapped pool segment: the floor of any same-host path). Rounds interleave all paths so machine
+noise hits them alike; the median round is reported (best round too). Loopback only (UCX_NET_DEVICES=lo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from transfer.backend import buffer_address
+from transfer.receiver import Receiver, ReceiverConfig
+from transfer.reference_pool import ReferencePool, attach_segment
+from transfer.sender import Chunk, Sender, SenderConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+FP = "bench-fingerprint"
+
+
+class _SinkPool(ReferencePool):
+    """Commit frees the slot at once (the benchmark only measures moving bytes)."""
+
+    def commit(self, key: bytes) -> None:
+        super().commit(key)
+        self.consume(key)
+
+
+def _make(name: str):
+    if name == "tcp":
+        from transfer.tcp_backend import TcpBackend
+
+        return TcpBackend(FP)
+    if name == "shm":
+        from transfer.shm_backend import ShmBackend
+
+        return ShmBackend(FP)
+    from transfer.nixl_backend import NixlBackend
+
+    return NixlBackend(FP)
+
+
+def _receiver(conn, slot_bytes: int, backends: list[str]) -> None:
+    pool = _SinkPool(slot_bytes, 2)
+    rx = Receiver(pool, ReceiverConfig(fingerprint=FP), [_make(b) for b in backends])
+    conn.send((rx.start(), pool.segment_name))
+    conn.poll(3600)
+    rx.close()
+    pool.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0)
+    args = ap.parse_args()
+    sizes = [1, 16] if args.quick else [1, 16, 256]
+    rounds = args.rounds or (3 if args.quick else 7)
+    try:
+        import nixl._api  # noqa: F401
+
+        backends = ["nixl", "tcp", "shm"]
+    except Exception:
+        backends = ["tcp", "shm"]
+    max_bytes = max(sizes) * MiB
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver, args=(child, max_bytes, backends), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(120):
+            raise SystemExit("receiver did not start")
+        address, segment = parent.recv()
+        src = np.full(max_bytes, 7, dtype=np.uint8)
+        src[::4096] = np.arange(len(src[::4096]), dtype=np.uint64).astype(np.uint8)
+        dst = np.empty_like(src)
+        src_mv = memoryview(src).cast("B")
+        senders = {
+            b: Sender(src_mv, SenderConfig(fingerprint=FP, backends=(b,)), {b: (lambda b=b: _make(b))})
+            for b in backends
+        }
+        seg = attach_segment(segment)
+        seg_view = memoryview(seg)
+        seg_addr = buffer_address(seg_view)
+        src_addr = src.ctypes.data
+        counter = [0]
+
+        def run(path: str, nbytes: int) -> float:
+            t0 = time.perf_counter()
+            if path == "memcpy":
+                np.copyto(dst[:nbytes], src[:nbytes])
+            elif path == "shm_copy":
+                ctypes.memmove(seg_addr, src_addr, nbytes)
+            else:
+                counter[0] += 1
+                r = senders[path].push(
+                    address, f"b{counter[0]}", [Chunk(b"k%d" % counter[0], 0, nbytes)], time.monotonic() + 60
+                )
+                assert r.nbytes == nbytes, r
+            return nbytes / (time.perf_counter() - t0) / 1e9
+
+        paths = ["memcpy", "shm_copy", *backends]
+        for p in paths:  # warm-up: connections, page faults on both sides
+            run(p, max_bytes)
+        samples: dict[str, dict[int, list[float]]] = {p: {s: [] for s in sizes} for p in paths}
+        for _ in range(rounds):
+            for s in sizes:
+                reps = max(1, min(16, (64 * MiB) // (s * MiB)))
+                for p in paths:
+                    best_of_reps = statistics.median(run(p, s * MiB) for _ in range(reps))
+                    samples[p][s].append(best_of_reps)
+        for sd in senders.values():
+            sd.close()
+        seg_view.release()
+        seg.close()
+    finally:
+        parent.close()
+        proc.join(15)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+    results = {
+        p: {
+            f"{s}MiB": {"median_gbps": round(statistics.median(v), 3), "best_gbps": round(max(v), 3)}
+            for s, v in by_size.items()
+        }
+        for p, by_size in samples.items()
+    }
+    big = f"{max(sizes)}MiB"
+    med = {p: results[p][big]["median_gbps"] for p in paths}
+    ratios = {f"{p}_vs_memcpy_{big}": round(med[p] / med["memcpy"], 3) for p in paths if p != "memcpy"}
+    goals = {}
+    if max(sizes) == 256:
+        if "nixl" in med:
+            goals["nixl_ge_50pct_memcpy_256MiB"] = med["nixl"] >= 0.5 * med["memcpy"]
+        goals["tcp_ge_2GBps_256MiB"] = med["tcp"] >= 2.0
+    out = {
+        "benchmark": "transfer",
+        "quick": args.quick,
+        "rounds": rounds,
+        "method": "one chunk per push (ALLOC+WRITE+COMMIT), sender in this process, receiver in a spawned "
+        "process, loopback; median of rounds (each round = median of up to 16 reps)",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "env": {"UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES")},
+        "results_gbps": results,
+        "ratios_median": ratios,
+        "goals": goals,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "transfer_quick" if args.quick else "transfer"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({"results_gbps": results, "ratios_median": ratios, "goals": goals}, indent=1))
+    _plot(results, sizes, paths, RESULTS / f"{name}.png")
+
+
+def _plot(results: dict, sizes: list[int], paths: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(paths)
+    for i, p in enumerate(paths):
+        xs = [j + i * width for j in range(len(sizes))]
+        ax.bar(xs, [results[p][f"{s}MiB"]["median_gbps"] for s in sizes], width, label=p)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s} MiB" for s in sizes])
+    ax.set_ylabel("GB/s (median round)")
+    ax.set_title("pdmesh transfer: one chunk per push, loopback, 2-core VM")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
