@@ -1,0 +1,221 @@
+"""Scheduler half of the pdmesh connector: which chunks to load and save, per request, per step.
+
+Runs on vLLM's scheduler thread; never touches KV memory. The only I/O is :meth:`TierLookup.lookup` (one
+bounded-time RPC to the local tier server per new request, and per poll while a PD transfer is in flight).
+
+Rules (see docs/architecture.md, "Chunks and keys"):
+- A chunk is ``chunk_tokens`` tokens = whole blocks. Only full chunks are stored or loaded. At least the last
+  prompt token is always recomputed (vLLM needs logits), so loads stop at ``(len(prompt) - 1) // C`` chunks.
+- Loads start where vLLM's own prefix cache stopped, and only at a chunk boundary.
+- A request that waits for a PD transfer (decode side, ``kv_transfer_params.pdmesh.transfer_id``) is polled
+  (``get_num_new_matched_tokens`` returns None) until its chunks are ready or its deadline passes; then it
+  loads what is ready and computes the rest. Never wrong output, never a hang.
+- Saves: every full chunk whose KV is complete after a step (prompt; and generated tokens when
+  ``save_generated``), once per request. Requests being pushed save all their prompt chunks, including those
+  vLLM had in its prefix cache, because the receiver needs every one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata, PushSpec
+
+log = logging.getLogger("pdmesh.connector")
+
+
+class TierLookup(Protocol):
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` are ready in the local tier (fetching from slower tiers as needed).
+
+        Raises an exception when the tier is unreachable: the caller then treats it as 0 hits.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class PdParams:
+    """The ``pdmesh`` entry of a request's ``kv_transfer_params`` (set by the router only)."""
+
+    transfer_id: str
+    push_to: str | None = None  # prefill side: the decode node's receiver address
+    deadline_s: float = 10.0  # decode side: how long to wait for the pushed chunks
+
+    @classmethod
+    def from_request(cls, kv_transfer_params: dict[str, Any] | None) -> PdParams | None:
+        raw = (kv_transfer_params or {}).get("pdmesh")
+        if not isinstance(raw, dict) or not isinstance(raw.get("transfer_id"), str):
+            return None
+        push_to = raw.get("push_to")
+        deadline_ms = raw.get("deadline_ms", 10_000)
+        try:
+            deadline_s = max(0.0, min(float(deadline_ms) / 1000.0, 600.0))
+        except (TypeError, ValueError):
+            deadline_s = 10.0
+        return cls(raw["transfer_id"], push_to if isinstance(push_to, str) else None, deadline_s)
+
+
+@dataclass
+class _Req:
+    request: Any  # vllm.v1.request.Request (live object: all_token_ids grows as tokens are sampled)
+    pd: PdParams | None
+    first_seen: float
+    keys: list[bytes] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
+    saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
+    done_tokens: int = 0  # tokens whose KV exists after the current step
+
+
+@dataclass
+class SchedulerStats:
+    lookups: int = 0
+    lookup_errors: int = 0
+    hit_tokens: int = 0
+    pd_waits: int = 0
+    pd_fallbacks: int = 0
+
+
+class ConnectorScheduler:
+    def __init__(
+        self,
+        tier: TierLookup,
+        key_fn: Callable[[Sequence[int], int], list[bytes]],
+        chunk_tokens: int,
+        block_size: int,
+        save_generated: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if chunk_tokens % block_size:
+            raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the block size {block_size}")
+        self.tier = tier
+        self.key_fn = key_fn  # (token_ids, n_chunks) -> keys of the first n_chunks full chunks
+        self.C = chunk_tokens
+        self.blocks_per_chunk = chunk_tokens // block_size
+        self.save_generated = save_generated
+        self.clock = clock
+        self.stats = SchedulerStats()
+        self._reqs: dict[str, _Req] = {}
+        self._fallbacks: list[str] = []
+
+    # -- vLLM scheduler hooks ------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = _Req(request, PdParams.from_request(request.kv_transfer_params), self.clock())
+            self._reqs[request.request_id] = st
+        prompt = request.prompt_token_ids or []
+        limit = (len(prompt) - 1) // self.C
+        first = num_computed_tokens // self.C
+        st.load_range = None
+        if limit <= 0 or num_computed_tokens % self.C or first >= limit:
+            return 0, False
+        keys = self._keys(st, limit)
+        self.stats.lookups += 1
+        try:
+            ready = min(self.tier.lookup(keys[:limit]), limit)
+        except Exception as e:  # the tier is an optimisation: unreachable => compute
+            self.stats.lookup_errors += 1
+            log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)
+            ready = 0
+        if st.pd is not None and st.pd.push_to is None and ready < limit:
+            if self.clock() - st.first_seen < st.pd.deadline_s:
+                self.stats.pd_waits += 1
+                return None, False  # the pushed chunks are still in flight: ask again next step
+            self.stats.pd_fallbacks += 1
+            self._fallbacks.append(request.request_id)
+            log.warning(
+                "PD transfer %s: %d of %d chunks arrived before the deadline; computing the rest",
+                st.pd.transfer_id,
+                ready,
+                limit,
+            )
+        if ready <= first:
+            return 0, False
+        st.load_range = (first, ready)
+        self.stats.hit_tokens += (ready - first) * self.C
+        return (ready - first) * self.C, False
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens <= 0:
+            st.load_range = None
+        st.block_ids = list(block_ids)
+
+    def build_meta(self, so: Any) -> PdmeshConnectorMetadata:
+        meta = PdmeshConnectorMetadata()
+        scheduled: list[_Req] = []
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            st.done_tokens = new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0)
+            if st.load_range is not None:
+                a, b = st.load_range
+                meta.loads.append(
+                    ChunkOp(new.req_id, st.keys[a:b], [self._chunk_blocks(st, i) for i in range(a, b)])
+                )
+                st.load_range = None
+                if st.pd is None or st.pd.push_to is None:
+                    st.saved = max(st.saved, b)  # loaded chunks are in the tier already
+            scheduled.append(st)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                st.block_ids += new_blocks[0]
+            st.done_tokens = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
+            scheduled.append(st)
+        for st in scheduled:
+            op = self._save_op(st)
+            if op is not None:
+                meta.saves.append(op)
+        return meta
+
+    def request_finished(self, request: Any) -> None:
+        self._reqs.pop(request.request_id, None)
+
+    def take_fallbacks(self) -> list[str]:
+        out, self._fallbacks = self._fallbacks, []
+        return out
+
+    def active_requests(self) -> int:
+        return len(self._reqs)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _keys(self, st: _Req, n: int) -> list[bytes]:
+        if len(st.keys) < n:
+            st.keys = self.key_fn(list(st.request.all_token_ids), n)
+        return st.keys
+
+    def _chunk_blocks(self, st: _Req, chunk: int) -> list[int]:
+        a = chunk * self.blocks_per_chunk
+        return st.block_ids[a : a + self.blocks_per_chunk]
+
+    def _save_op(self, st: _Req) -> ChunkOp | None:
+        prompt_len = len(st.request.prompt_token_ids or [])
+        limit_tokens = st.done_tokens if self.save_generated else min(st.done_tokens, prompt_len)
+        limit = min(limit_tokens, len(st.request.all_token_ids)) // self.C
+        limit = min(limit, len(st.block_ids) // self.blocks_per_chunk)
+        if limit <= st.saved:
+            return None
+        keys = self._keys(st, limit)
+        a, st.saved = st.saved, limit
+        push = None
+        if st.pd is not None and st.pd.push_to:
+            push = PushSpec(st.pd.transfer_id, st.pd.push_to, st.pd.deadline_s)
+        return ChunkOp(
+            st.request.request_id, keys[a:limit], [self._chunk_blocks(st, i) for i in range(a, limit)], push
+        )

@@ -1,0 +1,169 @@
+"""Worker half of the pdmesh connector: copies chunks between vLLM's paged KV cache and the tier's pool.
+
+Runs in the model-runner process/thread. Blocking, by design and by vLLM's contract:
+- :meth:`ConnectorWorker.load` runs in ``start_load_kv`` before the forward pass: for each chunk, pin it in the
+  tier (so it cannot be evicted or reused while read), unpack it into the request's blocks, unpin. A chunk
+  that is gone (evicted since the scheduler's lookup) or a tier that is down makes the blocks of that chunk and
+  of every later chunk of the request "load errors": vLLM recomputes them (``kv_load_failure_policy=recompute``).
+- :meth:`ConnectorWorker.save` runs in ``wait_for_save`` after the forward pass: reserve pool regions
+  (chunks the tier already has are skipped), pack the blocks into them, commit. Then, for PD, ask the tier
+  server to push the chunks to the decode node; the push itself runs in the tier server, not here.
+A failed save is only a future cache miss (logged and counted), never an engine error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata
+
+log = logging.getLogger("pdmesh.connector")
+
+
+class TierWorkerClient(Protocol):
+    """What the worker half needs from the local tier server (all calls bounded by a timeout; raise on failure)."""
+
+    def pool_view(self) -> memoryview:
+        """Writable view of the whole shared-memory pool segment (mapped once)."""
+        ...
+
+    def acquire(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
+        """Pin ready chunks for reading; (offset, nbytes) per key, None where not ready."""
+        ...
+
+    def release(self, keys: Sequence[bytes]) -> None: ...
+
+    def alloc(self, keys: Sequence[bytes], nbytes: int) -> list[int | None]:
+        """Reserve a region per key; None where the tier already has (or is receiving) that chunk."""
+        ...
+
+    def commit(self, keys: Sequence[bytes]) -> None: ...
+
+    def abort(self, keys: Sequence[bytes]) -> None: ...
+
+    def push(self, keys: Sequence[bytes], peer: str, transfer_id: str, deadline_s: float) -> None:
+        """Queue a push of ready chunks to ``peer``'s receiver; returns without waiting for it."""
+        ...
+
+
+class Packer(Protocol):
+    def chunk_nbytes(self, num_blocks: int) -> int: ...
+
+    def pack(self, block_ids: Sequence[int], *, out: torch.Tensor) -> torch.Tensor: ...
+
+    def unpack(self, buf: torch.Tensor, block_ids: Sequence[int]) -> None: ...
+
+
+@dataclass
+class WorkerStats:
+    loaded_chunks: int = 0
+    load_errors: int = 0
+    saved_chunks: int = 0
+    skipped_saves: int = 0  # already in the tier
+    save_errors: int = 0
+    pushes: int = 0
+    loaded_bytes: int = 0
+    saved_bytes: int = 0
+
+
+class ConnectorWorker:
+    def __init__(self, tier: TierWorkerClient, packer: Packer, blocks_per_chunk: int) -> None:
+        self.tier = tier
+        self.packer = packer
+        self.blocks_per_chunk = blocks_per_chunk
+        self.chunk_nbytes = packer.chunk_nbytes(blocks_per_chunk)
+        self.stats = WorkerStats()
+        self._pool: torch.Tensor | None = None
+        self._load_errors: set[int] = set()
+
+    def _pool_tensor(self) -> torch.Tensor:
+        if self._pool is None:
+            self._pool = torch.frombuffer(self.tier.pool_view(), dtype=torch.uint8)
+        return self._pool
+
+    # -- load ----------------------------------------------------------------------------------------
+    def load(self, meta: PdmeshConnectorMetadata) -> None:
+        for op in meta.loads:
+            self._load_op(op)
+
+    def _load_op(self, op: ChunkOp) -> None:
+        done = 0  # chunks [0, done) are in vLLM's blocks
+        acquired: list[bytes] = []
+        try:
+            places = self.tier.acquire(op.keys)
+            acquired = [k for k, p in zip(op.keys, places, strict=True) if p is not None]
+            pool = self._pool_tensor()
+            for place, blocks in zip(places, op.block_ids, strict=True):
+                if place is None or place[1] != self.chunk_nbytes or len(blocks) != self.blocks_per_chunk:
+                    break
+                off, n = place
+                self.packer.unpack(pool[off : off + n], blocks)
+                done += 1
+                self.stats.loaded_bytes += n
+        except Exception as e:
+            log.warning("loading chunks of %s failed (%s); vLLM recomputes them", op.req_id, e)
+        finally:
+            self.stats.loaded_chunks += done
+            if acquired:
+                try:
+                    self.tier.release(acquired)
+                except Exception as e:
+                    log.warning("tier release failed: %s", e)
+        if done < len(op.keys):
+            self.stats.load_errors += len(op.keys) - done
+            for blocks in op.block_ids[done:]:
+                self._load_errors.update(blocks)
+
+    def take_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save(self, meta: PdmeshConnectorMetadata) -> None:
+        for op in meta.saves:
+            self._save_op(op)
+
+    def _save_op(self, op: ChunkOp) -> None:
+        keys = [k for k, b in zip(op.keys, op.block_ids, strict=True) if len(b) == self.blocks_per_chunk]
+        if not keys:
+            return
+        blocks_of = dict(zip(op.keys, op.block_ids, strict=True))
+        try:
+            offsets = self.tier.alloc(keys, self.chunk_nbytes)
+        except Exception as e:
+            self.stats.save_errors += len(keys)
+            log.warning("tier alloc failed (%s); %d chunks of %s not cached", e, len(keys), op.req_id)
+            return
+        written: list[bytes] = []
+        pool = self._pool_tensor()
+        try:
+            for key, off in zip(keys, offsets, strict=True):
+                if off is None:
+                    self.stats.skipped_saves += 1
+                    continue
+                self.packer.pack(blocks_of[key], out=pool[off : off + self.chunk_nbytes])
+                written.append(key)
+            if written:
+                self.tier.commit(written)
+                self.stats.saved_chunks += len(written)
+                self.stats.saved_bytes += len(written) * self.chunk_nbytes
+        except Exception as e:
+            self.stats.save_errors += len(keys)
+            log.warning("saving chunks of %s failed: %s", op.req_id, e)
+            pending = [k for k, off in zip(keys, offsets, strict=True) if off is not None]
+            try:
+                self.tier.abort(pending)
+            except Exception:
+                pass
+            return
+        if op.push is not None:
+            try:
+                self.tier.push(op.keys, op.push.peer, op.push.transfer_id, op.push.deadline_s)
+                self.stats.pushes += 1
+            except Exception as e:
+                log.warning("PD push %s to %s could not be queued: %s", op.push.transfer_id, op.push.peer, e)

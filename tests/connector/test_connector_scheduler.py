@@ -1,0 +1,196 @@
+"""The connector's scheduler half: load/save plans, chunk alignment, PD waiting and its deadline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
+
+from kvcache.connector_scheduler import ConnectorScheduler, PdParams
+from kvcache.keys import ModelFingerprint, chunk_keys
+
+FP = ModelFingerprint(model="m", block_size=4)
+C = 8  # chunk = 2 blocks of 4 tokens
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict | None = None
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output
+
+
+class FakeTier:
+    def __init__(self) -> None:
+        self.ready: set[bytes] = set()
+        self.down = False
+        self.calls = 0
+
+    def lookup(self, keys):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("tier down")
+        n = 0
+        for k in keys:
+            if k not in self.ready:
+                break
+            n += 1
+        return n
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(save_generated=False):
+    tier, clock = FakeTier(), Clock()
+    s = ConnectorScheduler(
+        tier, lambda toks, n: chunk_keys(FP, toks[: n * C], C), C, 4, save_generated, clock
+    )
+    return s, tier, clock
+
+
+def new_req_output(req, blocks, computed, scheduled):
+    new = SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=computed)
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
+    return SimpleNamespace(
+        scheduled_new_reqs=[new],
+        scheduled_cached_reqs=cached,
+        num_scheduled_tokens={req.request_id: scheduled},
+    )
+
+
+def cached_output(req, new_blocks, computed, scheduled):
+    cached = SimpleNamespace(
+        req_ids=[req.request_id],
+        new_block_ids=[(new_blocks,) if new_blocks else None],
+        num_computed_tokens=[computed],
+        resumed_req_ids=set(),
+    )
+    return SimpleNamespace(
+        scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={req.request_id: scheduled}
+    )
+
+
+def test_cold_prompt_saves_full_chunks_only():
+    s, tier, _ = make()
+    req = FakeRequest("r", list(range(1, 21)))  # 20 tokens: 2 full chunks + 4
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    blocks = [10, 11, 12, 13, 14]
+    s.update_state_after_alloc(req, blocks, 0)
+    meta = s.build_meta(new_req_output(req, blocks, 0, 20))
+    assert meta.loads == []
+    (save,) = meta.saves
+    assert save.keys == chunk_keys(FP, req.prompt_token_ids, C)
+    assert save.block_ids == [[10, 11], [12, 13]]
+    assert save.push is None
+    # Nothing is saved twice.
+    assert s.build_meta(cached_output(req, [], 20, 1)).saves == []
+
+
+def test_hit_loads_prefix_but_always_recomputes_last_token():
+    s, tier, _ = make()
+    prompt = list(range(1, 17))  # exactly 2 chunks
+    tier.ready = set(chunk_keys(FP, prompt, C))
+    req = FakeRequest("r", prompt)
+    # Only chunk 0 may load: loading chunk 1 would leave no token to compute.
+    assert s.get_num_new_matched_tokens(req, 0) == (8, False)
+    s.update_state_after_alloc(req, [1, 2, 3, 4], 8)
+    meta = s.build_meta(new_req_output(req, [1, 2, 3, 4], 0, 16))
+    (load,) = meta.loads
+    assert load.keys == chunk_keys(FP, prompt, C)[:1] and load.block_ids == [[1, 2]]
+    (save,) = meta.saves  # the loaded chunk is not saved again, the second one is
+    assert save.block_ids == [[3, 4]]
+
+
+def test_load_starts_after_local_prefix_cache_at_chunk_boundary():
+    s, tier, _ = make()
+    prompt = list(range(1, 30))
+    tier.ready = set(chunk_keys(FP, prompt, C))  # 3 chunks ready
+    req = FakeRequest("r", prompt)
+    assert s.get_num_new_matched_tokens(req, 8) == (16, False)  # chunks 1 and 2
+    assert s.get_num_new_matched_tokens(FakeRequest("q", prompt), 4) == (0, False)  # mid-chunk: no load
+
+
+def test_tier_down_means_compute():
+    s, tier, _ = make()
+    tier.down = True
+    assert s.get_num_new_matched_tokens(FakeRequest("r", list(range(40))), 0) == (0, False)
+    assert s.stats.lookup_errors == 1
+
+
+def test_pd_decode_waits_for_transfer_then_loads():
+    s, tier, clock = make()
+    prompt = list(range(1, 26))  # 3 chunks loadable ((25-1)//8)
+    keys = chunk_keys(FP, prompt, C)
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t1", "deadline_ms": 5000}})
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    tier.ready = {keys[0]}
+    clock.t = 1.0
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    tier.ready = set(keys)
+    clock.t = 2.0
+    assert s.get_num_new_matched_tokens(req, 0) == (24, False)
+    assert s.stats.pd_fallbacks == 0
+
+
+def test_pd_decode_deadline_falls_back_to_partial_compute():
+    s, tier, clock = make()
+    prompt = list(range(1, 26))
+    keys = chunk_keys(FP, prompt, C)
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t1", "deadline_ms": 500}})
+    tier.ready = {keys[0]}
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    clock.t = 0.6
+    assert s.get_num_new_matched_tokens(req, 0) == (8, False)
+    assert s.stats.pd_fallbacks == 1 and s.take_fallbacks() == ["r"]
+
+
+def test_pd_prefill_pushes_every_prompt_chunk_including_prefix_cached_ones():
+    s, tier, _ = make()
+    prompt = list(range(1, 26))
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t9", "push_to": "10.0.0.2:7000"}})
+    assert s.get_num_new_matched_tokens(req, 8) == (0, False)  # vLLM had chunk 0 locally
+    blocks = [5, 6, 7, 8, 9, 10, 11]
+    s.update_state_after_alloc(req, blocks, 0)
+    (save,) = s.build_meta(new_req_output(req, blocks, 8, 17)).saves
+    assert save.keys == chunk_keys(FP, prompt, C)[:3]
+    assert save.push.transfer_id == "t9" and save.push.peer == "10.0.0.2:7000"
+
+
+def test_chunked_prefill_and_generated_tokens():
+    s, _, _ = make(save_generated=True)
+    req = FakeRequest("r", list(range(1, 13)))  # 12 prompt tokens
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, [1, 2], 0)
+    meta = s.build_meta(new_req_output(req, [1, 2], 0, 6))  # chunked prefill: 6 of 12 tokens
+    assert meta.saves == []
+    assert [o.block_ids for o in s.build_meta(cached_output(req, [3], 6, 6)).saves] == [[[1, 2]]]
+    req.output = [100, 101, 102, 103, 104]
+    assert s.build_meta(cached_output(req, [4], 12, 1)).saves == []  # KV of 13 tokens
+    (gen,) = s.build_meta(cached_output(req, [], 16, 1)).saves  # KV of 17 tokens: chunk 1 complete
+    assert gen.block_ids == [[3, 4]]
+    assert gen.keys == chunk_keys(FP, req.all_token_ids, C)[1:2]
+    s.request_finished(req)
+    assert s.active_requests() == 0
+
+
+def test_pd_params_parsing_is_defensive():
+    assert PdParams.from_request(None) is None
+    assert PdParams.from_request({"pdmesh": "x"}) is None
+    assert PdParams.from_request({"pdmesh": {"transfer_id": 5}}) is None
+    p = PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad", "push_to": 3}})
+    assert p == PdParams("t", None, 10.0)
+    assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": 1e12}}).deadline_s == 600.0
