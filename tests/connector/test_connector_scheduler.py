@@ -85,7 +85,7 @@ def cached_output(req, new_blocks, computed, scheduled):
 
 
 def test_cold_prompt_saves_full_chunks_only():
-    s, tier, _ = make()
+    s, _tier, _ = make()
     req = FakeRequest("r", list(range(1, 21)))  # 20 tokens: 2 full chunks + 4
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
     blocks = [10, 11, 12, 13, 14]
@@ -159,7 +159,7 @@ def test_pd_decode_deadline_falls_back_to_partial_compute():
 
 
 def test_pd_prefill_pushes_every_prompt_chunk_including_prefix_cached_ones():
-    s, tier, _ = make()
+    s, _tier, _ = make()
     prompt = list(range(1, 26))
     req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t9", "push_to": "10.0.0.2:7000"}})
     assert s.get_num_new_matched_tokens(req, 8) == (0, False)  # vLLM had chunk 0 locally
