@@ -1,0 +1,323 @@
+"""The pdmesh cache server: a standalone shared remote tier (the role of ``lmcache_server``).
+
+Protocol (TCP, :mod:`kvcache.wire` frames, one request at a time per connection, replies in order):
+
+* ``{"op": "hello", "proto": 1, "token": str}`` must come first -> ``{"ok": true, "proto": 1}``; a wrong token or
+  protocol version gets an error reply and the connection is closed.
+* ``{"op": "put", "key": bytes16, "fp": bytes16, "n": int, "csum": int}`` + ``n`` payload bytes ->
+  ``{"ok": true, "stored": bool}``. The server verifies the xxh3-64 checksum before storing; a mismatch is an
+  error reply (``corrupt``) and nothing is stored.
+* ``{"op": "get", "key": bytes16, "fp": bytes16 | None}`` -> ``{"ok": true, "hit": false}`` or
+  ``{"ok": true, "hit": true, "n": int, "csum": int, "fp": bytes16}`` + ``n`` payload bytes (the client verifies).
+  With ``fp`` given, a chunk stored under another fingerprint is a miss.
+* ``{"op": "contains", "keys": [bytes16]}`` -> ``{"ok": true, "n": leading present count}``
+* ``{"op": "delete", "keys": [...]}``, ``{"op": "clear"}``, ``{"op": "stats"}``.
+* Errors: ``{"ok": false, "error": type, "message": str}``.
+
+Storage: an in-memory LRU bounded in bytes (payload + 64 bytes accounting per item). Threads, not asyncio: one
+thread per connection doing blocking ``recv_into``/``sendall`` on plain sockets, which releases the GIL and keeps
+loopback throughput in the GB/s range. Stored payloads are immutable ``bytearray`` objects, so a ``get`` sends
+outside the lock while a concurrent eviction merely drops the store's reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+from kvcache.record import NO_FINGERPRINT, checksum
+from kvcache.wire import ProtocolError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
+from pdmesh.security import token_matches
+
+log = logging.getLogger("pdmesh.cache_server")
+
+PROTO_VERSION = 1
+ITEM_OVERHEAD = 64
+
+
+@dataclass
+class _Item:
+    fp: bytes
+    csum: int
+    data: bytearray
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    items: int
+    used_bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    puts: int
+    evictions: int
+    corrupt: int
+    connections: int
+
+
+class CacheStore:
+    """Byte-bounded LRU of verified chunk payloads. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: OrderedDict[bytes, _Item] = OrderedDict()
+        self._used = 0
+        self.hits = self.misses = self.puts = self.evictions = self.corrupt = 0
+
+    def put(self, key: bytes, item: _Item) -> bool:
+        size = len(item.data) + ITEM_OVERHEAD
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return False
+            self._items[key] = item
+            self._used += size
+            self.puts += 1
+            while self._used > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._used -= len(old.data) + ITEM_OVERHEAD
+                self.evictions += 1
+            return True
+
+    def get(self, key: bytes, fp: bytes | None) -> _Item | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or (fp is not None and item.fp != fp):
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def contains(self, keys: list[bytes]) -> int:
+        n = 0
+        with self._lock:
+            for k in keys:
+                if k not in self._items:
+                    break
+                n += 1
+        return n
+
+    def delete(self, keys: list[bytes]) -> int:
+        n = 0
+        with self._lock:
+            for k in keys:
+                item = self._items.pop(k, None)
+                if item is not None:
+                    self._used -= len(item.data) + ITEM_OVERHEAD
+                    n += 1
+        return n
+
+    def clear(self) -> int:
+        with self._lock:
+            n = len(self._items)
+            self._items.clear()
+            self._used = 0
+            return n
+
+    def stats(self, connections: int = 0) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                len(self._items),
+                self._used,
+                self.max_bytes,
+                self.hits,
+                self.misses,
+                self.puts,
+                self.evictions,
+                self.corrupt,
+                connections,
+            )
+
+
+class CacheServer:
+    """Threaded TCP cache server. :meth:`start` binds and serves in background threads; :meth:`close` stops
+    accepting, closes every connection and joins the threads (bounded)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_bytes: int = 1 << 30,
+        token: str = "",
+        max_connections: int = 256,
+        idle_timeout_s: float = 300.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.token = token
+        self.store = CacheStore(max_bytes)
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._lsock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def start(self) -> tuple[str, int]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(128)
+        s.settimeout(0.5)  # accept wakes up to notice close()
+        self._lsock = s
+        self.port = s.getsockname()[1]
+        t = threading.Thread(target=self._accept_loop, name="cache-accept", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self.address
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until :meth:`close` is called from another thread or a signal handler."""
+        if self._lsock is None:
+            self.start()
+        while not self._stopping.wait(1.0):
+            pass
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._lsock is not None:
+            with contextlib.suppress(OSError):
+                self._lsock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                c.close()
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(2.0)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            n = len(self._conns)
+        return self.store.stats(n)
+
+    # ------------------------------------------------------------------ connection handling
+    def _accept_loop(self) -> None:
+        assert self._lsock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                if len(self._conns) >= self.max_connections:
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+                self._threads = [t for t in self._threads if t.is_alive()]
+            t = threading.Thread(target=self._serve, args=(conn,), name="cache-conn", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(self.idle_timeout_s)
+        tune_tcp(conn)
+        try:
+            hello = recv_frame(conn)
+            if hello.get("op") != "hello" or hello.get("proto") != PROTO_VERSION:
+                send_frame(conn, _err("protocol", f"expected hello with proto {PROTO_VERSION}"))
+                return
+            if not token_matches(hello.get("token"), self.token):
+                send_frame(conn, _err("unauthorized", "bad cluster token"))
+                return
+            send_frame(conn, {"ok": True, "proto": PROTO_VERSION})
+            while not self._stopping.is_set():
+                msg = recv_frame(conn)
+                if not self._handle(conn, msg):
+                    return
+        except (ConnectionError, TimeoutError, OSError, ProtocolError):
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _handle(self, conn: socket.socket, msg: dict) -> bool:
+        """Serve one request; False to close the connection."""
+        op = msg.get("op")
+        if op == "put":
+            n = msg.get("n")
+            key = msg.get("key")
+            if not isinstance(n, int) or n < 0 or not isinstance(key, bytes) or len(key) != 16:
+                send_frame(conn, _err("bad_request", "put needs key (16 bytes) and n"))
+                return False
+            if n + ITEM_OVERHEAD > self.store.max_bytes:
+                discard(conn, n)
+                send_frame(conn, {"ok": True, "stored": False})
+                return True
+            data = bytearray(n)
+            recv_exact_into(conn, memoryview(data))
+            if checksum(data) != msg.get("csum"):
+                self.store.corrupt += 1
+                send_frame(conn, _err("corrupt", "payload checksum mismatch"))
+                return True
+            stored = self.store.put(key, _Item(msg.get("fp") or NO_FINGERPRINT, msg["csum"], data))
+            send_frame(conn, {"ok": True, "stored": stored})
+        elif op == "get":
+            item = self.store.get(msg.get("key"), msg.get("fp"))
+            if item is None:
+                send_frame(conn, {"ok": True, "hit": False})
+            else:
+                send_frame(
+                    conn,
+                    {"ok": True, "hit": True, "n": len(item.data), "csum": item.csum, "fp": item.fp},
+                    item.data,
+                )
+        elif op == "contains":
+            send_frame(conn, {"ok": True, "n": self.store.contains(list(msg.get("keys") or []))})
+        elif op == "delete":
+            send_frame(conn, {"ok": True, "n": self.store.delete(list(msg.get("keys") or []))})
+        elif op == "clear":
+            send_frame(conn, {"ok": True, "n": self.store.clear()})
+        elif op == "stats":
+            send_frame(conn, {"ok": True, "stats": asdict(self.stats())})
+        else:
+            send_frame(conn, _err("bad_request", f"unknown op {op!r}"))
+        return True
+
+
+def _err(kind: str, message: str) -> dict:
+    return {"ok": False, "error": kind, "message": message}
+
+
+def run_cache_server(host: str, port: int, max_bytes: int, token: str) -> None:
+    """Run a cache server in the foreground until SIGINT/SIGTERM."""
+    import signal
+
+    from pdmesh.security import require_token_for_bind
+
+    require_token_for_bind(host, token, "pdmesh cache-server")
+    server = CacheServer(host, port, max_bytes, token)
+    server.start()
+    log.info("cache server on %s:%d, %d bytes", server.host, server.port, max_bytes)
+    print(f"pdmesh cache-server listening on {server.host}:{server.port}", flush=True)
+
+    def _stop(signum, frame):
+        server._stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()

@@ -1,0 +1,176 @@
+"""The pdmesh vLLM KV connector: vLLM's KV goes through the node's tier, so PD transfer and prefix reuse are
+one mechanism.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector": "PdmeshConnector",
+                           "kv_connector_module_path": "kvcache.connector",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"tier_socket": "/run/pdmesh/tier.sock",
+                                                         "chunk_tokens": 128, "save_generated": false}}'
+
+vLLM creates one instance per role: the scheduler half (:class:`ConnectorScheduler`: lookups and plans) and the
+worker half (:class:`ConnectorWorker`: pack/unpack between vLLM's blocks and the tier's shared-memory pool).
+They share nothing but the per-step :class:`PdmeshConnectorMetadata`. Both talk to the local tier server over
+its unix socket with bounded timeouts; a tier that is down makes every lookup miss and every save a no-op, so
+outputs never change (they are only computed instead of loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvcache.connector_meta import PdmeshConnectorMetadata
+from kvcache.connector_scheduler import ConnectorScheduler
+from kvcache.connector_tier import ConnectorTierClient
+from kvcache.connector_worker import ConnectorWorker
+from kvcache.keys import ModelFingerprint, chunk_keys
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("pdmesh.connector")
+
+
+def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
+    """The compatibility fingerprint both halves (and every peer) derive from the engine config alone."""
+    from vllm.platforms import current_platform
+
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    return ModelFingerprint(
+        model=str(mc.model),
+        revision=str(mc.revision or ""),
+        dtype=str(mc.dtype).removeprefix("torch."),
+        layout=f"{current_platform.device_type}:{cc.cache_dtype}",
+        block_size=int(cc.block_size),
+        tp_rank=0,  # the worker half mixes its own rank into keys (see _rank_key)
+        tp_size=int(pc.tensor_parallel_size),
+    )
+
+
+class PdmeshConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.chunk_tokens = int(extra.get("chunk_tokens") or self.block_size)
+        self.fingerprint = fingerprint_for(vllm_config)
+        self.tier = ConnectorTierClient.from_extra_config(extra, self.fingerprint)
+        self._scheduler: ConnectorScheduler | None = None
+        self._worker: ConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            C = self.chunk_tokens
+            self._scheduler = ConnectorScheduler(
+                self.tier,
+                lambda toks, n: chunk_keys(self.fingerprint, toks[: n * C], C),
+                C,
+                self.block_size,
+                save_generated=bool(extra.get("save_generated", False)),
+            )
+            self._pd_requests: set[str] = set()
+        log.info(
+            "pdmesh connector (%s): chunk %d tokens, tier %s", role.name, self.chunk_tokens, self.tier.address
+        )
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.platforms import current_platform
+
+        from kernels import bind, layout_for
+
+        first = next(iter(kv_caches.values()))
+        if current_platform.is_cpu():
+            layout = layout_for("CPU_ATTN", first.shape)
+        else:  # CUDA/ROCm: vLLM's standardized per-layer view (not exercised on CPU-only CI)
+            backend = str(
+                getattr(getattr(self._vllm_config, "attention_config", None), "backend", None) or "FLASH_ATTN"
+            )
+            layout = layout_for(backend, first.shape)
+        bound = bind(list(kv_caches.values()), layout)
+        self._worker = ConnectorWorker(self.tier, bound, self.chunk_tokens // self.block_size)
+        log.info(
+            "pdmesh connector: %d layers, layout %s, %d bytes per chunk",
+            len(kv_caches),
+            layout.name,
+            self._worker.chunk_nbytes,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self._worker is not None and isinstance(meta, PdmeshConnectorMetadata) and meta.loads:
+            self._worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return None  # whole chunks (all layers) are saved in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if self._worker is not None and isinstance(meta, PdmeshConnectorMetadata) and meta.saves:
+            self._worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        self.tier.close()
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        if num_external_tokens <= 0:
+            return {}
+        params = (request.kv_transfer_params or {}).get("pdmesh")
+        source = (
+            CacheHitSource.P2P
+            if isinstance(params, dict) and not params.get("push_to")
+            else CacheHitSource.HOST
+        )
+        return {source: num_external_tokens}
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(
+            request, list(blocks.get_block_ids()[0]), num_external_tokens
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.request_finished(request)
+        return False, None

@@ -1,0 +1,89 @@
+"""Chunk keys: a chained, stable, cryptographic-strength hash over full token chunks, seeded by a model fingerprint.
+
+key(-1) = ``fingerprint.digest()``; key(i) = blake2b-128(key(i-1) || tokens of chunk i as little-endian uint32).
+Only full chunks get a key. The result depends only on the fingerprint fields and the token ids, so any two
+processes on any machine agree (never Python's ``hash()``, which is salted per process). Keys are 16-byte ``bytes``;
+JSON carries them as lowercase hex.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+#: Version of the chunk byte format and key derivation. Bump it when either changes: all old keys then miss.
+FORMAT_VERSION = 1
+KEY_BYTES = 16
+_PERSON_FP = b"pdmesh-fp"
+_PERSON_CHUNK = b"pdmesh-chunk"
+_MAX_TOKEN = 2**32
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Everything that changes the bytes of a KV chunk. Two engines share cached KV only if all fields agree."""
+
+    model: str
+    revision: str = ""
+    dtype: str = "float32"
+    layout: str = ""
+    block_size: int = 16
+    tp_rank: int = 0
+    tp_size: int = 1
+    format_version: int = FORMAT_VERSION
+
+    def digest(self) -> bytes:
+        """16 bytes: blake2b over the canonical JSON of the fields (sorted keys, no whitespace)."""
+        canon = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(canon, digest_size=KEY_BYTES, person=_PERSON_FP).digest()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelFingerprint:
+        return cls(**d)
+
+
+def _chunk_bytes(chunk: Sequence[int]) -> bytes:
+    try:
+        return struct.pack(f"<{len(chunk)}I", *chunk)
+    except struct.error as e:
+        bad = next((t for t in chunk if not (0 <= int(t) < _MAX_TOKEN)), None)
+        raise ValueError(f"token id {bad!r} is not a uint32") from e
+
+
+def chain_keys(seed: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` chained from ``seed`` (a fingerprint digest)."""
+    if chunk_tokens <= 0:
+        raise ValueError("chunk_tokens must be positive")
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"seed must be {KEY_BYTES} bytes")
+    keys: list[bytes] = []
+    prev = seed
+    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=_PERSON_CHUNK)
+        h.update(_chunk_bytes(token_ids[start : start + chunk_tokens]))
+        prev = h.digest()
+        keys.append(prev)
+    return keys
+
+
+def chunk_keys(fingerprint: ModelFingerprint, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` (``len(token_ids) // chunk_tokens`` keys). Pure, deterministic."""
+    return chain_keys(fingerprint.digest(), token_ids, chunk_tokens)
+
+
+def key_hex(key: bytes) -> str:
+    return key.hex()
+
+
+def key_from_hex(text: str) -> bytes:
+    """Parse a hex key; ValueError unless it is exactly 16 bytes."""
+    key = bytes.fromhex(text)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a key is {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits), got {len(key)}")
+    return key

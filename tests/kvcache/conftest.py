@@ -1,0 +1,217 @@
+"""Fixtures for the kvcache tests: a real redis-server, a cache server, a tier server in a thread or a process.
+Every spawned process is killed at teardown, also on failure; everything binds 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvcache.cache_server import CacheServer
+from kvcache.config import TierConfig
+from kvcache.server import READY_PREFIX, TierServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A private redis-server on a free port (skipped when the binary is missing, unless PDMESH_REQUIRE_REDIS=1)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("PDMESH_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server not installed and PDMESH_REQUIRE_REDIS=1")
+        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if not _wait_port(port, 10):
+            pytest.fail("redis-server did not start within 10 s")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def cache_server():
+    server = CacheServer("127.0.0.1", 0, max_bytes=256 << 20, token="cs-token")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class ThreadedTier:
+    """A TierServer running in its own event loop thread."""
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: TierServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main():
+            try:
+                self.server = TierServer(self.config)
+                await self.server.start()
+            except BaseException as e:
+                self._error = e
+                self._ready.set()
+                return
+            self.loop = asyncio.get_running_loop()
+            self._ready.set()
+            await self.server.wait_closed()
+
+        asyncio.run(main())
+
+    def start(self) -> ThreadedTier:
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("tier server did not start within 15 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def run(self, coro_fn, timeout: float = 10):
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(timeout)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    def stop(self) -> None:
+        if self.server is not None and self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self._thread.join(10)
+
+
+def tier_config(tmp_path: Path, **overrides) -> TierConfig:
+    base = {
+        "http_port": 0,
+        "socket_path": str(tmp_path / "tier.sock"),
+        "pool_bytes": 16 * 65536,
+        "slot_bytes": 65536,
+        "token": "tier-token",
+        "reap_interval_s": 0.1,
+        "lease_grace_s": 0.1,
+    }
+    base.update(overrides)
+    return TierConfig.load(None, env={}, **base)
+
+
+@pytest.fixture
+def tier_factory():
+    tiers: list[ThreadedTier] = []
+
+    def make(config: TierConfig) -> ThreadedTier:
+        t = ThreadedTier(config).start()
+        tiers.append(t)
+        return t
+
+    yield make
+    for t in tiers:
+        t.stop()
+
+
+class TierProcess:
+    """``python -m kvcache.cli tier-server`` as a child process; waits for its READY line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvcache.cli", "tier-server", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.info: dict = {}
+
+    def wait_ready(self, timeout: float = 30) -> dict:
+        result: dict = {}
+
+        def read():
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                if line.startswith(READY_PREFIX):
+                    result.update(json.loads(line[len(READY_PREFIX) :]))
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not result:
+            raise RuntimeError(f"tier server process not ready in {timeout} s (rc={self.proc.poll()})")
+        self.info = result
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        seg = self.info.get("segment")
+        if seg:  # a SIGKILLed server cannot unlink its segment
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{seg}")
+
+
+@pytest.fixture
+def tier_process():
+    procs: list[TierProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> TierProcess:
+        p = TierProcess(args, env or {})
+        procs.append(p)
+        p.wait_ready()
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
