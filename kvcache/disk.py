@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcache.record import HEADER_BYTES, CorruptRecord, RecordHeader
+from kvcache.record import HEADER_BYTES, CorruptRecord, FingerprintMismatch, RecordHeader
 
 _LAYOUT = "v1"
 
@@ -163,8 +163,8 @@ class DiskTier:
 
     def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
         """Read a verified chunk into ``out`` (writable buffer, at least the chunk's length); returns the length,
-        or None on a miss. A corrupt file (or one whose fingerprint differs from ``fingerprint``) is deleted and
-        counted. ValueError if ``out`` is too small."""
+        or None on a miss. A corrupt file is deleted and counted; a chunk stored under another ``fingerprint`` is
+        a miss (kept). ValueError if ``out`` is too small."""
         with self._lock:
             if key not in self._index:
                 self._misses += 1
@@ -185,6 +185,10 @@ class DiskTier:
                 if fh.read(1):
                     raise CorruptRecord("trailing bytes")
             hdr.verify_payload(dst[: hdr.length])
+        except FingerprintMismatch:
+            with self._lock:
+                self._misses += 1
+            return None
         except FileNotFoundError:
             self._forget(key, corrupt=False)
             with self._lock:

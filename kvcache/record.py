@@ -22,7 +22,11 @@ HEADER_BYTES = _FULL.size  # 64
 
 
 class CorruptRecord(Exception):
-    """A record failed verification (bad magic/version/key/fingerprint/length/checksum)."""
+    """A record failed verification (bad magic/version/key/length/checksum)."""
+
+
+class FingerprintMismatch(Exception):
+    """A valid record stored under another model fingerprint: a miss for this caller, not corruption."""
 
 
 def checksum(data) -> int:
@@ -60,7 +64,7 @@ class RecordHeader:
         if key is not None and k != key:
             raise CorruptRecord("key mismatch")
         if fingerprint is not None and fp != fingerprint:
-            raise CorruptRecord("fingerprint mismatch")
+            raise FingerprintMismatch("fingerprint mismatch")
         return cls(k, fp, length, csum)
 
     def verify_payload(self, data) -> None:

@@ -23,7 +23,14 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from kvcache.cache_server import PROTO_VERSION
-from kvcache.record import HEADER_BYTES, NO_FINGERPRINT, CorruptRecord, RecordHeader, checksum
+from kvcache.record import (
+    HEADER_BYTES,
+    NO_FINGERPRINT,
+    CorruptRecord,
+    FingerprintMismatch,
+    RecordHeader,
+    checksum,
+)
 from kvcache.wire import ProtocolError, recv_exact_into, recv_frame, send_frame, tune_tcp
 
 
@@ -232,36 +239,37 @@ class RedisTier:
         value = RecordHeader.for_payload(key, view, fingerprint or NO_FINGERPRINT).pack() + view
         return bool(self._guard(lambda: self._r.set(self._k(key), value, ex=self.ttl_s, nx=True)))
 
-    def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
+    def _fetch(self, key: bytes, fingerprint: bytes | None) -> memoryview | None:
+        """The verified payload of ``key`` (a view into the reply), or None. Corrupt values are deleted."""
         raw = self._guard(lambda: self._r.get(self._k(key)))
         if raw is None:
             return None
-        dst = memoryview(out).cast("B")
         try:
             hdr = RecordHeader.unpack(raw, key=key, fingerprint=fingerprint)
             payload = memoryview(raw)[HEADER_BYTES:]
             hdr.verify_payload(payload)
+        except FingerprintMismatch:
+            return None
         except CorruptRecord:
             self.corrupt += 1
             with contextlib.suppress(*self._redis_errors):
                 self._r.delete(self._k(key))
             return None
-        if hdr.length > len(dst):
-            raise ValueError(f"chunk is {hdr.length} bytes, buffer only {len(dst)}")
-        dst[: hdr.length] = payload
-        return hdr.length
+        return payload
+
+    def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
+        payload = self._fetch(key, fingerprint)
+        if payload is None:
+            return None
+        dst = memoryview(out).cast("B")
+        if len(payload) > len(dst):
+            raise ValueError(f"chunk is {len(payload)} bytes, buffer only {len(dst)}")
+        dst[: len(payload)] = payload
+        return len(payload)
 
     def get(self, key: bytes, fingerprint: bytes | None = None) -> bytes | None:
-        raw = self._guard(lambda: self._r.get(self._k(key)))
-        if raw is None:
-            return None
-        try:
-            hdr = RecordHeader.unpack(raw, key=key, fingerprint=fingerprint)
-            hdr.verify_payload(memoryview(raw)[HEADER_BYTES:])
-        except CorruptRecord:
-            self.corrupt += 1
-            return None
-        return raw[HEADER_BYTES:]
+        payload = self._fetch(key, fingerprint)
+        return None if payload is None else bytes(payload)
 
     def contains(self, keys: Sequence[bytes]) -> int:
         if not keys:

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kvcache.remote import (
+    CacheServerClient,
+    CircuitBreaker,
+    GuardedRemote,
+    RedisTier,
+    RemoteError,
+    RemoteUnavailable,
+    open_remote,
+)
+
+from .conftest import free_port
+
+CHUNK = 256 * 1024
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def chunk(i: int, n: int = CHUNK) -> bytes:
+    return (i.to_bytes(8, "little") * (n // 8 + 1))[:n]
+
+
+def _concurrent_roundtrip(make_client, writers: int = 8, readers: int = 8, per_writer: int = 6):
+    """8 writers put distinct chunks while 8 readers read them back; every hit must be byte-exact."""
+    clients = [make_client() for _ in range(writers + readers)]
+    done = threading.Event()
+    bad: list[str] = []
+    hits = [0]
+
+    def write(w: int):
+        for j in range(per_writer):
+            i = w * 100 + j
+            clients[w].put(k(i), chunk(i), b"F" * 16)
+
+    def read(r: int):
+        buf = bytearray(CHUNK)
+        c = clients[writers + r]
+        deadline = time.monotonic() + 20
+        while not done.is_set() and time.monotonic() < deadline:
+            for w in range(writers):
+                for j in range(per_writer):
+                    i = w * 100 + j
+                    n = c.get_into(k(i), buf, b"F" * 16)
+                    if n is not None:
+                        hits[0] += 1
+                        if n != CHUNK or buf != chunk(i):
+                            bad.append(f"chunk {i} differs")
+            time.sleep(0.001)
+
+    with ThreadPoolExecutor(writers + readers) as ex:
+        rfs = [ex.submit(read, r) for r in range(readers)]
+        for f in [ex.submit(write, w) for w in range(writers)]:
+            f.result(30)
+        done.set()
+        for f in rfs:
+            f.result(30)
+    assert not bad
+    check = clients[0]
+    buf = bytearray(CHUNK)
+    for w in range(writers):
+        for j in range(per_writer):
+            i = w * 100 + j
+            assert check.get_into(k(i), buf, b"F" * 16) == CHUNK and buf == chunk(i)
+    assert check.get_into(k(0), buf, b"G" * 16) is None  # another fingerprint never sees it
+    for c in clients:
+        c.close()
+
+
+def test_cache_server_concurrent_roundtrip(cache_server):
+    host, port = cache_server.address
+    _concurrent_roundtrip(lambda: CacheServerClient(host, port, "cs-token"))
+    assert cache_server.stats().items == 48
+
+
+def test_cache_server_lru_bound_auth_and_contains(cache_server):
+    from kvcache.cache_server import CacheServer
+
+    small = CacheServer("127.0.0.1", 0, max_bytes=3 * (1000 + 64), token="t")
+    small.start()
+    try:
+        c = CacheServerClient(*small.address, "t")
+        for i in range(5):
+            assert c.put(k(i), chunk(i, 1000))
+        assert c.contains([k(2), k(3), k(4)]) == 3 and c.contains([k(0), k(4)]) == 0
+        st = c.stats()
+        assert st["items"] == 3 and st["used_bytes"] == 3 * 1064 and st["evictions"] == 2
+        assert c.get(k(4)) == chunk(4, 1000)
+        assert c.delete([k(4)]) == 1 and c.get(k(4)) is None
+        assert c.clear() == 2
+        with pytest.raises(RemoteError):
+            CacheServerClient(*small.address, "wrong").contains([k(1)])
+        c.close()
+    finally:
+        small.close()
+
+
+def test_cache_server_rejects_bad_checksum(cache_server):
+    from kvcache.wire import recv_frame, send_frame
+
+    s = socket.create_connection(cache_server.address, timeout=5)
+    send_frame(s, {"op": "hello", "proto": 1, "token": "cs-token"})
+    assert recv_frame(s)["ok"]
+    send_frame(s, {"op": "put", "key": k(1), "fp": b"F" * 16, "n": 10, "csum": 12345}, b"0123456789")
+    reply = recv_frame(s)
+    assert reply["ok"] is False and reply["error"] == "corrupt"
+    send_frame(s, {"op": "get", "key": k(1)})
+    assert recv_frame(s)["hit"] is False
+    s.close()
+
+
+@pytest.mark.redis
+def test_redis_concurrent_roundtrip(redis_url):
+    _concurrent_roundtrip(lambda: RedisTier(redis_url))
+    r = RedisTier(redis_url)
+    assert r.contains([k(0), k(1), k(999)]) == 2
+    # a corrupted value is detected, dropped and never served
+    raw = bytearray(r._r.get(r._k(k(0))))
+    raw[-1] ^= 0xFF
+    r._r.set(r._k(k(0)), bytes(raw))
+    assert r.get(k(0)) is None and r.corrupt == 1 and r.contains([k(0)]) == 0
+    assert r.clear() >= 47
+    r.close()
+
+
+def _dead_port_url(scheme: str) -> str:
+    return f"{scheme}://127.0.0.1:{free_port()}" + ("/0" if scheme == "redis" else "")
+
+
+@pytest.mark.parametrize("scheme", ["pdmesh", "redis"])
+def test_down_remote_misses_fast_and_breaker_opens(scheme):
+    tier = open_remote(_dead_port_url(scheme), timeout_s=0.5, connect_timeout_s=0.2)
+    with pytest.raises(RemoteUnavailable):
+        tier.contains([k(1)])
+    g = GuardedRemote(tier, CircuitBreaker(failures=2, cooldown_s=60))
+    buf = bytearray(16)
+    for _ in range(10):
+        assert g.get_into(k(1), buf) is None
+        assert g.contains([k(1)]) == 0
+        assert g.put(k(1), b"x") is False
+    assert g.stats.errors == 2 and g.stats.short_circuited == 28 and not g.available
+    g.close()
+
+
+def test_blackholed_remote_is_bounded_by_timeout():
+    """A server that accepts but never answers: the call ends by timeout, never hangs."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    try:
+        c = CacheServerClient("127.0.0.1", lsock.getsockname()[1], timeout_s=0.3, connect_timeout_s=0.3)
+        with pytest.raises(RemoteUnavailable):
+            c.contains([k(1)])
+        c.close()
+    finally:
+        lsock.close()
+
+
+def test_breaker_half_open_recovers():
+    now = [0.0]
+    b = CircuitBreaker(failures=1, cooldown_s=5, clock=lambda: now[0])
+    b.failure()
+    assert not b.allow() and b.is_open
+    now[0] = 6
+    assert b.allow()  # one trial
+    assert not b.allow()
+    b.success()
+    assert b.allow() and not b.is_open
+
+
+def test_open_remote_rejects_unknown_scheme():
+    with pytest.raises(ValueError):
+        open_remote("http://x:1")
+    with pytest.raises(ValueError):
+        open_remote("pdmesh://hostonly")
+    assert os  # keep import used for readability of helpers
