@@ -128,8 +128,7 @@ class TierServer:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         require_token_for_bind(self.config.host, self.token, "pdmesh tier-server")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        await asyncio.to_thread(self._prepare_socket_path)
         self._unix = await asyncio.start_unix_server(self._serve_control, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
         await self._start_http()
@@ -138,6 +137,11 @@ class TierServer:
             asyncio.create_task(self._writeback_loop(), name="tier-writeback"),
             asyncio.create_task(self._spill_loop(), name="tier-spill"),
         ]
+
+    def _prepare_socket_path(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.socket_path)), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
 
     async def _start_http(self) -> None:
         import uvicorn
