@@ -14,10 +14,10 @@ Protocol (TCP, :mod:`kvcache.wire` frames, one request at a time per connection,
 * ``{"op": "delete", "keys": [...]}``, ``{"op": "clear"}``, ``{"op": "stats"}``.
 * Errors: ``{"ok": false, "error": type, "message": str}``.
 
-Storage: an in-memory LRU bounded in bytes (payload + 64 bytes accounting per item). Threads, not asyncio: one
-thread per connection doing blocking ``recv_into``/``sendall`` on plain sockets, which releases the GIL and keeps
-loopback throughput in the GB/s range. Stored payloads are immutable ``bytearray`` objects, so a ``get`` sends
-outside the lock while a concurrent eviction merely drops the store's reference.
+Storage: an in-memory LRU bounded in bytes (payload buffers rounded up to 4 KiB pages; recycled, not freed).
+Threads, not asyncio: one thread per connection doing blocking ``recv_into`` straight into the item's buffer and
+``sendall`` from it, which releases the GIL and keeps loopback throughput in the GB/s range. A ``get`` sends outside
+the lock under a reader reference, so a concurrent eviction cannot recycle a buffer that is being sent.
 """
 
 from __future__ import annotations
@@ -36,14 +36,20 @@ from pdmesh.security import token_matches
 log = logging.getLogger("pdmesh.cache_server")
 
 PROTO_VERSION = 1
-ITEM_OVERHEAD = 64
 
 
 @dataclass
 class _Item:
     fp: bytes
     csum: int
-    data: bytearray
+    buf: bytearray  # capacity rounded up to a page; the payload is buf[:n]
+    n: int
+    refs: int = 0  # readers currently sending it
+    dead: bool = False  # removed from the index; recycle buf when refs drop to 0
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buf)[: self.n]
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,23 @@ class CacheStats:
     evictions: int
     corrupt: int
     connections: int
+    buffer_bytes: int = 0
+
+
+def _capacity(n: int) -> int:
+    return max(_PAGE, -(-n // _PAGE) * _PAGE)
+
+
+_PAGE = 4096
 
 
 class CacheStore:
-    """Byte-bounded LRU of verified chunk payloads. Thread-safe."""
+    """Byte-bounded LRU of verified chunk payloads. Thread-safe.
+
+    Memory: payload buffers are recycled (free lists per page-rounded size) instead of freed, so a full cache
+    that keeps evicting never page-faults new memory (first-touch faults dominate put cost on VMs). All buffers,
+    live, reserved and free, stay within ``max_bytes``. A buffer being sent by a reader (``acquire``) is never
+    recycled before ``release``."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:
@@ -68,27 +87,79 @@ class CacheStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._items: OrderedDict[bytes, _Item] = OrderedDict()
-        self._used = 0
+        self._used = 0  # capacity of live items' buffers
+        self._buffers = 0  # capacity of every buffer we hold (live, reserved, free, dead-in-use)
+        self._free: dict[int, list[bytearray]] = {}
         self.hits = self.misses = self.puts = self.evictions = self.corrupt = 0
 
-    def put(self, key: bytes, item: _Item) -> bool:
-        size = len(item.data) + ITEM_OVERHEAD
-        if size > self.max_bytes:
-            return False
+    # ------------------------------------------------------------------ buffers (lock held)
+    def _kill(self, key: bytes) -> None:
+        item = self._items.pop(key)
+        self._used -= len(item.buf)
+        item.dead = True
+        if item.refs == 0:
+            self._free.setdefault(len(item.buf), []).append(item.buf)
+
+    def _drop_free(self, need: int) -> None:
+        for cap in list(self._free):
+            lst = self._free[cap]
+            while lst and self._buffers + need > self.max_bytes:
+                lst.pop()
+                self._buffers -= cap
+            if not lst:
+                del self._free[cap]
+
+    def reserve(self, n: int) -> bytearray | None:
+        """A buffer of at least ``n`` bytes for an incoming payload (evicting LRU items if needed), or None when
+        ``n`` cannot fit. Give it back with :meth:`insert` or :meth:`unreserve`."""
+        cap = _capacity(n)
+        if cap > self.max_bytes:
+            return None
+        with self._lock:
+            while True:
+                lst = self._free.get(cap)
+                if lst:
+                    buf = lst.pop()
+                    if not lst:
+                        del self._free[cap]
+                    return buf
+                self._drop_free(cap)
+                if self._buffers + cap <= self.max_bytes:
+                    self._buffers += cap
+                    break
+                if not self._items:
+                    return None  # everything is reserved or being sent
+                self._kill(next(iter(self._items)))
+                self.evictions += 1
+        return bytearray(cap)
+
+    def unreserve(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.setdefault(len(buf), []).append(buf)
+
+    def insert(self, key: bytes, fp: bytes, csum: int, buf: bytearray, n: int) -> bool:
+        """Index a received, verified payload. False (buffer recycled) if the key is already present."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
+                self._free.setdefault(len(buf), []).append(buf)
                 return False
-            self._items[key] = item
-            self._used += size
+            self._items[key] = _Item(fp, csum, buf, n)
+            self._used += len(buf)
             self.puts += 1
-            while self._used > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._used -= len(old.data) + ITEM_OVERHEAD
-                self.evictions += 1
             return True
 
-    def get(self, key: bytes, fp: bytes | None) -> _Item | None:
+    def put(self, key: bytes, data, fp: bytes = NO_FINGERPRINT) -> bool:
+        """Copy ``data`` in (for in-process use and tests)."""
+        view = memoryview(data).cast("B")
+        buf = self.reserve(len(view))
+        if buf is None:
+            return False
+        buf[: len(view)] = view
+        return self.insert(key, fp, checksum(view), buf, len(view))
+
+    def acquire(self, key: bytes, fp: bytes | None) -> _Item | None:
+        """The item for ``key`` with a reader reference (call :meth:`release`), or None (counted as a miss)."""
         with self._lock:
             item = self._items.get(key)
             if item is None or (fp is not None and item.fp != fp):
@@ -96,7 +167,14 @@ class CacheStore:
                 return None
             self._items.move_to_end(key)
             self.hits += 1
+            item.refs += 1
             return item
+
+    def release(self, item: _Item) -> None:
+        with self._lock:
+            item.refs -= 1
+            if item.dead and item.refs == 0:
+                self._free.setdefault(len(item.buf), []).append(item.buf)
 
     def contains(self, keys: list[bytes]) -> int:
         n = 0
@@ -111,18 +189,17 @@ class CacheStore:
         n = 0
         with self._lock:
             for k in keys:
-                item = self._items.pop(k, None)
-                if item is not None:
-                    self._used -= len(item.data) + ITEM_OVERHEAD
+                if k in self._items:
+                    self._kill(k)
                     n += 1
         return n
 
     def clear(self) -> int:
         with self._lock:
-            n = len(self._items)
-            self._items.clear()
-            self._used = 0
-            return n
+            keys = list(self._items)
+            for k in keys:
+                self._kill(k)
+            return len(keys)
 
     def stats(self, connections: int = 0) -> CacheStats:
         with self._lock:
@@ -136,6 +213,7 @@ class CacheStore:
                 self.evictions,
                 self.corrupt,
                 connections,
+                self._buffers,
             )
 
 
@@ -261,28 +339,39 @@ class CacheServer:
             if not isinstance(n, int) or n < 0 or not isinstance(key, bytes) or len(key) != 16:
                 send_frame(conn, _err("bad_request", "put needs key (16 bytes) and n"))
                 return False
-            if n + ITEM_OVERHEAD > self.store.max_bytes:
+            buf = self.store.reserve(n)
+            if buf is None:
                 discard(conn, n)
                 send_frame(conn, {"ok": True, "stored": False})
                 return True
-            data = bytearray(n)
-            recv_exact_into(conn, memoryview(data))
-            if checksum(data) != msg.get("csum"):
+            try:
+                view = memoryview(buf)[:n]
+                recv_exact_into(conn, view)
+                ok = checksum(view) == msg.get("csum")
+                view.release()
+            except BaseException:
+                self.store.unreserve(buf)
+                raise
+            if not ok:
+                self.store.unreserve(buf)
                 self.store.corrupt += 1
                 send_frame(conn, _err("corrupt", "payload checksum mismatch"))
                 return True
-            stored = self.store.put(key, _Item(msg.get("fp") or NO_FINGERPRINT, msg["csum"], data))
+            stored = self.store.insert(key, msg.get("fp") or NO_FINGERPRINT, msg["csum"], buf, n)
             send_frame(conn, {"ok": True, "stored": stored})
         elif op == "get":
-            item = self.store.get(msg.get("key"), msg.get("fp"))
+            item = self.store.acquire(msg.get("key"), msg.get("fp"))
             if item is None:
                 send_frame(conn, {"ok": True, "hit": False})
             else:
-                send_frame(
-                    conn,
-                    {"ok": True, "hit": True, "n": len(item.data), "csum": item.csum, "fp": item.fp},
-                    item.data,
-                )
+                try:
+                    send_frame(
+                        conn,
+                        {"ok": True, "hit": True, "n": item.n, "csum": item.csum, "fp": item.fp},
+                        item.data,
+                    )
+                finally:
+                    self.store.release(item)
         elif op == "contains":
             send_frame(conn, {"ok": True, "n": self.store.contains(list(msg.get("keys") or []))})
         elif op == "delete":

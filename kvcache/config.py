@@ -94,6 +94,7 @@ class TierConfig(_Strict):
     pool_bytes: Size = 256 << 20
     slot_bytes: Size = 2 << 20  # one chunk per slot: >= the model's chunk size
     chunk_tokens: int = Field(256, gt=0)
+    prefault: bool = True  # touch the whole pool at start (no page faults on the data path)
     lease_grace_s: float = Field(1.0, ge=0)
     reap_interval_s: float = Field(0.5, gt=0)
     segment_name: str | None = None  # shared-memory segment name; default generated

@@ -95,6 +95,7 @@ class TierServer:
             name=config.segment_name,
             lease_grace_s=config.lease_grace_s,
             spill=config.disk.enabled and config.disk.spill,
+            prefault=config.prefault,
         )
         self.disk: DiskTier | None = None
         self.remote: GuardedRemote | None = None

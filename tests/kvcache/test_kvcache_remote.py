@@ -86,7 +86,7 @@ def test_cache_server_concurrent_roundtrip(cache_server):
 def test_cache_server_lru_bound_auth_and_contains(cache_server):
     from kvcache.cache_server import CacheServer
 
-    small = CacheServer("127.0.0.1", 0, max_bytes=3 * (1000 + 64), token="t")
+    small = CacheServer("127.0.0.1", 0, max_bytes=3 * 4096, token="t")
     small.start()
     try:
         c = CacheServerClient(*small.address, "t")
@@ -94,7 +94,8 @@ def test_cache_server_lru_bound_auth_and_contains(cache_server):
             assert c.put(k(i), chunk(i, 1000))
         assert c.contains([k(2), k(3), k(4)]) == 3 and c.contains([k(0), k(4)]) == 0
         st = c.stats()
-        assert st["items"] == 3 and st["used_bytes"] == 3 * 1064 and st["evictions"] == 2
+        assert st["items"] == 3 and st["used_bytes"] == 3 * 4096 and st["evictions"] == 2
+        assert st["buffer_bytes"] == 3 * 4096
         assert c.get(k(4)) == chunk(4, 1000)
         assert c.delete([k(4)]) == 1 and c.get(k(4)) is None
         assert c.clear() == 2
@@ -184,3 +185,47 @@ def test_open_remote_rejects_unknown_scheme():
     with pytest.raises(ValueError):
         open_remote("pdmesh://hostonly")
     assert os  # keep import used for readability of helpers
+
+
+def test_cache_server_recycles_buffers_safely_under_eviction():
+    """A store much smaller than the data: buffers are recycled while readers send them; every hit stays exact."""
+    from kvcache.cache_server import CacheServer
+
+    small = CacheServer("127.0.0.1", 0, max_bytes=6 * CHUNK, token="")
+    small.start()
+    try:
+        _concurrent_roundtrip_lossy(lambda: CacheServerClient(*small.address))
+        st = small.stats()
+        assert st.evictions > 0 and st.buffer_bytes <= 6 * CHUNK
+    finally:
+        small.close()
+
+
+def _concurrent_roundtrip_lossy(make_client, writers: int = 4, readers: int = 4, per_writer: int = 8):
+    clients = [make_client() for _ in range(writers + readers)]
+    bad: list[str] = []
+    done = threading.Event()
+
+    def write(w):
+        for j in range(per_writer):
+            clients[w].put(k(w * 100 + j), chunk(w * 100 + j))
+
+    def read(r):
+        buf = bytearray(CHUNK)
+        deadline = time.monotonic() + 20
+        while not done.is_set() and time.monotonic() < deadline:
+            for i in [w * 100 + j for w in range(writers) for j in range(per_writer)]:
+                n = clients[writers + r].get_into(k(i), buf)
+                if n is not None and (n != CHUNK or buf != chunk(i)):
+                    bad.append(str(i))
+
+    with ThreadPoolExecutor(writers + readers) as ex:
+        rfs = [ex.submit(read, r) for r in range(readers)]
+        for f in [ex.submit(write, w) for w in range(writers)]:
+            f.result(30)
+        done.set()
+        for f in rfs:
+            f.result(30)
+    assert not bad
+    for c in clients:
+        c.close()
