@@ -27,6 +27,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,13 @@ def _shm_path(name: str) -> str:
     return os.path.join("/dev/shm", name.lstrip("/"))
 
 
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def attach_segment(name: str) -> mmap.mmap:
     """Map an existing pool segment by name, read/write. The caller closes the mmap (release views first).
     Raises FileNotFoundError when the segment does not exist (tier server gone)."""
@@ -127,6 +135,8 @@ class ChunkPool:
             os.unlink(_shm_path(self.segment_name))
             raise
         os.close(fd)
+        # unlink the segment when the pool is garbage collected or the process exits without close()
+        self._unlinker = weakref.finalize(self, _unlink_quiet, _shm_path(self.segment_name))
         self.buffer = memoryview(self._mmap)
         if prefault:  # touch every page now, so chunk writes never pay first-touch page faults later
             zeros = bytes(min(self.capacity_bytes, 1 << 22))
@@ -455,10 +465,7 @@ class ChunkPool:
             self._mmap.close()
         except BufferError:
             pass
-        try:
-            os.unlink(_shm_path(self.segment_name))
-        except FileNotFoundError:
-            pass
+        self._unlinker()
 
     def __enter__(self) -> ChunkPool:
         return self

@@ -237,18 +237,20 @@ class PoolMachine(RuleBasedStateMachine):
         assert pins == sum(self.pins.values()) and refs == sum(len(v) for v in self.refs.values())
 
     def teardown(self):
-        for views in self.refs.values():
-            for v in views:
-                v.release()
-        for key, views in self.refs.items():
-            self.pool.release([key] * len(views))
-        for key, n in self.pins.items():
-            self.pool.unpin([key] * n)
-        for key in self.inflight:
-            self.pool.abort(key)
-        assert self.pool.holds() == (0, 0), "pins/refs not zero at idle"
-        assert all(e.state is ChunkState.READY for e in self.pool._entries.values())
-        self.pool.close()
+        try:
+            for views in self.refs.values():
+                for v in views:
+                    v.release()
+            for key, views in self.refs.items():
+                self.pool.release([key] * len(views))
+            for key, n in self.pins.items():
+                self.pool.unpin([key] * n)
+            for key in self.inflight:
+                self.pool.abort(key)
+            assert self.pool.holds() == (0, 0), "pins/refs not zero at idle"
+            assert all(e.state is ChunkState.READY for e in self.pool._entries.values())
+        finally:
+            self.pool.close()  # never leak /dev/shm segments, also on failure
 
 
 TestPoolProperties = PoolMachine.TestCase
