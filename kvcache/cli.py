@@ -23,6 +23,11 @@ def _tier_server(args: argparse.Namespace) -> int:
         "slot_bytes": args.slot_bytes,
         "remote__url": args.remote,
     }
+    if args.transfer_port is not None:
+        overrides["transfer__enabled"] = True
+        overrides["transfer__port"] = args.transfer_port
+        overrides["transfer__host"] = args.transfer_host
+        overrides["transfer__advertise_host"] = args.advertise_host
     if args.disk:
         overrides["disk__enabled"] = True
         overrides["disk__path"] = args.disk
@@ -62,6 +67,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slot-bytes", help="chunk slot size, e.g. 2MiB")
     p.add_argument("--disk", help="enable the disk tier at this directory")
     p.add_argument("--remote", help="remote tier URL: redis://host:port/db or pdmesh://host:port")
+    p.add_argument("--transfer-port", type=int, help="enable the PD transfer receiver on this port (0 = any)")
+    p.add_argument("--transfer-host", help="transfer receiver bind address (default 127.0.0.1)")
+    p.add_argument("--advertise-host", help="host peers use to reach the transfer receiver")
     p.set_defaults(func=_tier_server)
 
     c = subparsers.add_parser("cache-server", help="run the shared remote KV cache server")

@@ -86,6 +86,24 @@ class RemoteConfig(_Strict):
         return self
 
 
+class TransferConfig(_Strict):
+    """PD push between tier servers (see kvcache/transfer_node.py and docs/transfer.md)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # receiver bind address
+    port: int = Field(0, ge=0, le=65535)  # 0 = any free port
+    advertise_host: str | None = None  # what peers dial (default: host)
+    backends: list[str] = Field(default_factory=lambda: ["shm", "tcp"])  # in order of preference; "nixl" too
+    fingerprint: str = "pdmesh-kv-v1"  # peers with another value are refused at handshake
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> TransferConfig:
+        bad = [b for b in self.backends if b not in ("shm", "tcp", "nixl")]
+        if bad or not self.backends:
+            raise ValueError(f"backends must be a non-empty list of shm, tcp, nixl (got {self.backends})")
+        return self
+
+
 class TierConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8300, ge=0, le=65535)  # 0 = pick a free port
@@ -101,6 +119,7 @@ class TierConfig(_Strict):
     fingerprint: dict[str, Any] | None = None  # ModelFingerprint fields, for /lookup by token ids
     disk: DiskConfig = DiskConfig()
     remote: RemoteConfig = RemoteConfig()
+    transfer: TransferConfig = TransferConfig()
     log_level: str = "info"
 
     @model_validator(mode="after")

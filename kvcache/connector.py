@@ -19,7 +19,6 @@ outputs never change (they are only computed instead of loaded).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +43,9 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("pdmesh.connector")
+from vllm.logger import init_logger
+
+log = init_logger("pdmesh.connector")
 
 
 def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:

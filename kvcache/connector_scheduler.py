@@ -17,15 +17,16 @@ Rules (see docs/architecture.md, "Chunks and keys"):
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vllm.logger import init_logger
+
 from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata, PushSpec
 
-log = logging.getLogger("pdmesh.connector")
+log = init_logger("pdmesh.connector")
 
 
 class TierLookup(Protocol):

@@ -13,16 +13,16 @@ A failed save is only a future cache miss (logged and counted), never an engine 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from vllm.logger import init_logger
 
 from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata
 
-log = logging.getLogger("pdmesh.connector")
+log = init_logger("pdmesh.connector")
 
 
 class TierWorkerClient(Protocol):
@@ -134,13 +134,13 @@ class ConnectorWorker:
             return
         blocks_of = dict(zip(op.keys, op.block_ids, strict=True))
         try:
+            pool = self._pool_tensor()
             offsets = self.tier.alloc(keys, self.chunk_nbytes)
         except Exception as e:
             self.stats.save_errors += len(keys)
-            log.warning("tier alloc failed (%s); %d chunks of %s not cached", e, len(keys), op.req_id)
+            log.warning("tier unavailable (%s); %d chunks of %s not cached", e, len(keys), op.req_id)
             return
         written: list[bytes] = []
-        pool = self._pool_tensor()
         try:
             for key, off in zip(keys, offsets, strict=True):
                 if off is None:

@@ -51,8 +51,10 @@ from kvcache.keys import KEY_BYTES, ModelFingerprint, chain_keys, key_from_hex
 from kvcache.metrics import make_registry, render
 from kvcache.pool import ChunkPool, PoolFull
 from kvcache.remote import CircuitBreaker, GuardedRemote, open_remote
+from kvcache.transfer_node import TransferNode, parse_address
 from kvcache.wire import ProtocolError, encode_frame, read_frame
 from pdmesh.security import TOKEN_HEADER, require_token_for_bind, token_matches
+from transfer.errors import TransferError
 
 log = logging.getLogger("pdmesh.tier")
 
@@ -111,6 +113,8 @@ class TierServer:
         except BaseException:
             self.pool.close()
             raise
+        self.transfer: TransferNode | None = None
+        self._pushes: set[asyncio.Task] = set()
         self.fingerprint: ModelFingerprint | None = (
             ModelFingerprint.from_dict(config.fingerprint) if config.fingerprint else None
         )
@@ -133,6 +137,12 @@ class TierServer:
         self._unix = await asyncio.start_unix_server(self._serve_control, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
         await self._start_http()
+        if self.config.transfer.enabled:
+            t = self.config.transfer
+            self.transfer = TransferNode(
+                self.pool, t.fingerprint, self.token, t.host, t.port, t.advertise_host, t.backends
+            )
+            await asyncio.to_thread(self.transfer.start)
         self._tasks += [
             asyncio.create_task(self._reaper(), name="tier-reaper"),
             asyncio.create_task(self._writeback_loop(), name="tier-writeback"),
@@ -166,6 +176,7 @@ class TierServer:
             "http": f"http://{self.config.host}:{self.http_port}",
             "segment": self.pool.segment_name,
             "pid": os.getpid(),
+            "transfer": self.transfer.address if self.transfer is not None else None,
         }
 
     async def wait_closed(self) -> None:
@@ -185,6 +196,10 @@ class TierServer:
             if t.get_name() != "tier-http":
                 t.cancel()
         await asyncio.wait(self._tasks, timeout=5)
+        for t in list(self._pushes):
+            t.cancel()
+        if self.transfer is not None:
+            await asyncio.to_thread(self.transfer.close)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         if self.remote is not None:
@@ -351,6 +366,14 @@ class TierServer:
         out["writeback_queue"] = self._writeback.qsize()
         out["writeback_dropped"] = self._writeback_dropped
         out["counters"] = {t: dict(c) for t, c in self.counters.items()}
+        if self.transfer is not None:
+            rx = self.transfer.receiver.stats()
+            out["transfer"] = {
+                "address": self.transfer.address,
+                "push": asdict(self.transfer.stats),
+                "receive": asdict(rx),
+                "pushes_in_flight": len(self._pushes),
+            }
         return out
 
     def _metrics_snapshot(self) -> dict:
@@ -510,11 +533,42 @@ class TierServer:
                 if held[k] <= 0:
                     del held[k]
             return {"n": n}
+        if op == "push":
+            return self._start_push(msg)
         if op == "stats":
             return {"stats": self.stats()}
         if op == "clear":
             return {"cleared": await self.clear_async(list(msg.get("tiers") or ["memory"]))}
         raise ControlError("bad_request", f"unknown op {op!r}")
+
+    def _start_push(self, msg: dict) -> dict:
+        """Queue a push of ready chunks to a peer's receiver; answers at once (the push runs in a thread)."""
+        if self.transfer is None:
+            raise ControlError("unavailable", "this tier server has no transfer endpoint (transfer.enabled)")
+        keys, peer, tid = _keys(msg), msg.get("peer"), msg.get("transfer_id")
+        deadline_s = msg.get("deadline_s", 10.0)
+        if not isinstance(peer, str) or not isinstance(tid, str) or not isinstance(deadline_s, (int, float)):
+            raise ControlError("bad_request", "push needs peer (host:port), transfer_id and deadline_s")
+        try:
+            parse_address(peer)
+        except ValueError as e:
+            raise ControlError("bad_request", str(e)) from None
+        task = asyncio.create_task(self._push(keys, peer, tid, float(deadline_s)), name=f"push-{tid}")
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return {"queued": len(keys)}
+
+    async def _push(self, keys: list[bytes], peer: str, tid: str, deadline_s: float) -> None:
+        assert self.transfer is not None
+        try:
+            result = await asyncio.to_thread(self.transfer.push, keys, peer, tid, deadline_s)
+        except TransferError as e:
+            log.warning("push %s to %s failed: %s (%s, retryable=%s)", tid, peer, e, e.code, e.retryable)
+            return
+        if result is not None:
+            log.debug(
+                "push %s to %s: %d written, %d skipped", tid, peer, len(result.written), len(result.skipped)
+            )
 
     def _alloc(self, conn: _Conn, keys: list[bytes], nbytes: Any, lease_s: Any) -> dict:
         sizes = nbytes if isinstance(nbytes, list) else [nbytes] * len(keys)

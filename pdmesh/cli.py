@@ -170,8 +170,7 @@ def _add_optional_subcommands(sub) -> None:
         from kvcache import cli as kv_cli
     except ImportError:
         return
-    if hasattr(kv_cli, "add_parsers"):
-        kv_cli.add_parsers(sub)
+    kv_cli.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

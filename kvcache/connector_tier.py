@@ -1,0 +1,65 @@
+"""The connector's view of the local tier server: :class:`kvcache.client.TierClient` shaped for its two halves.
+
+Implements :class:`kvcache.connector_scheduler.TierLookup` and
+:class:`kvcache.connector_worker.TierWorkerClient`. Every call goes over the tier's unix socket with the client's
+timeout and raises on failure (the halves treat any exception as "tier unavailable": compute instead).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from kvcache.client import TierClient
+from kvcache.keys import ModelFingerprint
+from pdmesh.security import cluster_token_from_env
+
+SOCKET_ENV = "PDMESH_TIER_SOCKET"
+
+
+class ConnectorTierClient:
+    def __init__(self, socket_path: str, token: str, timeout_s: float, fingerprint: ModelFingerprint) -> None:
+        self.address = socket_path
+        self._client = TierClient(socket_path, token, timeout_s=timeout_s, fingerprint=fingerprint.to_dict())
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any], fingerprint: ModelFingerprint) -> ConnectorTierClient:
+        path = extra.get("tier_socket") or os.environ.get(SOCKET_ENV)
+        if not path:
+            raise ValueError(f"pdmesh connector: set kv_connector_extra_config.tier_socket or {SOCKET_ENV}")
+        return cls(str(path), cluster_token_from_env(), float(extra.get("tier_timeout_s", 2.0)), fingerprint)
+
+    # TierLookup
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        return self._client.lookup(keys).n if keys else 0
+
+    # TierWorkerClient
+    def pool_view(self) -> memoryview:
+        return self._client.segment()
+
+    def acquire(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
+        locs = self._client.load(keys)
+        out: list[tuple[int, int] | None] = [(a.offset, a.length) for a in locs]
+        return out + [None] * (len(keys) - len(out))
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        self._client.release(keys)
+
+    def alloc(self, keys: Sequence[bytes], nbytes: int) -> list[int | None]:
+        result = self._client.alloc(keys, nbytes)
+        offsets: list[int | None] = [None if a is None else a.offset for a in result.locs]
+        return offsets + [None] * (len(keys) - len(offsets))  # pool full: the rest is not cached
+
+    def commit(self, keys: Sequence[bytes]) -> None:
+        self._client.commit(keys)
+
+    def abort(self, keys: Sequence[bytes]) -> None:
+        if keys:
+            self._client.abort(keys)
+
+    def push(self, keys: Sequence[bytes], peer: str, transfer_id: str, deadline_s: float) -> None:
+        self._client.call("push", keys=list(keys), peer=peer, transfer_id=transfer_id, deadline_s=deadline_s)
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,136 @@
+"""The tier server's end of PD transfer: a receiver other nodes push into, and a sender for our own pushes.
+
+- The receiver writes straight into this node's pool through :class:`kvcache.pool.LeaseRegionProvider`:
+  pushed chunks are leased regions until COMMIT makes them ready (a late write can never land in reused memory).
+- :meth:`TransferNode.push` pins the chunks it sends for the whole push (they cannot be evicted or reused while
+  the peer reads or is written from them), and unpins them afterwards whatever happens. Blocking: the tier
+  server calls it from a worker thread (``asyncio.to_thread``), so its event loop never waits on the network.
+- Backends are tried in order (same host: shared memory; else NIXL/UCX; else TCP); the first that connects
+  wins. The handshake refuses a peer whose compatibility fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvcache.pool import ChunkPool, LeaseRegionProvider
+from transfer.backend import TransferBackend
+from transfer.errors import TransferError
+from transfer.receiver import Receiver, ReceiverConfig
+from transfer.sender import Chunk, PushResult, Sender, SenderConfig
+
+log = logging.getLogger("pdmesh.tier.transfer")
+
+
+def parse_address(peer: str) -> tuple[str, int]:
+    host, sep, port = peer.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"transfer address {peer!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def _factories(
+    fingerprint: str, token: str, host: str, names: Sequence[str]
+) -> dict[str, Callable[[], TransferBackend]]:
+    out: dict[str, Callable[[], TransferBackend]] = {}
+    for name in names:
+        if name == "shm":
+            from transfer.shm_backend import ShmBackend
+
+            out[name] = lambda: ShmBackend(fingerprint)
+        elif name == "tcp":
+            from transfer.tcp_backend import TcpBackend
+
+            out[name] = lambda: TcpBackend(fingerprint, token, host)
+        elif name == "nixl":
+            from transfer.nixl_backend import NixlBackend
+
+            out[name] = lambda: NixlBackend(fingerprint)
+        else:
+            raise ValueError(f"unknown transfer backend {name!r}")
+    return out
+
+
+@dataclass
+class PushStats:
+    pushes: int = 0
+    failures: int = 0
+    chunks: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class TransferNode:
+    def __init__(
+        self,
+        pool: ChunkPool,
+        fingerprint: str,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        backends: Sequence[str] = ("shm", "tcp"),
+    ) -> None:
+        self.pool = pool
+        self.advertise_host = advertise_host or host
+        factories = _factories(fingerprint, token, host, backends)
+        self.receiver = Receiver(
+            LeaseRegionProvider(pool),
+            ReceiverConfig(fingerprint=fingerprint, host=host, port=port, token=token),
+            [make() for make in factories.values()],
+        )
+        self.sender = Sender(
+            pool.buffer,
+            SenderConfig(fingerprint=fingerprint, token=token, backends=tuple(backends)),
+            factories,
+            segment_name=pool.segment_name,
+        )
+        self.stats = PushStats()
+        self.address: str | None = None
+
+    def start(self) -> str:
+        """Start the receiver; returns the ``host:port`` peers push to."""
+        _, port = self.receiver.start()
+        self.address = f"{self.advertise_host}:{port}"
+        return self.address
+
+    def push(
+        self, keys: Sequence[bytes], peer: str, transfer_id: str, deadline_s: float
+    ) -> PushResult | None:
+        """Push the ready chunks among ``keys`` to ``peer``. Blocking, bounded by ``deadline_s``.
+
+        Returns None when none of the keys is ready here. Raises TransferError (typed, with ``retryable``).
+        """
+        deadline = time.monotonic() + deadline_s
+        pinned = [k for k in keys if self.pool.pin([k])]
+        try:
+            chunks = []
+            for k in pinned:
+                loc = self.pool.locate(k)
+                if loc is not None:
+                    chunks.append(Chunk(k, loc.offset, loc.length))
+            if not chunks:
+                return None
+            t0 = time.perf_counter()
+            try:
+                result = self.sender.push(parse_address(peer), transfer_id, chunks, deadline)
+            except TransferError:
+                self.stats.failures += 1
+                raise
+            self.stats.pushes += 1
+            self.stats.chunks += len(result.written)
+            self.stats.skipped += len(result.skipped)
+            self.stats.bytes += result.nbytes
+            self.stats.seconds += time.perf_counter() - t0
+            return result
+        finally:
+            if pinned:
+                self.pool.unpin(pinned)
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
