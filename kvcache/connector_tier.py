@@ -13,6 +13,7 @@ from typing import Any
 
 from kvcache.client import TierClient
 from kvcache.keys import ModelFingerprint
+from kvcache.pool import attach_segment
 from pdmesh.security import cluster_token_from_env
 
 SOCKET_ENV = "PDMESH_TIER_SOCKET"
@@ -21,6 +22,8 @@ SOCKET_ENV = "PDMESH_TIER_SOCKET"
 class ConnectorTierClient:
     def __init__(self, socket_path: str, token: str, timeout_s: float, fingerprint: ModelFingerprint) -> None:
         self.address = socket_path
+        self._mapped_name: str | None = None
+        self._view: memoryview | None = None
         self._client = TierClient(socket_path, token, timeout_s=timeout_s, fingerprint=fingerprint.to_dict())
 
     @classmethod
@@ -36,7 +39,17 @@ class ConnectorTierClient:
 
     # TierWorkerClient
     def pool_view(self) -> memoryview:
-        return self._client.segment()
+        """The mapping of the segment named by the tier server we talk to now.
+
+        A restarted tier server has a new segment: offsets it hands out refer to that one, so the mapping follows
+        the latest hello (the old mapping stays valid memory for readers that still hold it).
+        """
+        self._client.connect()
+        name = self._client.info.get("segment")
+        if name != self._mapped_name or self._view is None:
+            self._view = memoryview(attach_segment(name))
+            self._mapped_name = name
+        return self._view
 
     def acquire(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
         locs = self._client.load(keys)

@@ -79,11 +79,15 @@ class ConnectorWorker:
         self.chunk_nbytes = packer.chunk_nbytes(blocks_per_chunk)
         self.stats = WorkerStats()
         self._pool: torch.Tensor | None = None
+        self._pool_view: memoryview | None = None
         self._load_errors: set[int] = set()
 
     def _pool_tensor(self) -> torch.Tensor:
-        if self._pool is None:
-            self._pool = torch.frombuffer(self.tier.pool_view(), dtype=torch.uint8)
+        """The pool as a uint8 tensor; re-wrapped when the tier's segment changed (a restarted tier server)."""
+        view = self.tier.pool_view()
+        if view is not self._pool_view or self._pool is None:
+            self._pool = torch.frombuffer(view, dtype=torch.uint8)
+            self._pool_view = view
         return self._pool
 
     # -- load ----------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML config (see configs/router.example.yaml)")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--pd-mode", default=None, choices=["nixl"])
+    s.add_argument("--pd-mode", default=None, choices=["push", "nixl"])
     s.set_defaults(func=_cmd_router)
 
     for name, role, cmd in (("prefiller", PREFILL, "prefill"), ("decoder", DECODE, "decode")):
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefillers", type=int, default=1)
     s.add_argument("--decoders", type=int, default=1)
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--pd-mode", default="nixl", choices=["nixl"])
+    s.add_argument("--pd-mode", default="push", choices=["push", "nixl"])
     s.add_argument("--log-dir", default=None)
     s.add_argument("--demo", action="store_true", help="send one request, print the answer, stop")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args for every worker after --")

@@ -30,7 +30,7 @@ class ClusterSpec:
     decoders: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
-    pd_mode: str = "nixl"
+    pd_mode: str = "push"
     vllm_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra env for every process
     log_dir: str | None = None  # per-process logs; default: a temp dir
@@ -59,7 +59,15 @@ class LocalCluster:
         try:
             self.router = self._spawn(
                 "router",
-                ["router", "--host", self.spec.host, "--port", str(self.spec.port)],
+                [
+                    "router",
+                    "--host",
+                    self.spec.host,
+                    "--port",
+                    str(self.spec.port),
+                    "--pd-mode",
+                    self.spec.pd_mode,
+                ],
                 self.log_dir / "router.log",
             )
             self.wait_router(60)
@@ -165,7 +173,13 @@ class LocalCluster:
         self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
     ) -> ManagedProcess:
         # Everything is on loopback: keep UCX (NIXL) off the real NICs unless the user says otherwise.
-        full_env = {"UCX_NET_DEVICES": "lo", **os.environ, **self.spec.env, **(env or {})}
+        full_env = {
+            "UCX_NET_DEVICES": "lo",
+            "PDMESH_RUN_DIR": str(self.log_dir),
+            **os.environ,
+            **self.spec.env,
+            **(env or {}),
+        }
         return ManagedProcess(
             name, [sys.executable, "-m", "pdmesh.cli", *args], env=full_env, log_path=str(log_path)
         )

@@ -17,12 +17,14 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from dataclasses import dataclass
 
 import httpx
 
 from pdmesh.procs import free_port
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
+from pdmesh.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model
 from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
 from router.registration import WorkerRegistration
 
@@ -36,12 +38,37 @@ class WorkerRole:
     default_port: int
 
 
-def kv_transfer_config(role: WorkerRole, pd_mode: str, device: str) -> dict:
+PD_MODES = ("push", "nixl")
+
+
+def kv_transfer_config(
+    role: WorkerRole,
+    pd_mode: str,
+    device: str,
+    tier_socket: str | None = None,
+    chunk_tokens: int | None = None,
+) -> dict:
     """The vLLM kv-transfer-config of ``role`` in ``pd_mode``.
 
+    ``push``: the pdmesh connector (kvcache/connector.py) talking to this node's tier server at ``tier_socket``:
+    prompt chunks are saved to the tier (and pushed to the decode node when the router asks), any chunk already
+    in the tier is loaded instead of computed. Decoders also save the chunks they generate (multi-turn reuse).
     ``nixl``: stock NixlConnector; the decoder pulls the prompt's blocks from the prefill engine named in the
     request's ``kv_transfer_params``; the prefill engine holds them until pulled or its abort timeout.
     """
+    if pd_mode == "push":
+        if not tier_socket:
+            raise ValueError("push mode needs the tier server's socket")
+        extra: dict = {"tier_socket": tier_socket, "save_generated": role.name == "decode"}
+        if chunk_tokens:
+            extra["chunk_tokens"] = chunk_tokens
+        return {
+            "kv_connector": "PdmeshConnector",
+            "kv_connector_module_path": "kvcache.connector",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": extra,
+        }
     if pd_mode != "nixl":
         raise ValueError(f"unsupported pd mode {pd_mode!r}")
     cfg: dict = {"kv_connector": "NixlConnector", "kv_role": role.kv_role}
@@ -64,7 +91,11 @@ def add_worker_args(p: argparse.ArgumentParser, role: WorkerRole) -> None:
     p.add_argument(
         "--nixl-port", type=int, default=None, help="NIXL side-channel port (default: a free port)"
     )
-    p.add_argument("--pd-mode", default="nixl", choices=["nixl"])
+    p.add_argument("--pd-mode", default=os.environ.get("PDMESH_PD_MODE", "push"), choices=PD_MODES)
+    p.add_argument("--tier-pool-bytes", default=os.environ.get("PDMESH_TIER_POOL_BYTES", "256MiB"))
+    p.add_argument(
+        "--chunk-tokens", type=int, default=None, help="tokens per KV chunk (default: the block size)"
+    )
     p.add_argument("--worker-id", default=None)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-file", default=None, help="file for vLLM's own output (default: inherit)")
@@ -99,19 +130,25 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
     host = _advertised_host(args)
     nixl_port = args.nixl_port or free_port()
     extra = [a for a in args.vllm_args if a != "--"]
-    spec = VLLMServerSpec(
-        model=model,
-        host=args.host,
-        port=args.port,
-        served_model_name=served,
-        kv_transfer_config=kv_transfer_config(role, args.pd_mode, device),
-        extra_args=extra,
-        env={"VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)},
-        device=device,
-    )
     worker_id = args.worker_id or f"{role.name}-{host}-{args.port}"
-    server = VLLMServer(spec, log_path=args.log_file)
+    tier: TierProcess | None = None
+    server: VLLMServer | None = None
     try:
+        tier_socket, chunk_tokens = None, None
+        if args.pd_mode == "push":
+            tier, chunk_tokens = _start_tier(args, worker_id, model, device, host, extra)
+            tier_socket = tier.settings.socket_path
+        spec = VLLMServerSpec(
+            model=model,
+            host=args.host,
+            port=args.port,
+            served_model_name=served,
+            kv_transfer_config=kv_transfer_config(role, args.pd_mode, device, tier_socket, chunk_tokens),
+            extra_args=extra,
+            env={"VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)},
+            device=device,
+        )
+        server = VLLMServer(spec, log_path=args.log_file)
         card = server.wait_healthy(args.startup_timeout)
         log.info("%s worker %s: vLLM healthy at %s", role.name, worker_id, server.url)
         reg = WorkerRegistration(
@@ -120,13 +157,53 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
             url=f"http://{host}:{args.port}",
             models=[served],
             max_model_len=card.get("max_model_len"),
+            tier_url=tier.info.get("http") if tier else None,
+            transfer_address=tier.info.get("transfer") if tier else None,
         )
         return asyncio.run(_run_until_signalled(server, reg, args.router.rstrip("/")))
     except (RuntimeError, TimeoutError) as e:
         log.error("%s worker failed to start: %s", role.name, e)
         return 1
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        if tier is not None:
+            tier.stop()
+
+
+def _start_tier(
+    args: argparse.Namespace, worker_id: str, model: str, device: str, host: str, extra: list[str]
+) -> tuple[TierProcess, int]:
+    """Start this node's tier server sized for the model's chunks; returns it and the chunk size in tokens."""
+    block_size = _flag_value(extra, "--block-size")
+    chunk_tokens = args.chunk_tokens or int(block_size or (128 if device == "cpu" else 16))
+    dtype = _flag_value(extra, "--dtype") or ("float32" if device == "cpu" else "auto")
+    slot = chunk_nbytes_for_model(model, dtype, chunk_tokens)
+    run_dir = os.environ.get("PDMESH_RUN_DIR") or tempfile.gettempdir()
+    log_path = (
+        args.log_file + ".tier" if args.log_file else os.path.join(run_dir, f"pdmesh-{worker_id}-tier.log")
+    )
+    settings = TierSettings(
+        socket_path=os.path.join(run_dir, f"pdmesh-{worker_id}-{os.getpid()}.sock"),
+        pool_bytes=args.tier_pool_bytes,
+        slot_bytes=slot,
+        transfer_host=args.host,
+        advertise_host=host,
+        http_host=args.host,
+    )
+    tier = TierProcess(settings, log_path)
+    tier.wait_ready(60)
+    log.info("tier server ready: %s (chunk %d tokens, %s bytes)", tier.info, chunk_tokens, slot)
+    return tier, chunk_tokens
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 async def _run_until_signalled(server: VLLMServer, reg: WorkerRegistration, router: str) -> int:

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from router import pd_nixl
+from router import pd_nixl, pd_push
 from router.auth import check_api_key, check_cluster_token
 from router.config import RouterConfig
 from router.errors import OpenAIError, install_error_handlers
@@ -218,7 +218,8 @@ async def _serve(st: RouterState, request: Request, kind: Kind, read_body) -> Re
         body = parse_request(await read_body(request), kind)
         model = body["model"]
         _check_model(st, model)
-        resp = await _pd_nixl(st, body, kind, model, request_id, started)
+        pd = _pd_push if st.config.pd_mode == "push" else _pd_nixl
+        resp = await pd(st, body, kind, model, request_id, started)
         status = str(resp.status_code)
         return resp
     except OpenAIError as e:
@@ -271,6 +272,76 @@ async def _pd_nixl(
         "decode", "decode", model, path, lambda _w: decode_body, st.decode_policy, request_id, stream=stream
     )
     st.metrics.pd_requests.labels("nixl").inc()
+    if not stream:
+        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+        return Response(
+            decode.response.content,
+            status_code=decode.response.status_code,
+            media_type="application/json",
+            headers={"X-Request-Id": request_id},
+        )
+    return _streaming_response(st, decode, path, request_id, started)
+
+
+async def _pd_push(
+    st: RouterState, body: dict, kind: Kind, model: str, request_id: str, started: float
+) -> Response:
+    """Push PD: choose D, have a prefill worker compute the prompt and push its chunks to D, then decode on D.
+
+    If no prefill worker can serve the leg, D computes the prompt itself (a counted fallback). If D fails before
+    its first byte, another decode worker gets the plain request (it computes; nothing was pushed to it).
+    """
+    path = _PATHS[kind]
+    stream = bool(body.get("stream"))
+    decoders = st.registry.candidates("decode", model)
+    if not decoders:
+        raise OpenAIError(503, f"no healthy decode worker for model {model!r}", code="PD_PEER_UNAVAILABLE")
+    target = st.decode_policy.choose(decoders, body)
+    transfer_id = request_id
+    deadline_ms = st.config.pd_transfer_deadline_ms
+    pushed = False
+    if target.info.transfer_address:
+        t0 = time.perf_counter()
+        try:
+            await st.upstream.call(
+                "prefill",
+                "prefill",
+                model,
+                path,
+                lambda _w: pd_push.prefill_request(
+                    body, transfer_id, target.info.transfer_address, deadline_ms
+                ),
+                st.prefill_policy,
+                request_id,
+            )
+            pushed = True
+            st.metrics.prefill.observe(time.perf_counter() - t0)
+        except OpenAIError as e:
+            if e.status < 500:
+                raise
+            log.warning(
+                "request %s: prefill leg failed (%s); decode worker computes the prompt",
+                request_id,
+                e.message,
+            )
+            st.metrics.pd_requests.labels("fallback").inc()
+
+    def decode_body(w) -> dict:
+        return (
+            pd_push.decode_request(body, transfer_id, deadline_ms) if pushed and w.id == target.id else body
+        )
+
+    decode = await st.upstream.call(
+        "decode",
+        "decode",
+        model,
+        path,
+        decode_body,
+        pd_push.Prefer(target.id, st.decode_policy),
+        request_id,
+        stream,
+    )
+    st.metrics.pd_requests.labels("push" if pushed else "decode_only").inc()
     if not stream:
         st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
         return Response(

@@ -19,7 +19,10 @@ class RouterConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    pd_mode: Literal["nixl"] = "nixl"
+    # push: pdmesh connector + tier push (default); nixl: stock vLLM NixlConnector pull protocol.
+    pd_mode: Literal["push", "nixl"] = "push"
+    # push mode: how long a decode worker waits for pushed chunks before computing the rest.
+    pd_transfer_deadline_ms: int = Field(5000, ge=0, le=600_000)
     # Workers are dropped when no heartbeat arrived for this long.
     heartbeat_ttl_s: float = Field(10.0, gt=0)
     # A worker whose connection failed is skipped for this long (or until its next heartbeat after that).

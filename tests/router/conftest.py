@@ -15,7 +15,7 @@ class RouterHarness:
     """A real router (uvicorn thread) plus fake workers registered through the real registration API."""
 
     def __init__(self, **cfg) -> None:
-        self.config = RouterConfig(cluster_token=TOKEN, **cfg)
+        self.config = RouterConfig(cluster_token=TOKEN, **{"pd_mode": "nixl", **cfg})
         self.server = ThreadServer(create_app(self.config)).start()
         self.url = self.server.url
         self.client = httpx.Client(base_url=self.url, timeout=10, trust_env=False)

@@ -1,0 +1,49 @@
+"""pdmesh push PD protocol: what the prefill and decode legs carry (design.md, "PD request flow").
+
+The router picks the decode worker D first, then asks a prefill worker P to compute the prompt with one output
+token and push its KV chunks into D's tier (``push_to`` = D's transfer receiver). D's connector finds the
+chunks by their keys; those still in flight make D wait, up to ``deadline_ms``, then it computes whatever did
+not arrive. So a lost push costs time, never correctness.
+
+Only the router sets these fields (client-supplied ``kv_transfer_params`` are dropped at the edge).
+"""
+
+from __future__ import annotations
+
+from router.registry import Worker
+
+
+def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int) -> dict:
+    """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``."""
+    leg = {k: v for k, v in body.items() if k != "stream_options"}
+    leg["stream"] = False
+    leg["max_tokens"] = 1
+    if "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
+    leg.pop("min_tokens", None)
+    leg["kv_transfer_params"] = {
+        "pdmesh": {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms}
+    }
+    return leg
+
+
+def decode_request(body: dict, transfer_id: str, deadline_ms: int) -> dict:
+    """The decode leg on the worker the chunks were pushed to: wait for them (bounded), then generate."""
+    return {
+        **body,
+        "kv_transfer_params": {"pdmesh": {"transfer_id": transfer_id, "deadline_ms": deadline_ms}},
+    }
+
+
+class Prefer:
+    """A policy that picks ``worker_id`` when it is a candidate, else defers to ``fallback``."""
+
+    def __init__(self, worker_id: str, fallback) -> None:
+        self.worker_id = worker_id
+        self.fallback = fallback
+
+    def choose(self, candidates: list[Worker], request: dict) -> Worker:
+        for w in candidates:
+            if w.id == self.worker_id:
+                return w
+        return self.fallback.choose(candidates, request)
