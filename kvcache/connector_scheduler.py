@@ -69,6 +69,8 @@ class _Req:
     block_ids: list[int] = field(default_factory=list)
     load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
     saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
+    loaded_tokens: int = 0
+    fell_back: bool = False  # a PD wait hit its deadline
     done_tokens: int = 0  # tokens whose KV exists after the current step
 
 
@@ -128,6 +130,7 @@ class ConnectorScheduler:
                 self.stats.pd_waits += 1
                 return None, False  # the pushed chunks are still in flight: ask again next step
             self.stats.pd_fallbacks += 1
+            st.fell_back = True
             self._fallbacks.append(request.request_id)
             log.warning(
                 "PD transfer %s: %d of %d chunks arrived before the deadline; computing the rest",
@@ -138,6 +141,7 @@ class ConnectorScheduler:
         if ready <= first:
             return 0, False
         st.load_range = (first, ready)
+        st.loaded_tokens = ready * self.C
         self.stats.hit_tokens += (ready - first) * self.C
         return (ready - first) * self.C, False
 
@@ -185,8 +189,16 @@ class ConnectorScheduler:
                 meta.saves.append(op)
         return meta
 
-    def request_finished(self, request: Any) -> None:
-        self._reqs.pop(request.request_id, None)
+    def request_finished(self, request: Any) -> dict[str, Any] | None:
+        """Forget the request; for PD requests return what the response's ``kv_transfer_params`` reports."""
+        st = self._reqs.pop(request.request_id, None)
+        if st is None or st.pd is None:
+            return None
+        report: dict[str, Any] = {"transfer_id": st.pd.transfer_id}
+        if st.pd.push_to is None:
+            report["loaded_tokens"] = st.loaded_tokens
+            report["fallback"] = st.fell_back
+        return {"pdmesh": report}
 
     def take_fallbacks(self) -> list[str]:
         out, self._fallbacks = self._fallbacks, []

@@ -36,6 +36,7 @@ class ClusterSpec:
     log_dir: str | None = None  # per-process logs; default: a temp dir
     startup_timeout: float = 600.0
     pin_cores: bool = True  # bind each engine's OpenMP threads to one core (round robin)
+    cache_server: bool = False  # push mode: a shared remote tier (pdmesh cache-server) for every node's tier
 
 
 class LocalCluster:
@@ -44,6 +45,8 @@ class LocalCluster:
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdmesh-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.router: ManagedProcess | None = None
+        self.cache_server: ManagedProcess | None = None
+        self.cache_server_url: str | None = None
         self.workers: dict[str, ManagedProcess] = {}
         self.worker_ports: dict[str, int] = {}
         self.url = f"http://{spec.host}:{spec.port}"
@@ -71,6 +74,8 @@ class LocalCluster:
                 self.log_dir / "router.log",
             )
             self.wait_router(60)
+            if self.spec.cache_server:
+                self._start_cache_server()
             for _ in range(self.spec.prefillers):
                 self.add_worker("prefill")
             for _ in range(self.spec.decoders):
@@ -80,6 +85,36 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def _start_cache_server(self) -> None:
+        import socket
+
+        port = free_port(self.spec.host)
+        self.cache_server = self._spawn(
+            "cache-server",
+            ["cache-server", "--host", self.spec.host, "--port", str(port)],
+            self.log_dir / "cache-server.log",
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            self._check_alive()
+            try:
+                socket.create_connection((self.spec.host, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("cache server did not start") from None
+                time.sleep(0.2)
+        self.cache_server_url = f"pdmesh://{self.spec.host}:{port}"
+
+    def tier_info(self, worker: str) -> dict:
+        """The ready line of a push-mode worker's tier server: socket, http, segment, pid, transfer."""
+        import json
+
+        for line in (self.log_dir / f"pdmesh-{worker}-tier.log").read_text().splitlines():
+            if line.startswith("PDMESH_TIER_READY "):
+                return json.loads(line.split(" ", 1)[1])
+        raise LookupError(f"no tier server ready line for {worker}")
 
     def add_worker(self, role: str) -> str:
         """Start one more worker of ``role``; returns its name (e.g. ``decode-1``). Does not wait."""
@@ -94,6 +129,8 @@ class LocalCluster:
         if self.spec.served_model_name:
             argv += ["--served-model-name", self.spec.served_model_name]
         env = {}
+        if self.cache_server_url:
+            env["PDMESH_TIER_REMOTE_URL"] = self.cache_server_url
         if self.spec.pin_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(self._n_started % (os.cpu_count() or 1))
         self._n_started += 1
@@ -129,6 +166,9 @@ class LocalCluster:
         if self.router is not None:
             self.router.stop(10)
             self.router = None
+        if self.cache_server is not None:
+            self.cache_server.stop(10)
+            self.cache_server = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -164,7 +204,11 @@ class LocalCluster:
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last} (logs in {self.log_dir})")
 
     def _check_alive(self) -> None:
-        for name, proc in [("router", self.router), *self.workers.items()]:
+        for name, proc in [
+            ("router", self.router),
+            ("cache-server", self.cache_server),
+            *self.workers.items(),
+        ]:
             if proc is not None and not proc.alive():
                 tail = _tail(self.log_dir / f"{name}.log")
                 raise RuntimeError(f"{name} exited with code {proc.poll()}; last log lines:\n{tail}")

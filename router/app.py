@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -343,6 +344,7 @@ async def _pd_push(
     )
     st.metrics.pd_requests.labels("push" if pushed else "decode_only").inc()
     if not stream:
+        _count_transfer_fallback(st, decode.response.content, request_id)
         st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
         return Response(
             decode.response.content,
@@ -351,6 +353,20 @@ async def _pd_push(
             headers={"X-Request-Id": request_id},
         )
     return _streaming_response(st, decode, path, request_id, started)
+
+
+def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
+    """The decode worker reports in ``kv_transfer_params.pdmesh`` whether the pushed KV arrived in time."""
+    if b"fallback" not in content:
+        return
+    try:
+        report = (json.loads(content).get("kv_transfer_params") or {}).get("pdmesh") or {}
+    except (ValueError, AttributeError):
+        return
+    if report.get("fallback") is not True:
+        return
+    st.metrics.pd_requests.labels("transfer_fallback").inc()
+    log.warning("request %s: pushed KV missed the deadline; the decode worker computed the rest", request_id)
 
 
 def _streaming_response(

@@ -28,7 +28,9 @@ class WorkerRegistration(BaseModel):
     # Address of the worker's tier server HTTP API, when it runs one.
     tier_url: str | None = None
     # host:port of the worker's KV transfer receiver (push PD mode): where prefill workers push chunks.
-    transfer_address: str | None = Field(default=None, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:[0-9]+$")
+    transfer_address: str | None = Field(
+        default=None, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:[0-9]+$"
+    )
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("url")

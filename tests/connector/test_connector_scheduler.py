@@ -194,3 +194,18 @@ def test_pd_params_parsing_is_defensive():
     p = PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad", "push_to": 3}})
     assert p == PdParams("t", None, 10.0)
     assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": 1e12}}).deadline_s == 600.0
+
+
+def test_finished_pd_request_reports_loaded_tokens_and_fallback():
+    s, tier, clock = make()
+    prompt = list(range(1, 26))
+    keys = chunk_keys(FP, prompt, C)
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t1", "deadline_ms": 100}})
+    tier.ready = {keys[0]}
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    clock.t = 1.0
+    assert s.get_num_new_matched_tokens(req, 0) == (8, False)
+    assert s.request_finished(req) == {"pdmesh": {"transfer_id": "t1", "loaded_tokens": 8, "fallback": True}}
+    plain = FakeRequest("q", prompt)
+    s.get_num_new_matched_tokens(plain, 0)
+    assert s.request_finished(plain) is None

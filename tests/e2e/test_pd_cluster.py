@@ -1,4 +1,5 @@
-"""1 prefill + 1 decode worker (stock NixlConnector) behind the router, against a single engine's tokens."""
+"""1 prefill + 1 decode worker behind the router, in both PD modes (pdmesh push, stock NIXL pull), against a
+single engine's tokens. The module's cluster fixture is parametrized: every test runs once per mode."""
 
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster(expected, tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["push", "nixl"])
+def cluster(request, expected, tiny_model, tmp_path_factory):
     spec = ClusterSpec(
         model=tiny_model,
         served_model_name=MODEL,
         port=free_port(),
+        pd_mode=request.param,
         vllm_args=ENGINE_ARGS,
-        log_dir=str(tmp_path_factory.mktemp("cluster")),
+        log_dir=str(tmp_path_factory.mktemp(f"cluster-{request.param}")),
         startup_timeout=300,
     )
     with LocalCluster(spec) as c:
@@ -74,8 +76,9 @@ def test_pd_tokens_equal_single_engine_sequential(cluster, expected):
             assert token_ids(path, body, cluster.url, c) == want, (path, body.get("stream"))
 
 
-def test_pd_tokens_equal_single_engine_concurrency_8(cluster, expected):
-    with ThreadPoolExecutor(8) as pool:
+def test_pd_tokens_equal_single_engine_concurrency_16(cluster, expected):
+    assert len(REQUESTS) == 16
+    with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda req: token_ids(req[0], req[1], cluster.url), REQUESTS))
     assert got == expected
 
@@ -96,8 +99,17 @@ def test_decoder_got_prompt_by_kv_transfer(cluster):
         before, name, source="external_kv_transfer"
     )
     computed = scrape(after, name, source="local_compute") - scrape(before, name, source="local_compute")
-    assert transferred >= prompt_tokens - 1 > 200, (prompt_tokens, transferred, computed)
-    assert computed == 0, f"decoder computed {computed} prompt tokens itself"
+    assert prompt_tokens > 200
+    if cluster.spec.pd_mode == "nixl":
+        assert transferred >= prompt_tokens - 1, (prompt_tokens, transferred, computed)
+        assert computed == 0, f"decoder computed {computed} prompt tokens itself"
+    else:
+        # push moves whole chunks (128 tokens here); the last partial chunk and the last token are computed
+        chunk = 128
+        assert transferred == (prompt_tokens - 1) // chunk * chunk, (prompt_tokens, transferred, computed)
+        assert computed == prompt_tokens - transferred < chunk + 1
+        cached = "vllm:prompt_tokens_cached_by_source_total"
+        assert scrape(after, cached, source="p2p") - scrape(before, cached, source="p2p") == transferred
     assert scrape(prefill_metrics, name, source="local_compute") > 0
 
 
