@@ -273,15 +273,7 @@ async def _pd_nixl(
         "decode", "decode", model, path, lambda _w: decode_body, st.decode_policy, request_id, stream=stream
     )
     st.metrics.pd_requests.labels("nixl").inc()
-    if not stream:
-        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-        return Response(
-            decode.response.content,
-            status_code=decode.response.status_code,
-            media_type="application/json",
-            headers={"X-Request-Id": request_id},
-        )
-    return _streaming_response(st, decode, path, request_id, started)
+    return _decode_response(st, decode, path, request_id, started, stream)
 
 
 async def _pd_push(
@@ -343,16 +335,24 @@ async def _pd_push(
         stream,
     )
     st.metrics.pd_requests.labels("push" if pushed else "decode_only").inc()
-    if not stream:
+    if pushed and not stream:
         _count_transfer_fallback(st, decode.response.content, request_id)
-        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-        return Response(
-            decode.response.content,
-            status_code=decode.response.status_code,
-            media_type="application/json",
-            headers={"X-Request-Id": request_id},
-        )
-    return _streaming_response(st, decode, path, request_id, started)
+    return _decode_response(st, decode, path, request_id, started, stream)
+
+
+def _decode_response(
+    st: RouterState, decode: LegResult, path: str, request_id: str, started: float, stream: bool
+) -> Response:
+    """The client's response: the decode worker's body as is, or its stream relayed as it arrives."""
+    if stream:
+        return _streaming_response(st, decode, path, request_id, started)
+    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+    return Response(
+        decode.response.content,
+        status_code=decode.response.status_code,
+        media_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )
 
 
 def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
