@@ -1,52 +1,40 @@
-"""The router's FastAPI app: OpenAI endpoints, PD orchestration, registration, health, metrics.
+"""The router's FastAPI app: OpenAI endpoints, registration, health, metrics, background loops.
 
-Request flow (stock NIXL mode): validate -> pick prefill worker -> prefill leg (max_tokens=1, do_remote_decode)
--> pick decode worker -> decode leg with the prefill's kv_transfer_params -> relay (streamed as it arrives).
-State lives in :class:`RouterState`, created per app (no module-level singletons).
+The request flow itself lives in :mod:`router.flow`. State lives in :class:`router.flow.RouterState`, created
+per app (no module-level singletons). Background tasks (heartbeat expiry, DNS discovery, active health checks)
+run for the app's lifespan and are cancelled on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
 
-from router import pd_nixl, pd_push
+from router import flow
 from router.auth import check_api_key, check_cluster_token
 from router.config import RouterConfig
+from router.discovery import Discovery
 from router.errors import OpenAIError, install_error_handlers
+from router.flow import PolicySet, RouterState
+from router.health_checks import HealthChecker
+from router.limits import Limiter
 from router.metrics import RouterMetrics
-from router.openai_requests import Kind, parse_request
-from router.policies import RoundRobin
+from router.prefix_index import PrefixIndex
+from router.prompt_analysis import PromptAnalyzer
 from router.registration import RegistrationReply, WorkerRegistration
-from router.registry import Registry
-from router.upstream import LegResult, Upstream
+from router.registry import BreakerSettings, Registry
+from router.tier_lookup import HttpTierLookup
+from router.upstream import Upstream
 
 log = logging.getLogger("pdmesh.router")
-
-_PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-
-
-@dataclass
-class RouterState:
-    config: RouterConfig
-    registry: Registry
-    metrics: RouterMetrics
-    upstream: Upstream
-    prefill_policy: RoundRobin
-    decode_policy: RoundRobin
 
 
 def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
@@ -56,28 +44,55 @@ def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
 
 
 def create_app(config: RouterConfig) -> FastAPI:
-    """Build the app. The httpx client and background expiry task live for the app's lifespan."""
-    registry = Registry(config.heartbeat_ttl_s, config.failure_cooldown_s)
+    """Build the app. The httpx client and the background tasks live for the app's lifespan."""
+    b = config.breaker
+    registry = Registry(
+        config.heartbeat_ttl_s,
+        config.failure_cooldown_s,
+        breaker=BreakerSettings(b.failures, b.open_s or 0.0, b.max_open_s),
+    )
     metrics = RouterMetrics()
+    discovery = Discovery(config.discovery, registry)
+    discovery.load_static()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = _make_client(config)
+        index = PrefixIndex(config.cache_aware.index_chunks)
         app.state.router = RouterState(
-            config,
-            registry,
-            metrics,
-            Upstream(client, registry, metrics, config.max_attempts),
-            RoundRobin(),
-            RoundRobin(),
+            config=config,
+            registry=registry,
+            metrics=metrics,
+            upstream=Upstream(
+                client,
+                registry,
+                metrics,
+                config.max_attempts,
+                config.retry.backoff_s,
+                config.retry.backoff_max_s,
+            ),
+            limiter=Limiter(config.limits),
+            policies=PolicySet(config, index),
+            index=index,
+            analyzer=PromptAnalyzer(config.cache_aware, client),
+            tier_lookup=HttpTierLookup(
+                client, config.cluster_token, config.cache_aware.tier_lookup_timeout_s
+            ),
         )
-        expiry = asyncio.create_task(_expire_loop(registry, min(1.0, config.heartbeat_ttl_s / 4)))
+        loops: list[Coroutine] = [_expire_loop(registry, min(1.0, config.heartbeat_ttl_s / 4))]
+        if config.discovery.dns:
+            loops.append(discovery.run())
+        if config.discovery.static or config.discovery.dns:
+            loops.append(HealthChecker(config.health_check, registry, client).run())
+        tasks = [asyncio.create_task(c) for c in loops]
         try:
             yield
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             await client.aclose()
 
     app = FastAPI(title="pdmesh router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -104,11 +119,11 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _serve(state(request), request, "completions", read_body)
+        return await flow.serve(state(request), request, "completions", read_body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _serve(state(request), request, "chat", read_body)
+        return await flow.serve(state(request), request, "chat", read_body)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -144,10 +159,15 @@ def create_app(config: RouterConfig) -> FastAPI:
         st.metrics.workers.clear()
         counts: dict[tuple[str, str], int] = {}
         st.metrics.in_flight.clear()
+        st.metrics.worker_healthy.clear()
+        st.metrics.breaker_open.clear()
         for w in st.registry.all():
-            key = (w.info.role, str(st.registry.is_healthy(w)).lower())
+            healthy = st.registry.is_healthy(w)
+            key = (w.info.role, str(healthy).lower())
             counts[key] = counts.get(key, 0) + 1
             st.metrics.in_flight.labels(w.id).set(w.in_flight)
+            st.metrics.worker_healthy.labels(w.id, w.info.role).set(int(healthy))
+            st.metrics.breaker_open.labels(w.id).set(int(w.breaker.state == "open"))
         for (role, healthy), n in counts.items():
             st.metrics.workers.labels(role, healthy).set(n)
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -193,7 +213,13 @@ def create_app(config: RouterConfig) -> FastAPI:
         check_cluster_token(request, config.cluster_token)
         return JSONResponse(
             [
-                {**w.info.model_dump(), "healthy": st.registry.is_healthy(w), "in_flight": w.in_flight}
+                {
+                    **w.info.model_dump(),
+                    "source": w.source,
+                    "healthy": st.registry.is_healthy(w),
+                    "breaker": w.breaker.state,
+                    "in_flight": w.in_flight,
+                }
                 for w in st.registry.all()
             ]
         )
@@ -206,183 +232,3 @@ async def _expire_loop(registry: Registry, period: float) -> None:
         await asyncio.sleep(period)
         for wid in registry.expire():
             log.warning("worker %s expired (no heartbeat for %.1fs)", wid, registry.ttl_s)
-
-
-async def _serve(st: RouterState, request: Request, kind: Kind, read_body) -> Response:
-    """One client request end to end; see the module docstring for the flow."""
-    started = time.perf_counter()
-    endpoint = _PATHS[kind]
-    request_id = f"pdm-{uuid.uuid4().hex}"
-    status = "200"
-    try:
-        check_api_key(request, st.config.api_keys)
-        body = parse_request(await read_body(request), kind)
-        model = body["model"]
-        _check_model(st, model)
-        pd = _pd_push if st.config.pd_mode == "push" else _pd_nixl
-        resp = await pd(st, body, kind, model, request_id, started)
-        status = str(resp.status_code)
-        return resp
-    except OpenAIError as e:
-        status = str(e.status)
-        raise
-    finally:
-        st.metrics.requests.labels(endpoint, status).inc()
-
-
-def _check_model(st: RouterState, model: str) -> None:
-    known = st.registry.models()
-    if model in known:
-        return
-    if not st.registry.all():
-        raise OpenAIError(503, "no workers are registered with the router", code="no_workers")
-    if not known:
-        raise OpenAIError(503, "no healthy workers are available", code="no_workers")
-    raise OpenAIError(
-        404,
-        f"model {model!r} does not exist; available: {', '.join(sorted(known))}",
-        code="model_not_found",
-        param="model",
-    )
-
-
-async def _pd_nixl(
-    st: RouterState, body: dict, kind: Kind, model: str, request_id: str, started: float
-) -> Response:
-    path = _PATHS[kind]
-    t0 = time.perf_counter()
-    prefill = await st.upstream.call(
-        "prefill",
-        "prefill",
-        model,
-        path,
-        lambda _w: pd_nixl.prefill_request(body),
-        st.prefill_policy,
-        request_id,
-    )
-    st.metrics.prefill.observe(time.perf_counter() - t0)
-    try:
-        prefill_json = prefill.response.json()
-    except ValueError:
-        raise OpenAIError(
-            502, "prefill worker returned invalid JSON", code="PD_PREFILL_BAD_RESPONSE"
-        ) from None
-    decode_body = pd_nixl.decode_request(body, prefill_json)
-    stream = bool(body.get("stream"))
-    decode = await st.upstream.call(
-        "decode", "decode", model, path, lambda _w: decode_body, st.decode_policy, request_id, stream=stream
-    )
-    st.metrics.pd_requests.labels("nixl").inc()
-    return _decode_response(st, decode, path, request_id, started, stream)
-
-
-async def _pd_push(
-    st: RouterState, body: dict, kind: Kind, model: str, request_id: str, started: float
-) -> Response:
-    """Push PD: choose D, have a prefill worker compute the prompt and push its chunks to D, then decode on D.
-
-    If no prefill worker can serve the leg, D computes the prompt itself (a counted fallback). If D fails before
-    its first byte, another decode worker gets the plain request (it computes; nothing was pushed to it).
-    """
-    path = _PATHS[kind]
-    stream = bool(body.get("stream"))
-    decoders = st.registry.candidates("decode", model)
-    if not decoders:
-        raise OpenAIError(503, f"no healthy decode worker for model {model!r}", code="PD_PEER_UNAVAILABLE")
-    target = st.decode_policy.choose(decoders, body)
-    transfer_id = request_id
-    deadline_ms = st.config.pd_transfer_deadline_ms
-    pushed = False
-    if target.info.transfer_address:
-        t0 = time.perf_counter()
-        try:
-            await st.upstream.call(
-                "prefill",
-                "prefill",
-                model,
-                path,
-                lambda _w: pd_push.prefill_request(
-                    body, transfer_id, target.info.transfer_address, deadline_ms
-                ),
-                st.prefill_policy,
-                request_id,
-            )
-            pushed = True
-            st.metrics.prefill.observe(time.perf_counter() - t0)
-        except OpenAIError as e:
-            if e.status < 500:
-                raise
-            log.warning(
-                "request %s: prefill leg failed (%s); decode worker computes the prompt",
-                request_id,
-                e.message,
-            )
-            st.metrics.pd_requests.labels("fallback").inc()
-
-    def decode_body(w) -> dict:
-        return (
-            pd_push.decode_request(body, transfer_id, deadline_ms) if pushed and w.id == target.id else body
-        )
-
-    decode = await st.upstream.call(
-        "decode",
-        "decode",
-        model,
-        path,
-        decode_body,
-        pd_push.Prefer(target.id, st.decode_policy),
-        request_id,
-        stream,
-    )
-    st.metrics.pd_requests.labels("push" if pushed else "decode_only").inc()
-    if pushed and not stream:
-        _count_transfer_fallback(st, decode.response.content, request_id)
-    return _decode_response(st, decode, path, request_id, started, stream)
-
-
-def _decode_response(
-    st: RouterState, decode: LegResult, path: str, request_id: str, started: float, stream: bool
-) -> Response:
-    """The client's response: the decode worker's body as is, or its stream relayed as it arrives."""
-    if stream:
-        return _streaming_response(st, decode, path, request_id, started)
-    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-    return Response(
-        decode.response.content,
-        status_code=decode.response.status_code,
-        media_type="application/json",
-        headers={"X-Request-Id": request_id},
-    )
-
-
-def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
-    """The decode worker reports in ``kv_transfer_params.pdmesh`` whether the pushed KV arrived in time."""
-    if b"fallback" not in content:
-        return
-    try:
-        report = (json.loads(content).get("kv_transfer_params") or {}).get("pdmesh") or {}
-    except (ValueError, AttributeError):
-        return
-    if report.get("fallback") is not True:
-        return
-    st.metrics.pd_requests.labels("transfer_fallback").inc()
-    log.warning("request %s: pushed KV missed the deadline; the decode worker computed the rest", request_id)
-
-
-def _streaming_response(
-    st: RouterState, decode: LegResult, path: str, request_id: str, started: float
-) -> Response:
-    def first_byte() -> None:
-        st.metrics.ttft.labels(path).observe(time.perf_counter() - started)
-
-    async def body() -> AsyncIterator[bytes]:
-        async for chunk in st.upstream.relay_stream(decode, first_byte):
-            yield chunk
-        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"},
-        background=BackgroundTask(decode.response.aclose),
-    )

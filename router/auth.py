@@ -14,16 +14,22 @@ from pdmesh.security import TOKEN_HEADER, token_matches
 from router.errors import OpenAIError
 
 
-def check_api_key(request: Request, api_keys: list[str]) -> None:
-    """Raise 401 unless auth is off or ``Authorization: Bearer <key>`` names a configured key."""
+def check_api_key(request: Request, api_keys: list[str]) -> str:
+    """Raise 401 unless auth is off or ``Authorization: Bearer <key>`` names a configured key.
+
+    Returns the key (the identity for per-key limits), or ``""`` when auth is off.
+    """
     if not api_keys:
-        return
+        return ""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise OpenAIError(401, "missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
-    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in api_keys):
+    # Compare against every key (no early exit) so timing does not reveal which prefix matched.
+    matched = [k for k in api_keys if hmac.compare_digest(key.encode(), k.encode())]
+    if not matched:
         raise OpenAIError(401, "invalid API key", code="invalid_api_key")
+    return matched[0]
 
 
 def check_cluster_token(request: Request, token: str) -> None:

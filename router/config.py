@@ -1,4 +1,9 @@
-"""Router configuration: a pydantic model loaded from YAML and ``PDMESH_ROUTER_*`` environment variables."""
+"""Router configuration: a pydantic model loaded from YAML and ``PDMESH_ROUTER_*`` environment variables.
+
+Top-level keys map to ``PDMESH_ROUTER_<KEY>``; keys of a section map to ``PDMESH_ROUTER_<SECTION>_<KEY>``
+(e.g. ``PDMESH_ROUTER_LIMITS_RATE_PER_S=50``). Lists in env vars are comma separated. Structured values
+(worker lists, per-model policies) come from the YAML file only.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,111 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdmesh.security import cluster_token_from_env
+
+PolicyName = Literal["round_robin", "power_of_two", "cache_aware", "session_affinity"]
+WorkerRole = Literal["prefill", "decode", "both"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolPolicies(_Section):
+    """Which policy picks the worker of each pool."""
+
+    prefill: PolicyName = "round_robin"
+    decode: PolicyName = "round_robin"
+
+
+class CacheAwareConfig(_Section):
+    """Cache-aware choice: prefix chunk keys of the templated prompt, matched against a router-side index
+    of recent prompts (and, when workers register a ``tier_url``, their tier's ``/lookup``)."""
+
+    # token ids from the worker's POST /tokenize (exact); "chars": hash the templated text in char chunks.
+    tokenizer: Literal["worker", "chars"] = "worker"
+    tokenize_timeout_s: float = Field(0.5, gt=0)
+    chunk_tokens: int = Field(128, ge=1)
+    chunk_chars: int = Field(512, ge=16)
+    # Bounded memory: chunk keys kept in the prefix index; total token ids kept by the tokenize cache.
+    index_chunks: int = Field(200_000, ge=1)
+    tokenize_cache_tokens: int = Field(4_000_000, ge=0)
+    # Ask the tiers' /lookup when a worker registered a tier_url.
+    tier_lookup: bool = True
+    tier_lookup_timeout_s: float = Field(0.05, gt=0)
+    # Load guard: prefer the least loaded worker when the best cached one has this many more in flight.
+    max_load_imbalance: int = Field(16, ge=0)
+
+
+class ConditionalPDConfig(_Section):
+    """Conditional disaggregation: prompts whose uncached tokens are fewer than this go decode-only."""
+
+    min_uncached_tokens: int = Field(0, ge=0)  # 0 = always PD
+
+
+class StaticWorker(_Section):
+    url: str = Field(pattern=r"^https?://")
+    role: WorkerRole
+    models: list[str] = Field(min_length=1)
+    worker_id: str | None = None
+    transfer_address: str | None = None
+    tier_url: str | None = None
+
+
+class DnsTarget(_Section):
+    """A DNS name resolving to several replicas (compose ``--scale``): each A/AAAA record is one worker."""
+
+    name: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    role: WorkerRole
+    models: list[str] = Field(min_length=1)
+    scheme: Literal["http", "https"] = "http"
+    transfer_port: int | None = Field(default=None, ge=1, le=65535)
+    tier_port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class DiscoveryConfig(_Section):
+    static: list[StaticWorker] = Field(default_factory=list)
+    dns: list[DnsTarget] = Field(default_factory=list)
+    dns_interval_s: float = Field(5.0, gt=0)
+
+
+class HealthCheckConfig(_Section):
+    """Active checks (GET <url><path>) of static and DNS workers; registered workers prove life by heartbeat."""
+
+    interval_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0)
+    path: str = "/health"
+    unhealthy_after: int = Field(2, ge=1)  # consecutive failed checks
+    healthy_after: int = Field(1, ge=1)  # consecutive good checks
+
+
+class BreakerConfig(_Section):
+    """Per-worker circuit breaker: opens after ``failures`` consecutive failed attempts, stays open
+    ``open_s`` (doubling per reopen up to ``max_open_s``), then lets one trial request through."""
+
+    failures: int = Field(3, ge=1)
+    open_s: float | None = Field(None, ge=0)  # default: failure_cooldown_s
+    max_open_s: float = Field(60.0, ge=0)
+
+
+class RetryConfig(_Section):
+    backoff_s: float = Field(0.02, ge=0)  # before the 2nd attempt; doubles, with jitter
+    backoff_max_s: float = Field(0.5, ge=0)
+
+
+class LimitsConfig(_Section):
+    """Admission limits (429 + Retry-After). 0 disables a limit. Per-key limits apply to each API key
+    (to all anonymous clients together when no API keys are configured)."""
+
+    max_concurrency: int = Field(0, ge=0)
+    rate_per_s: float = Field(0, ge=0)
+    burst: int = Field(0, ge=0)  # 0: max(1, rate_per_s)
+    per_key_max_concurrency: int = Field(0, ge=0)
+    per_key_rate_per_s: float = Field(0, ge=0)
+    per_key_burst: int = Field(0, ge=0)
 
 
 class RouterConfig(BaseModel):
@@ -25,11 +132,13 @@ class RouterConfig(BaseModel):
     pd_transfer_deadline_ms: int = Field(5000, ge=0, le=600_000)
     # Workers are dropped when no heartbeat arrived for this long.
     heartbeat_ttl_s: float = Field(10.0, gt=0)
-    # A worker whose connection failed is skipped for this long (or until its next heartbeat after that).
+    # A worker whose breaker opened is skipped for this long (the breaker's first open interval).
     failure_cooldown_s: float = Field(5.0, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     # Upper bound for one upstream leg (prefill, or the whole decode stream).
     request_timeout_s: float = Field(600.0, gt=0)
+    # Whole-request deadline (all legs, retries and the stream); 504 before the first byte, an error event after.
+    request_deadline_s: float = Field(600.0, gt=0)
     # Attempts per leg before the first byte reached the client (other workers first).
     max_attempts: int = Field(3, ge=1, le=10)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
@@ -38,6 +147,30 @@ class RouterConfig(BaseModel):
     # Token for internal endpoints (worker registration). Empty: allowed only on loopback binds.
     cluster_token: str = Field(default_factory=cluster_token_from_env)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    # Session affinity reads this header (falls back to the body's "user" field).
+    session_header: str = "x-session-id"
+    policies: PoolPolicies = Field(default_factory=PoolPolicies)
+    # Per-model overrides of ``policies``: {model name: {prefill: ..., decode: ...}}.
+    model_policies: dict[str, PoolPolicies] = Field(default_factory=dict)
+    cache_aware: CacheAwareConfig = Field(default_factory=CacheAwareConfig)
+    conditional_pd: ConditionalPDConfig = Field(default_factory=ConditionalPDConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouterConfig:
+        if self.retry.backoff_max_s < self.retry.backoff_s:
+            raise ValueError("retry.backoff_max_s must be >= retry.backoff_s")
+        if self.breaker.open_s is None:
+            self.breaker.open_s = self.failure_cooldown_s
+        return self
+
+    def pool_policy(self, model: str, role: str) -> str:
+        return getattr(self.model_policies.get(model, self.policies), role)
 
 
 class ConfigError(ValueError):
@@ -45,6 +178,27 @@ class ConfigError(ValueError):
 
 
 _ENV_PREFIX = "PDMESH_ROUTER_"
+
+
+def _env_value(raw: str, annotation: object) -> object:
+    return [s for s in raw.split(",") if s] if annotation == list[str] else raw
+
+
+def _from_env(data: dict[str, object]) -> None:
+    for name, field in RouterConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            section = dict(data.get(name) or {}) if isinstance(data.get(name), dict) else {}
+            for sub, sub_field in annotation.model_fields.items():
+                raw = os.environ.get(f"{_ENV_PREFIX}{name.upper()}_{sub.upper()}")
+                if raw is not None:
+                    section[sub] = _env_value(raw, sub_field.annotation)
+            if section:
+                data[name] = section
+            continue
+        raw = os.environ.get(_ENV_PREFIX + name.upper())
+        if raw is not None:
+            data[name] = _env_value(raw, annotation)
 
 
 def load_router_config(path: str | os.PathLike[str] | None = None, **overrides: object) -> RouterConfig:
@@ -60,12 +214,11 @@ def load_router_config(path: str | os.PathLike[str] | None = None, **overrides: 
             raise ConfigError(f"cannot read router config {path}: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"router config {path} must be a mapping")
-        data.update(loaded.get("router", loaded))
-    for name, field in RouterConfig.model_fields.items():
-        raw = os.environ.get(_ENV_PREFIX + name.upper())
-        if raw is None:
-            continue
-        data[name] = [s for s in raw.split(",") if s] if field.annotation == list[str] else raw
+        section = loaded.get("router", loaded)
+        if not isinstance(section, dict):
+            raise ConfigError(f"router config {path}: 'router' must be a mapping")
+        data.update(section)
+    _from_env(data)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return RouterConfig.model_validate(data)

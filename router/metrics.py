@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class RouterMetrics:
@@ -51,6 +51,44 @@ class RouterMetrics:
         )
         self.stream_aborts = Counter(
             "pdmesh_router_stream_errors", "Streams ended by an error event after the first byte", registry=r
+        )
+        self.itl = Histogram(
+            "pdmesh_router_itl_seconds",
+            "Time between streamed chunks (inter-token latency)",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.errors = Counter(
+            "pdmesh_router_errors",
+            "Failed or cut requests by typed reason (PD_* codes, CLIENT_DISCONNECTED, RATE_LIMITED, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.decode_only = Counter(
+            "pdmesh_router_decode_only",
+            "Requests served without a prefill leg, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "pdmesh_router_prompt_tokens",
+            "Prompt tokens of analyzed requests (estimated when tokenization is off)",
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "pdmesh_router_cached_prefix_tokens",
+            "Prompt tokens believed cached on the chosen prefill worker (cache-aware routing)",
+            registry=r,
+        )
+        self.worker_healthy = Gauge(
+            "pdmesh_router_worker_healthy", "1 when a worker is healthy", ["worker", "role"], registry=r
+        )
+        self.breaker_open = Gauge(
+            "pdmesh_router_worker_breaker_open",
+            "1 while a worker's circuit breaker is open",
+            ["worker"],
+            registry=r,
         )
         self.workers = Gauge(
             "pdmesh_router_workers", "Registered workers by role and health", ["role", "healthy"], registry=r

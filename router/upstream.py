@@ -1,9 +1,11 @@
 """Calling workers: one leg (prefill or decode) with retries on other workers before the first byte.
 
 Contract:
-- A leg attempt that fails at the connection level (refused, reset, timeout before a response) marks the
-  worker failed (cooldown) and is retried on another healthy worker, up to ``max_attempts``.
+- A leg attempt that fails at the connection level (refused, reset, timeout before a response) counts as a
+  failure of the worker's circuit breaker (a refused connection opens it at once) and is retried on another
+  worker, up to ``max_attempts``, after a jittered exponential backoff.
 - A worker's 5xx is retried the same way; its 4xx is the client's fault and is relayed as is.
+- A half-open breaker lets exactly one request try the worker; the others pick another worker.
 - Nothing is retried once the first byte of a response has been sent to the client; a streamed response that
   breaks later ends with an SSE error event (:func:`relay_stream`).
 - Every call has a timeout (connect and read from the shared ``httpx.AsyncClient``); the response object of a
@@ -13,8 +15,10 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -24,14 +28,25 @@ from router.errors import OpenAIError, sse_error_event
 from router.metrics import RouterMetrics
 from router.policies.base import Policy
 from router.registry import Registry, Worker
+from router.route_context import RouteContext
 
 log = logging.getLogger("pdmesh.router")
 
 
 @dataclass
 class LegResult:
+    """A successful leg. For a streamed leg the body is unread and the worker's in-flight count is still
+    held: :meth:`close` (idempotent) releases both; :meth:`Upstream.relay_stream` calls it when it ends."""
+
     worker: Worker
-    response: httpx.Response  # for stream=True the body is not read yet; caller must close it
+    response: httpx.Response
+    open: bool = False
+
+    async def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.worker.in_flight -= 1
+            await self.response.aclose()
 
 
 def _relay_error(resp: httpx.Response, body: bytes) -> OpenAIError:
@@ -61,12 +76,32 @@ def _relay_error(resp: httpx.Response, body: bytes) -> OpenAIError:
 
 class Upstream:
     def __init__(
-        self, client: httpx.AsyncClient, registry: Registry, metrics: RouterMetrics, max_attempts: int
+        self,
+        client: httpx.AsyncClient,
+        registry: Registry,
+        metrics: RouterMetrics,
+        max_attempts: int,
+        backoff_s: float = 0.0,
+        backoff_max_s: float = 0.0,
     ):
         self.client = client
         self.registry = registry
         self.metrics = metrics
         self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self._rng = random.Random()
+
+    def _backoff(self, retry: int) -> float:
+        """Full-jitter exponential backoff before retry number ``retry`` (1 = the second attempt)."""
+        if not self.backoff_s:
+            return 0.0
+        cap = min(self.backoff_max_s, self.backoff_s * (2 ** (retry - 1)))
+        return self._rng.uniform(cap / 2, cap)
+
+    def _failed(self, leg: str, worker: Worker, reason: str, hard: bool) -> None:
+        self.metrics.upstream_errors.labels(leg, reason).inc()
+        self.registry.mark_failed(worker, hard=hard)
 
     async def call(
         self,
@@ -78,75 +113,92 @@ class Upstream:
         policy: Policy,
         request_id: str,
         stream: bool = False,
+        ctx: RouteContext | None = None,
     ) -> LegResult:
         """Run one leg on a worker of ``role`` chosen by ``policy``; retry on others as the contract says.
 
         Returns a 2xx response (unread when ``stream``). Raises OpenAIError: the worker's 4xx, or 503/502 with
-        code PD_PEER_UNAVAILABLE when no worker could serve the leg.
+        code PD_PEER_UNAVAILABLE when no worker could serve the leg. Cancellation (client gone, deadline)
+        closes the upstream connection, which makes vLLM abort the request; nothing leaks (in-flight counts,
+        half-open breaker trials).
         """
+        ctx = ctx or RouteContext({"model": model}, model)
         tried: set[str] = set()
         last: OpenAIError | None = None
-        for attempt in range(self.max_attempts):
+        attempts = 0
+        while attempts < self.max_attempts:
             candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
             if not candidates:
                 break
-            worker = policy.choose(candidates, {"model": model})
+            worker = policy.choose(candidates, ctx)
             tried.add(worker.id)
-            if attempt:
+            panic = not worker.breaker.allows()
+            if not panic and not worker.breaker.try_acquire():
+                continue  # another request holds this worker's half-open trial
+            if attempts:
                 self.metrics.retries.labels(leg).inc()
-            body = body_for(worker)
+                delay = self._backoff(attempts)
+                if delay:
+                    await asyncio.sleep(delay)
+            attempts += 1
             req = self.client.build_request(
-                "POST", worker.url + path, json=body, headers={"X-Request-Id": request_id}
+                "POST", worker.url + path, json=body_for(worker), headers={"X-Request-Id": request_id}
             )
             worker.in_flight += 1
+            owned = False  # True once the LegResult (and its in-flight count) goes to the caller
             try:
-                resp = await self.client.send(req, stream=True)
-            except httpx.HTTPError as e:
-                worker.in_flight -= 1
-                reason = type(e).__name__
-                self.metrics.upstream_errors.labels(leg, reason).inc()
-                self.registry.mark_failed(worker)
-                log.warning("%s leg to %s failed (%s: %s); request %s", leg, worker.id, reason, e, request_id)
-                last = OpenAIError(
-                    503,
-                    f"{leg} worker {worker.id} unavailable: {reason}",
-                    code="PD_PEER_UNAVAILABLE",
-                    retryable=True,
-                )
-                continue
-            if resp.status_code >= 400:
                 try:
-                    data = await resp.aread()
-                except httpx.HTTPError:
-                    data = b""
-                finally:
-                    await resp.aclose()
-                    worker.in_flight -= 1
-                err = _relay_error(resp, data)
-                self.metrics.upstream_errors.labels(leg, str(resp.status_code)).inc()
-                if err.status < 500:
-                    raise err
-                self.registry.mark_failed(worker)
-                log.warning("%s leg on %s returned %s: %s", leg, worker.id, resp.status_code, err.message)
-                last = err
-                continue
-            self.registry.mark_ok(worker)
-            if not stream:
-                try:
-                    await resp.aread()
+                    resp = await self.client.send(req, stream=True)
                 except httpx.HTTPError as e:
-                    self.registry.mark_failed(worker)
+                    reason = type(e).__name__
+                    self._failed(leg, worker, reason, hard=isinstance(e, httpx.ConnectError))
+                    log.warning(
+                        "%s leg to %s failed (%s: %s); request %s", leg, worker.id, reason, e, request_id
+                    )
                     last = OpenAIError(
-                        502,
-                        f"{leg} worker {worker.id} broke its response: {e}",
+                        503,
+                        f"{leg} worker {worker.id} unavailable: {reason}",
                         code="PD_PEER_UNAVAILABLE",
                         retryable=True,
                     )
                     continue
-                finally:
-                    await resp.aclose()
+                if resp.status_code >= 400:
+                    try:
+                        data = await resp.aread()
+                    except httpx.HTTPError:
+                        data = b""
+                    finally:
+                        await resp.aclose()
+                    err = _relay_error(resp, data)
+                    if err.status < 500:
+                        self.metrics.upstream_errors.labels(leg, str(resp.status_code)).inc()
+                        self.registry.mark_ok(worker)  # the worker is fine; the request is not
+                        raise err
+                    self._failed(leg, worker, str(resp.status_code), hard=False)
+                    log.warning("%s leg on %s returned %s: %s", leg, worker.id, resp.status_code, err.message)
+                    last = err
+                    continue
+                if not stream:
+                    try:
+                        await resp.aread()
+                    except httpx.HTTPError as e:
+                        self._failed(leg, worker, type(e).__name__, hard=False)
+                        last = OpenAIError(
+                            502,
+                            f"{leg} worker {worker.id} broke its response: {e}",
+                            code="PD_PEER_UNAVAILABLE",
+                            retryable=True,
+                        )
+                        continue
+                    finally:
+                        await resp.aclose()
+                self.registry.mark_ok(worker)
+                owned = stream
+                return LegResult(worker, resp, open=stream)
+            finally:
+                worker.breaker.release_trial()
+                if not owned:
                     worker.in_flight -= 1
-            return LegResult(worker, resp)
         if last is None:
             last = OpenAIError(
                 503,
@@ -157,40 +209,68 @@ class Upstream:
         raise last
 
     async def relay_stream(
-        self, result: LegResult, on_first_byte: Callable[[], None]
+        self,
+        result: LegResult,
+        on_first_byte: Callable[[], None],
+        deadline: float | None = None,
+        endpoint: str = "",
     ) -> AsyncIterator[bytes]:
         """Yield the worker's SSE bytes as they arrive; end with an error event if the stream breaks.
 
-        The stream is complete only when ``data: [DONE]`` was seen. Closes the upstream response in all cases,
-        which also aborts the request on the worker when the client went away.
+        The stream is complete only when ``data: [DONE]`` was seen. ``deadline`` (event-loop time) bounds the
+        whole stream: past it the stream ends with a ``PD_DEADLINE_EXCEEDED`` error event. Closes the upstream
+        response in all cases, which also aborts the request on the worker when the client went away.
         """
         resp, worker = result.response, result.worker
         first = True
         tail = b""
+        itl = self.metrics.itl.labels(endpoint)
+        loop = asyncio.get_running_loop()
+        last_t = 0.0
+        chunks = resp.aiter_raw().__aiter__()
         try:
-            async for chunk in resp.aiter_raw():
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
                 if not chunk:
                     continue
+                now = loop.time()
                 if first:
                     on_first_byte()
                     first = False
+                else:
+                    itl.observe(now - last_t)
+                last_t = now
                 tail = (tail + chunk)[-64:]
                 yield chunk
             if b"data: [DONE]" in tail:
                 return
             raise httpx.RemoteProtocolError("stream ended without [DONE]")
+        except TimeoutError:
+            self.metrics.stream_aborts.inc()
+            self.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
+            log.warning("decode stream from %s passed the request deadline", worker.id)
+            err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
+            yield _sep(tail) + sse_error_event(err)
         except httpx.HTTPError as e:
             self.registry.mark_failed(worker)
             self.metrics.stream_aborts.inc()
+            self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
             self.metrics.upstream_errors.labels("decode", type(e).__name__).inc()
             log.warning("decode stream from %s broke: %s", worker.id, e)
-            prefix = b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"
             err = OpenAIError(
                 502,
                 f"decode worker {worker.id} failed mid-stream: {type(e).__name__}",
                 code="PD_PEER_UNAVAILABLE",
             )
-            yield prefix + sse_error_event(err)
+            yield _sep(tail) + sse_error_event(err)
         finally:
-            worker.in_flight -= 1
-            await resp.aclose()
+            await result.close()
+
+
+def _sep(tail: bytes) -> bytes:
+    """Blank line needed before an error event so it is not glued to a partial event."""
+    return b"" if tail.endswith(b"\n\n") or not tail else b"\n\n"

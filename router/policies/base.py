@@ -1,15 +1,19 @@
-"""The policy interface: choose one worker among healthy candidates."""
+"""The policy interface: choose one worker among candidates for one request."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 from router.registry import Worker
+from router.route_context import RouteContext
 
 
 class Policy(Protocol):
-    def choose(self, candidates: list[Worker], request: dict) -> Worker:
-        """Pick one of ``candidates`` (non-empty, all healthy) for ``request`` (the parsed JSON body).
+    # True when the policy reads ``ctx.prompt`` (the request flow then analyzes the prompt first).
+    needs_prompt: bool
+
+    def choose(self, candidates: list[Worker], ctx: RouteContext) -> Worker:
+        """Pick one of ``candidates`` (non-empty) for the request described by ``ctx``.
 
         Must not block or do I/O; called on the event loop for every leg attempt.
         """

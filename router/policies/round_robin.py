@@ -5,12 +5,17 @@ from __future__ import annotations
 import itertools
 
 from router.registry import Worker
+from router.route_context import RouteContext
 
 
 class RoundRobin:
+    needs_prompt = False
+
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, candidates: list[Worker], request: dict) -> Worker:
+    def choose(self, candidates: list[Worker], ctx: RouteContext | None = None) -> Worker:
+        if len(candidates) == 1:
+            return candidates[0]
         ordered = sorted(candidates, key=lambda w: w.id)
         return ordered[next(self._counter) % len(ordered)]

@@ -1,0 +1,396 @@
+"""One client request end to end: admission, validation, worker choice, PD legs, relay.
+
+Order: API key (401) -> admission limits (429) -> body (413/400) -> model (404/503) -> prompt analysis (only when
+a policy or conditional disaggregation needs it) -> legs -> response. The legs run under the request deadline
+(``request_deadline_s``: 504 ``PD_DEADLINE_EXCEEDED`` before the first byte, an error event after) and under a
+disconnect watch: when the client goes away before the response starts, the running leg is cancelled, which
+closes its upstream connection (vLLM aborts the request); after the response started, Starlette cancels the
+stream and :meth:`Upstream.relay_stream` closes the decode leg.
+
+Modes: push PD (pdmesh connector: prefill pushes KV to the chosen decoder's tier), stock NIXL PD (pull), and
+decode-only (conditional disaggregation, no transfer address, or no prefill worker answering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from router import pd_nixl, pd_push
+from router.auth import check_api_key
+from router.config import RouterConfig
+from router.errors import OpenAIError
+from router.limits import Limiter, Permit
+from router.metrics import RouterMetrics
+from router.openai_requests import Kind, parse_request
+from router.policies import Policy, make_policy
+from router.policies.cache_aware import cached_prefix_tokens
+from router.prefix_index import PrefixIndex
+from router.prompt_analysis import PromptAnalyzer
+from router.registry import Registry, Worker
+from router.route_context import RouteContext
+from router.tier_lookup import TierLookup, lookup_all
+from router.upstream import LegResult, Upstream
+
+log = logging.getLogger("pdmesh.router")
+
+PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+class PolicySet:
+    """One policy instance per (model, pool), created on first use from the config."""
+
+    def __init__(self, config: RouterConfig, index: PrefixIndex) -> None:
+        self.config = config
+        self.index = index
+        self._policies: dict[tuple[str, str], Policy] = {}
+
+    def get(self, model: str, role: str) -> Policy:
+        key = (model, role)
+        policy = self._policies.get(key)
+        if policy is None:
+            name = self.config.pool_policy(model, role)
+            policy = make_policy(name, self.index, self.config.cache_aware.max_load_imbalance)
+            self._policies[key] = policy
+        return policy
+
+
+@dataclass
+class RouterState:
+    config: RouterConfig
+    registry: Registry
+    metrics: RouterMetrics
+    upstream: Upstream
+    limiter: Limiter
+    policies: PolicySet
+    index: PrefixIndex
+    analyzer: PromptAnalyzer
+    tier_lookup: TierLookup
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response started."""
+
+
+async def serve(
+    st: RouterState, request: Request, kind: Kind, read_body: Callable[[Request], Awaitable[bytes]]
+) -> Response:
+    started = time.perf_counter()
+    endpoint = PATHS[kind]
+    request_id = f"pdm-{uuid.uuid4().hex}"
+    status = "200"
+    permit: Permit | None = None
+    try:
+        key = check_api_key(request, st.config.api_keys)
+        if st.limiter.enabled:
+            permit = st.limiter.admit(key)
+        body = parse_request(await read_body(request), kind)
+        model = body["model"]
+        _check_model(st, model)
+        ctx = RouteContext(body, model, _session_key(st.config, request, body))
+        deadline = asyncio.get_running_loop().time() + st.config.request_deadline_s
+        resp = await _guarded(request, lambda: _route(st, ctx, kind, request_id, started, deadline), deadline)
+        if isinstance(resp, StreamingResponse) and permit is not None:
+            resp.background = _chain(resp.background, permit.release)
+            permit = None  # released when the stream ends
+        status = str(resp.status_code)
+        return resp
+    except ClientGone:
+        status = "499"
+        st.metrics.errors.labels("CLIENT_DISCONNECTED").inc()
+        return Response(status_code=499)
+    except OpenAIError as e:
+        status = str(e.status)
+        if e.code and (e.code.startswith("PD_") or e.status == 429):
+            st.metrics.errors.labels("RATE_LIMITED" if e.status == 429 else e.code).inc()
+        raise
+    finally:
+        st.metrics.requests.labels(endpoint, status).inc()
+        if permit is not None:
+            permit.release()
+
+
+def _chain(background: BackgroundTask | None, then: Callable[[], None]) -> BackgroundTask:
+    async def run() -> None:
+        try:
+            if background is not None:
+                await background()
+        finally:
+            then()
+
+    return BackgroundTask(run)
+
+
+def _session_key(config: RouterConfig, request: Request, body: dict) -> str | None:
+    key = request.headers.get(config.session_header)
+    if key:
+        return key
+    user = body.get("user")
+    return user if isinstance(user, str) and user else None
+
+
+async def _guarded(request: Request, run: Callable[[], Awaitable[Response]], deadline: float) -> Response:
+    """Run ``run()`` in this task under the deadline, cancelled if the client disconnects first."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        for _ in range(1000):  # the body is consumed: the next message is the disconnect
+            if (await request.receive())["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await run()
+    except TimeoutError:
+        raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _check_model(st: RouterState, model: str) -> None:
+    known = st.registry.models()
+    if model in known:
+        return
+    if not st.registry.all():
+        raise OpenAIError(503, "no workers are registered with the router", code="no_workers")
+    if not known:
+        raise OpenAIError(503, "no healthy workers are available", code="no_workers")
+    raise OpenAIError(
+        404,
+        f"model {model!r} does not exist; available: {', '.join(sorted(known))}",
+        code="model_not_found",
+        param="model",
+    )
+
+
+async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, decode_policy: Policy) -> None:
+    """Fill ``ctx.prompt`` (and tier lookups) when a policy or conditional disaggregation needs them."""
+    cfg = st.config
+    if not (
+        prefill_policy.needs_prompt or decode_policy.needs_prompt or cfg.conditional_pd.min_uncached_tokens
+    ):
+        return
+    prefillers = st.registry.candidates("prefill", ctx.model)
+    ctx.prompt = await st.analyzer.analyze(
+        ctx.model, ctx.body, prefillers or st.registry.candidates("decode", ctx.model)
+    )
+    st.metrics.prompt_tokens.inc(ctx.prompt.n_tokens)
+    if cfg.cache_aware.tier_lookup and ctx.prompt.token_ids is not None and prefill_policy.needs_prompt:
+        ctx.tier_cached = await lookup_all(st.tier_lookup, prefillers, ctx.prompt.token_ids)
+
+
+def _record(st: RouterState, ctx: RouteContext, worker: Worker) -> None:
+    if ctx.prompt is not None and ctx.prompt.keys:
+        st.index.record(ctx.prompt.keys, worker.id)
+
+
+def _short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
+    """Conditional disaggregation: is the part of the prompt ``target`` must compute below the threshold?"""
+    threshold = st.config.conditional_pd.min_uncached_tokens
+    if not threshold or ctx.prompt is None:
+        return False
+    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
+    return ctx.prompt.n_tokens - cached < threshold
+
+
+async def _route(
+    st: RouterState, ctx: RouteContext, kind: Kind, request_id: str, started: float, deadline: float
+) -> Response:
+    prefill_policy = st.policies.get(ctx.model, "prefill")
+    decode_policy = st.policies.get(ctx.model, "decode")
+    await _analyze(st, ctx, prefill_policy, decode_policy)
+    leg = _Legs(st, ctx, PATHS[kind], request_id, prefill_policy, decode_policy)
+    if st.config.pd_mode == "push":
+        decode = await leg.push()
+    else:
+        decode = await leg.nixl()
+    return _decode_response(st, decode, leg.path, request_id, started, bool(ctx.body.get("stream")), deadline)
+
+
+@dataclass
+class _Legs:
+    st: RouterState
+    ctx: RouteContext
+    path: str
+    request_id: str
+    prefill_policy: Policy
+    decode_policy: Policy
+
+    def _choose_decoder(self) -> Worker:
+        decoders = self.st.registry.candidates("decode", self.ctx.model)
+        if not decoders:
+            raise OpenAIError(
+                503, f"no healthy decode worker for model {self.ctx.model!r}", code="PD_PEER_UNAVAILABLE"
+            )
+        return self.decode_policy.choose(decoders, self.ctx)
+
+    async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
+        t0 = time.perf_counter()
+        result = await self.st.upstream.call(
+            "prefill",
+            "prefill",
+            self.ctx.model,
+            self.path,
+            body_for,
+            self.prefill_policy,
+            self.request_id,
+            ctx=self.ctx,
+        )
+        self.st.metrics.prefill.observe(time.perf_counter() - t0)
+        _record(self.st, self.ctx, result.worker)
+        if self.ctx.prompt is not None:
+            cached = cached_prefix_tokens(self.st.index, [result.worker], self.ctx)
+            self.st.metrics.cached_tokens.inc(min(cached[result.worker.id], self.ctx.prompt.n_tokens))
+        return result
+
+    async def _decode(self, body_for: Callable[[Worker], dict], policy: Policy) -> LegResult:
+        result = await self.st.upstream.call(
+            "decode",
+            "decode",
+            self.ctx.model,
+            self.path,
+            body_for,
+            policy,
+            self.request_id,
+            bool(self.ctx.body.get("stream")),
+            ctx=self.ctx,
+        )
+        _record(self.st, self.ctx, result.worker)
+        return result
+
+    async def _decode_only(self, target: Worker, reason: str) -> LegResult:
+        body = self.ctx.body
+        result = await self._decode(lambda _w: body, pd_push.Prefer(target.id, self.decode_policy))
+        self.st.metrics.pd_requests.labels("decode_only").inc()
+        self.st.metrics.decode_only.labels(reason).inc()
+        return result
+
+    async def push(self) -> LegResult:
+        """Push PD: choose D, have a prefill worker compute the prompt and push its chunks to D, decode on D.
+
+        If no prefill worker can serve the leg, D computes the prompt itself (a counted fallback). If D fails
+        before its first byte, another decode worker gets the plain request (nothing was pushed to it).
+        """
+        st, body = self.st, self.ctx.body
+        target = self._choose_decoder()
+        if _short_uncached(st, self.ctx, target):
+            return await self._decode_only(target, "short_prompt")
+        if not target.info.transfer_address:
+            return await self._decode_only(target, "no_transfer_address")
+        transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
+        push_to = target.info.transfer_address
+        try:
+            await self._prefill(lambda _w: pd_push.prefill_request(body, transfer_id, push_to, deadline_ms))
+        except OpenAIError as e:
+            if e.status < 500:
+                raise
+            log.warning(
+                "request %s: prefill leg failed (%s); decode worker computes the prompt",
+                self.request_id,
+                e.message,
+            )
+            st.metrics.pd_requests.labels("fallback").inc()
+            return await self._decode_only(target, "prefill_unavailable")
+
+        def decode_body(w: Worker) -> dict:
+            return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body
+
+        decode = await self._decode(decode_body, pd_push.Prefer(target.id, self.decode_policy))
+        st.metrics.pd_requests.labels("push").inc()
+        if not body.get("stream"):
+            _count_transfer_fallback(st, decode.response.content, self.request_id)
+        return decode
+
+    async def nixl(self) -> LegResult:
+        """Stock NIXL PD: prefill leg (do_remote_decode), then the decode leg with its kv_transfer_params."""
+        st, body = self.st, self.ctx.body
+        if st.config.conditional_pd.min_uncached_tokens and self.ctx.prompt is not None:
+            target = self._choose_decoder()
+            if _short_uncached(st, self.ctx, target):
+                return await self._decode_only(target, "short_prompt")
+        prefill = await self._prefill(lambda _w: pd_nixl.prefill_request(body))
+        try:
+            prefill_json = prefill.response.json()
+        except ValueError:
+            raise OpenAIError(
+                502, "prefill worker returned invalid JSON", code="PD_PREFILL_BAD_RESPONSE"
+            ) from None
+        decode_body = pd_nixl.decode_request(body, prefill_json)
+        decode = await self._decode(lambda _w: decode_body, self.decode_policy)
+        st.metrics.pd_requests.labels("nixl").inc()
+        return decode
+
+
+def _decode_response(
+    st: RouterState,
+    decode: LegResult,
+    path: str,
+    request_id: str,
+    started: float,
+    stream: bool,
+    deadline: float,
+) -> Response:
+    """The client's response: the decode worker's body as is, or its stream relayed as it arrives."""
+    if stream:
+        return _streaming_response(st, decode, path, request_id, started, deadline)
+    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+    return Response(
+        decode.response.content,
+        status_code=decode.response.status_code,
+        media_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
+    """The decode worker reports in ``kv_transfer_params.pdmesh`` whether the pushed KV arrived in time."""
+    if b"fallback" not in content:
+        return
+    try:
+        report = (json.loads(content).get("kv_transfer_params") or {}).get("pdmesh") or {}
+    except (ValueError, AttributeError):
+        return
+    if report.get("fallback") is not True:
+        return
+    st.metrics.pd_requests.labels("transfer_fallback").inc()
+    log.warning("request %s: pushed KV missed the deadline; the decode worker computed the rest", request_id)
+
+
+def _streaming_response(
+    st: RouterState, decode: LegResult, path: str, request_id: str, started: float, deadline: float
+) -> Response:
+    ttft = st.metrics.ttft.labels(path)
+
+    def first_byte() -> None:
+        ttft.observe(time.perf_counter() - started)
+
+    async def body():
+        async for chunk in st.upstream.relay_stream(decode, first_byte, deadline, path):
+            yield chunk
+        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"},
+        background=BackgroundTask(decode.close),
+    )
