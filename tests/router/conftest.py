@@ -15,24 +15,31 @@ class RouterHarness:
     """A real router (uvicorn thread) plus fake workers registered through the real registration API."""
 
     def __init__(self, **cfg) -> None:
-        self.config = RouterConfig(cluster_token=TOKEN, **{"pd_mode": "nixl", **cfg})
+        self.config = RouterConfig.model_validate({"cluster_token": TOKEN, "pd_mode": "nixl", **cfg})
         self.server = ThreadServer(create_app(self.config)).start()
         self.url = self.server.url
         self.client = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
         self.workers: list[tuple[FakeWorker, ThreadServer]] = []
 
-    def add(self, role: str, name: str | None = None, model: str = "m") -> FakeWorker:
-        fw = FakeWorker(name or f"{role}-{len(self.workers)}")
+    def add(self, role: str, name: str | None = None, model: str = "m", **extra: object) -> FakeWorker:
+        fw = self.start_worker(name or f"{role}-{len(self.workers)}")
+        self.register(fw.name, role, fw.url, model, **extra)
+        return fw
+
+    def start_worker(self, name: str) -> FakeWorker:
+        """A fake worker serving on 127.0.0.1, stopped by :meth:`close`, not registered."""
+        fw = FakeWorker(name)
         srv = ThreadServer(fw.app).start()
         self.workers.append((fw, srv))
-        self.register(fw.name, role, srv.url, model)
         fw.url = srv.url  # type: ignore[attr-defined]
         return fw
 
-    def register(self, worker_id: str, role: str, url: str, model: str = "m") -> httpx.Response:
+    def register(
+        self, worker_id: str, role: str, url: str, model: str = "m", **extra: object
+    ) -> httpx.Response:
         r = self.client.post(
             "/internal/workers",
-            json={"worker_id": worker_id, "role": role, "url": url, "models": [model]},
+            json={"worker_id": worker_id, "role": role, "url": url, "models": [model], **extra},
             headers={"X-PDMesh-Token": TOKEN},
         )
         r.raise_for_status()

@@ -2,14 +2,19 @@
 
 Behaviour knobs (attributes of :class:`FakeWorker`, changeable during a test): ``max_model_len`` (prompts
 longer than that in "tokens" = words get vLLM's 400), ``fail_status`` (answer every request with that status),
-``die_after_chunks`` (break a stream abruptly after that many chunks), ``chunk_delay_s``.
+``die_after_chunks`` (break a stream abruptly after that many chunks), ``chunk_delay_s``, ``delay_s`` (wait
+before answering; like vLLM, a client disconnect during that wait aborts the request and counts in
+``cancelled``), ``health_status``, ``tokenize_status``. ``POST /tokenize`` gives one token id per word (roles
+count as words for messages), like vLLM's endpoint shape; ``tokenize_calls`` counts calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from hashlib import blake2b
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,7 +31,42 @@ class FakeWorker:
         self.die_after_chunks: int | None = None
         self.chunk_delay_s = 0.0
         self.cancelled = 0
+        self.delay_s = 0.0
+        self.health_status = 200
+        self.tokenize_status = 200
+        self.tokenize_calls = 0
         self.app = self._build()
+
+    @staticmethod
+    def token_ids(body: dict) -> list[int]:
+        if "messages" in body:
+            words = [
+                w
+                for m in body["messages"]
+                for w in (f"<{m.get('role')}>", *str(m.get("content", "")).split())
+            ]
+        else:
+            words = str(body.get("prompt", "")).split()
+        return [int.from_bytes(blake2b(w.encode(), digest_size=2).digest(), "little") for w in words]
+
+    async def _wait_or_abort(self, request: Request, seconds: float) -> bool:
+        """Sleep ``seconds`` unless the client disconnects first (then count it and return False)."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        sleeper = asyncio.ensure_future(asyncio.sleep(seconds))
+        watcher = asyncio.ensure_future(disconnected())
+        done, _ = await asyncio.wait({sleeper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (sleeper, watcher):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if watcher in done:
+            self.cancelled += 1
+            return False
+        return True
 
     def _prompt_len(self, body: dict) -> int:
         if "messages" in body:
@@ -42,6 +82,8 @@ class FakeWorker:
             body = await request.json()
             me.requests.append(body)
             me.headers.append(dict(request.headers))
+            if me.delay_s and not await me._wait_or_abort(request, me.delay_s):
+                return JSONResponse({"error": {"message": "aborted"}}, 499)
             if me.fail_status:
                 return JSONResponse(
                     {"error": {"message": "boom", "type": "InternalServerError"}}, me.fail_status
@@ -113,6 +155,18 @@ class FakeWorker:
 
         @app.get("/health")
         async def health():
-            return {"ok": True, "t": time.time()}
+            return JSONResponse({"ok": me.health_status == 200, "t": time.time()}, me.health_status)
+
+        @app.get("/metrics")
+        async def metrics():
+            return JSONResponse({})
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            me.tokenize_calls += 1
+            if me.tokenize_status != 200:
+                return JSONResponse({"error": {"message": "no tokenizer"}}, me.tokenize_status)
+            tokens = me.token_ids(await request.json())
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": 4096}
 
         return app
