@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +38,19 @@ from router.upstream import Upstream
 log = logging.getLogger("pdmesh.router")
 
 
+def _make_session(cfg: RouterConfig) -> aiohttp.ClientSession:
+    """The legs' client (hot path): keep-alive pool, TCP_NODELAY (aiohttp's default), bounded connect/read."""
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s
+    )
+    connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False, skip_auto_headers=("User-Agent",)
+    )
+
+
 def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
+    """Client for the side calls (health checks, /tokenize, tier /lookup); each call passes its own timeout."""
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=30)
     return httpx.AsyncClient(timeout=timeout, limits=limits, http2=False, trust_env=False)
@@ -58,13 +71,14 @@ def create_app(config: RouterConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = _make_client(config)
+        session = _make_session(config)
         index = PrefixIndex(config.cache_aware.index_chunks)
         app.state.router = RouterState(
             config=config,
             registry=registry,
             metrics=metrics,
             upstream=Upstream(
-                client,
+                session,
                 registry,
                 metrics,
                 config.max_attempts,
@@ -94,6 +108,7 @@ def create_app(config: RouterConfig) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await client.aclose()
+            await session.close()
 
     app = FastAPI(title="pdmesh router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)

@@ -317,7 +317,7 @@ class _Legs:
         decode = await self._decode(decode_body, pd_push.Prefer(target.id, self.decode_policy))
         st.metrics.pd_requests.labels("push").inc()
         if not body.get("stream"):
-            _count_transfer_fallback(st, decode.response.content, self.request_id)
+            _count_transfer_fallback(st, decode.content, self.request_id)
         return decode
 
     async def nixl(self) -> LegResult:
@@ -329,11 +329,13 @@ class _Legs:
                 return await self._decode_only(target, "short_prompt")
         prefill = await self._prefill(lambda _w: pd_nixl.prefill_request(body))
         try:
-            prefill_json = prefill.response.json()
+            prefill_json = prefill.json()
         except ValueError:
             raise OpenAIError(
                 502, "prefill worker returned invalid JSON", code="PD_PREFILL_BAD_RESPONSE"
             ) from None
+        if not isinstance(prefill_json, dict):
+            raise OpenAIError(502, "prefill worker returned a non-object", code="PD_PREFILL_BAD_RESPONSE")
         decode_body = pd_nixl.decode_request(body, prefill_json)
         decode = await self._decode(lambda _w: decode_body, self.decode_policy)
         st.metrics.pd_requests.labels("nixl").inc()
@@ -354,8 +356,8 @@ def _decode_response(
         return _streaming_response(st, decode, path, request_id, started, deadline)
     st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
     return Response(
-        decode.response.content,
-        status_code=decode.response.status_code,
+        decode.content,
+        status_code=decode.status,
         media_type="application/json",
         headers={"X-Request-Id": request_id},
     )

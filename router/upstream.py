@@ -8,7 +8,7 @@ Contract:
 - A half-open breaker lets exactly one request try the worker; the others pick another worker.
 - Nothing is retried once the first byte of a response has been sent to the client; a streamed response that
   breaks later ends with an SSE error event (:func:`relay_stream`).
-- Every call has a timeout (connect and read from the shared ``httpx.AsyncClient``); the response object of a
+- Every call has a timeout (connect and read from the shared ``aiohttp.ClientSession``); the response object of a
   streaming leg is owned by :func:`relay_stream`, which always closes it (also when the client disconnects and
   the generator is closed).
 """
@@ -22,7 +22,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from router.errors import OpenAIError, sse_error_event
 from router.metrics import RouterMetrics
@@ -35,21 +35,37 @@ log = logging.getLogger("pdmesh.router")
 
 @dataclass
 class LegResult:
-    """A successful leg. For a streamed leg the body is unread and the worker's in-flight count is still
-    held: :meth:`close` (idempotent) releases both; :meth:`Upstream.relay_stream` calls it when it ends."""
+    """A successful leg: ``content`` for a plain leg; for a streamed leg ``stream`` is the unread response and
+    the worker's in-flight count is still held: :meth:`close` (idempotent) releases both (the connection goes
+    back to the pool only when the stream was complete); :meth:`Upstream.relay_stream` calls it."""
 
     worker: Worker
-    response: httpx.Response
+    status: int
+    content: bytes = b""
+    stream: aiohttp.ClientResponse | None = None
     open: bool = False
+    complete: bool = False
+
+    def json(self) -> object:
+        return json.loads(self.content)
 
     async def close(self) -> None:
         if self.open:
             self.open = False
             self.worker.in_flight -= 1
-            await self.response.aclose()
+            if self.stream is not None:
+                if self.complete:
+                    self.stream.release()
+                else:
+                    self.stream.close()
 
 
-def _relay_error(resp: httpx.Response, body: bytes) -> OpenAIError:
+# Connection-level failures of one attempt (aiohttp's timeouts are asyncio.TimeoutError subclasses; the
+# request deadline arrives as a cancellation instead, so it is never caught here).
+_LEG_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def _relay_error(status: int, body: bytes) -> OpenAIError:
     """Turn a worker's error response into an OpenAIError with the worker's message."""
     message = body.decode(errors="replace")[:2000]
     err_type, code, param = None, None, None
@@ -63,7 +79,6 @@ def _relay_error(resp: httpx.Response, body: bytes) -> OpenAIError:
             code = err.get("code")
     except (ValueError, AttributeError):
         pass
-    status = resp.status_code
     return OpenAIError(
         status,
         message,
@@ -77,7 +92,7 @@ def _relay_error(resp: httpx.Response, body: bytes) -> OpenAIError:
 class Upstream:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         registry: Registry,
         metrics: RouterMetrics,
         max_attempts: int,
@@ -141,17 +156,17 @@ class Upstream:
                 if delay:
                     await asyncio.sleep(delay)
             attempts += 1
-            req = self.client.build_request(
-                "POST", worker.url + path, json=body_for(worker), headers={"X-Request-Id": request_id}
-            )
+            data = json.dumps(body_for(worker)).encode()
             worker.in_flight += 1
             owned = False  # True once the LegResult (and its in-flight count) goes to the caller
             try:
                 try:
-                    resp = await self.client.send(req, stream=True)
-                except httpx.HTTPError as e:
+                    resp = await self.client.post(
+                        worker.url + path, data=data, headers={"X-Request-Id": request_id, **_JSON}
+                    )
+                except _LEG_ERRORS as e:
                     reason = type(e).__name__
-                    self._failed(leg, worker, reason, hard=isinstance(e, httpx.ConnectError))
+                    self._failed(leg, worker, reason, hard=isinstance(e, aiohttp.ClientConnectorError))
                     log.warning(
                         "%s leg to %s failed (%s: %s); request %s", leg, worker.id, reason, e, request_id
                     )
@@ -162,39 +177,44 @@ class Upstream:
                         retryable=True,
                     )
                     continue
-                if resp.status_code >= 400:
+                if resp.status >= 400:
                     try:
-                        data = await resp.aread()
-                    except httpx.HTTPError:
-                        data = b""
+                        content = await resp.read()
+                    except _LEG_ERRORS:
+                        content = b""
                     finally:
-                        await resp.aclose()
-                    err = _relay_error(resp, data)
+                        resp.release()
+                    err = _relay_error(resp.status, content)
                     if err.status < 500:
-                        self.metrics.upstream_errors.labels(leg, str(resp.status_code)).inc()
+                        self.metrics.upstream_errors.labels(leg, str(resp.status)).inc()
                         self.registry.mark_ok(worker)  # the worker is fine; the request is not
                         raise err
-                    self._failed(leg, worker, str(resp.status_code), hard=False)
-                    log.warning("%s leg on %s returned %s: %s", leg, worker.id, resp.status_code, err.message)
+                    self._failed(leg, worker, str(resp.status), hard=False)
+                    log.warning("%s leg on %s returned %s: %s", leg, worker.id, resp.status, err.message)
                     last = err
                     continue
-                if not stream:
-                    try:
-                        await resp.aread()
-                    except httpx.HTTPError as e:
-                        self._failed(leg, worker, type(e).__name__, hard=False)
-                        last = OpenAIError(
-                            502,
-                            f"{leg} worker {worker.id} broke its response: {e}",
-                            code="PD_PEER_UNAVAILABLE",
-                            retryable=True,
-                        )
-                        continue
-                    finally:
-                        await resp.aclose()
+                if stream:
+                    self.registry.mark_ok(worker)
+                    owned = True
+                    return LegResult(worker, resp.status, stream=resp, open=True)
+                try:
+                    content = await resp.read()
+                except _LEG_ERRORS as e:
+                    resp.close()
+                    self._failed(leg, worker, type(e).__name__, hard=False)
+                    last = OpenAIError(
+                        502,
+                        f"{leg} worker {worker.id} broke its response: {type(e).__name__}",
+                        code="PD_PEER_UNAVAILABLE",
+                        retryable=True,
+                    )
+                    continue
+                except BaseException:
+                    resp.close()
+                    raise
+                resp.release()
                 self.registry.mark_ok(worker)
-                owned = stream
-                return LegResult(worker, resp, open=stream)
+                return LegResult(worker, resp.status, content)
             finally:
                 worker.breaker.release_trial()
                 if not owned:
@@ -221,13 +241,14 @@ class Upstream:
         whole stream: past it the stream ends with a ``PD_DEADLINE_EXCEEDED`` error event. Closes the upstream
         response in all cases, which also aborts the request on the worker when the client went away.
         """
-        resp, worker = result.response, result.worker
+        resp, worker = result.stream, result.worker
+        assert resp is not None
         first = True
         tail = b""
         itl = self.metrics.itl.labels(endpoint)
         loop = asyncio.get_running_loop()
         last_t = 0.0
-        chunks = resp.aiter_raw().__aiter__()
+        chunks = resp.content.iter_any().__aiter__()
         try:
             while True:
                 try:
@@ -247,15 +268,26 @@ class Upstream:
                 tail = (tail + chunk)[-64:]
                 yield chunk
             if b"data: [DONE]" in tail:
+                result.complete = True
                 return
-            raise httpx.RemoteProtocolError("stream ended without [DONE]")
-        except TimeoutError:
+            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+        except TimeoutError as e:
+            if deadline is None or loop.time() < deadline:  # the worker's read timeout, not the deadline
+                self.registry.mark_failed(worker)
+                self.metrics.stream_aborts.inc()
+                self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
+                self.metrics.upstream_errors.labels("decode", type(e).__name__).inc()
+                err = OpenAIError(
+                    502, f"decode worker {worker.id} stalled mid-stream", code="PD_PEER_UNAVAILABLE"
+                )
+                yield _sep(tail) + sse_error_event(err)
+                return
             self.metrics.stream_aborts.inc()
             self.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
             log.warning("decode stream from %s passed the request deadline", worker.id)
             err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
             yield _sep(tail) + sse_error_event(err)
-        except httpx.HTTPError as e:
+        except _LEG_ERRORS as e:
             self.registry.mark_failed(worker)
             self.metrics.stream_aborts.inc()
             self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
@@ -269,6 +301,9 @@ class Upstream:
             yield _sep(tail) + sse_error_event(err)
         finally:
             await result.close()
+
+
+_JSON = {"Content-Type": "application/json"}
 
 
 def _sep(tail: bytes) -> bytes:
