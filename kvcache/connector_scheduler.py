@@ -70,6 +70,7 @@ class _Req:
     load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
     saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
     loaded_tokens: int = 0
+    pushes: int = 0
     fell_back: bool = False  # a PD wait hit its deadline
     done_tokens: int = 0  # tokens whose KV exists after the current step
 
@@ -228,7 +229,10 @@ class ConnectorScheduler:
         a, st.saved = st.saved, limit
         push = None
         if st.pd is not None and st.pd.push_to:
-            push = PushSpec(st.pd.transfer_id, st.pd.push_to, st.pd.deadline_s)
+            # One transfer per step: chunked prefill saves a long prompt over several steps, and a transfer id
+            # is committed once. The receiver only needs the chunk keys, not the id, to make chunks ready.
+            st.pushes += 1
+            push = PushSpec(f"{st.pd.transfer_id}.{st.pushes}", st.pd.push_to, st.pd.deadline_s)
         return ChunkOp(
             st.request.request_id, keys[a:limit], [self._chunk_blocks(st, i) for i in range(a, limit)], push
         )

@@ -20,8 +20,16 @@ SOCKET_ENV = "PDMESH_TIER_SOCKET"
 
 
 class ConnectorTierClient:
-    def __init__(self, socket_path: str, token: str, timeout_s: float, fingerprint: ModelFingerprint) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        token: str,
+        timeout_s: float,
+        fingerprint: ModelFingerprint,
+        load_timeout_s: float = 10.0,
+    ) -> None:
         self.address = socket_path
+        self.load_timeout_s = load_timeout_s
         self._mapped_name: str | None = None
         self._view: memoryview | None = None
         self._client = TierClient(socket_path, token, timeout_s=timeout_s, fingerprint=fingerprint.to_dict())
@@ -31,7 +39,13 @@ class ConnectorTierClient:
         path = extra.get("tier_socket") or os.environ.get(SOCKET_ENV)
         if not path:
             raise ValueError(f"pdmesh connector: set kv_connector_extra_config.tier_socket or {SOCKET_ENV}")
-        return cls(str(path), cluster_token_from_env(), float(extra.get("tier_timeout_s", 2.0)), fingerprint)
+        return cls(
+            str(path),
+            cluster_token_from_env(),
+            float(extra.get("tier_timeout_s", 2.0)),
+            fingerprint,
+            float(extra.get("tier_load_timeout_s", 10.0)),
+        )
 
     # TierLookup
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -51,9 +65,24 @@ class ConnectorTierClient:
             self._mapped_name = name
         return self._view
 
+    LOAD_BATCH = (
+        16  # chunks per load call: a slow tier (disk, remote) costs one bounded call, not all of them
+    )
+
     def acquire(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
-        locs = self._client.load(keys)
-        out: list[tuple[int, int] | None] = [(a.offset, a.length) for a in locs]
+        """Pin the longest ready prefix of ``keys`` (bringing disk/remote chunks into the pool), batch by batch.
+
+        Each batch is one call bounded by the load timeout; a batch that comes back short ends the prefix there.
+        A failed call raises: the client then drops its connection, and the server drops every pin of that
+        connection, so chunks pinned by earlier batches are no longer safe to read either.
+        """
+        out: list[tuple[int, int] | None] = []
+        for i in range(0, len(keys), self.LOAD_BATCH):
+            batch = keys[i : i + self.LOAD_BATCH]
+            r = self._client.call("load", timeout_s=self.load_timeout_s, keys=list(batch))
+            out += [(int(o), int(n)) for o, n in r["locs"]]
+            if len(r["locs"]) < len(batch):
+                break
         return out + [None] * (len(keys) - len(out))
 
     def release(self, keys: Sequence[bytes]) -> None:

@@ -416,6 +416,18 @@ class TierServer:
             }
             extra["remote_errors_total"] = rs.errors
             extra["remote_up"] = 1 if self.remote.available else 0
+        if self.transfer is not None:
+            ts, rx = self.transfer.stats, self.transfer.receiver.stats()
+            extra.update(
+                push_total=ts.pushes,
+                push_failures_total=ts.failures,
+                push_chunks_total=ts.chunks,
+                push_bytes_total=ts.bytes,
+                push_seconds_total=ts.seconds,
+                received_commits_total=rx.committed,
+                received_aborts_total=rx.aborted,
+                receive_leases=rx.leases,
+            )
         return {"tiers": tiers, "extra": extra}
 
     # ------------------------------------------------------------------ control socket

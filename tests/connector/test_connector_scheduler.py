@@ -167,7 +167,7 @@ def test_pd_prefill_pushes_every_prompt_chunk_including_prefix_cached_ones():
     s.update_state_after_alloc(req, blocks, 0)
     (save,) = s.build_meta(new_req_output(req, blocks, 8, 17)).saves
     assert save.keys == chunk_keys(FP, prompt, C)[:3]
-    assert save.push.transfer_id == "t9" and save.push.peer == "10.0.0.2:7000"
+    assert save.push.transfer_id == "t9.1" and save.push.peer == "10.0.0.2:7000"
 
 
 def test_chunked_prefill_and_generated_tokens():
@@ -209,3 +209,15 @@ def test_finished_pd_request_reports_loaded_tokens_and_fallback():
     plain = FakeRequest("q", prompt)
     s.get_num_new_matched_tokens(plain, 0)
     assert s.request_finished(plain) is None
+
+
+def test_chunked_prefill_pushes_each_step_under_its_own_transfer_id():
+    s, _, _ = make()
+    prompt = list(range(1, 34))  # 4 full chunks
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t", "push_to": "h:1"}})
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, list(range(9)), 0)
+    first = s.build_meta(new_req_output(req, list(range(9)), 0, 16)).saves
+    second = s.build_meta(cached_output(req, [], 16, 17)).saves
+    assert [op.push.transfer_id for op in first + second] == ["t.1", "t.2"]
+    assert first[0].keys + second[0].keys == chunk_keys(FP, prompt, C)

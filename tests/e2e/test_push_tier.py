@@ -111,7 +111,11 @@ def test_prefix_reused_by_the_other_prefill_worker_via_remote_tier(cluster, expe
     _check(
         cluster, expected, SHARED_A
     )  # round robin: prefill-0 computes, saves, writes through to the remote
-    time.sleep(1.0)  # write-through to the cache server is asynchronous
+    chunk = chunk_nbytes_for_model(cluster.spec.model, "float32", C)
+    deadline = time.monotonic() + 60  # write-through to the cache server is asynchronous: wait for the prefix
+    while _tier_stats(cluster, "prefill-0")["remote"]["bytes_written"] < 16 * chunk:
+        assert time.monotonic() < deadline, _tier_stats(cluster, "prefill-0")
+        time.sleep(0.2)
     _check(
         cluster, expected, SHARED_B
     )  # prefill-1 has nothing locally: it loads the prefix from the remote tier
@@ -128,6 +132,12 @@ def test_prefix_reused_by_the_other_prefill_worker_via_remote_tier(cluster, expe
     assert computed["prefill-1"] < computed["prefill-0"] - 1500
     remote = _tier_stats(cluster, "prefill-1")["counters"]["remote"]
     assert remote.get("hits", 0) >= 16, remote
+    # transfer metrics on the tiers' /metrics: both prefill workers pushed, the decoder's tier received
+    pushed = sum(
+        scrape(_metrics(cluster.tier_info(w)["http"]), "pdmesh_tier_push_bytes_total") for w in after
+    )
+    assert pushed >= 16 * chunk
+    assert scrape(_metrics(cluster.tier_info("decode-0")["http"]), "pdmesh_tier_received_commits_total") >= 1
 
 
 def test_fresh_prompts_concurrency_16(cluster, expected):
