@@ -77,3 +77,14 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
     for name in INTERNAL_FIELDS:
         obj.pop(name, None)
     return obj
+
+
+def one_token_leg(body: dict) -> dict:
+    """The same request limited to a single output token, not streamed: the shape of every prefill leg."""
+    leg = {k: v for k, v in body.items() if k != "stream_options"}
+    leg["stream"] = False
+    leg["max_tokens"] = 1
+    if "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
+    leg.pop("min_tokens", None)
+    return leg

@@ -9,18 +9,12 @@ plain vLLM PD deployment.
 from __future__ import annotations
 
 from router.errors import OpenAIError
-
-_STREAM_ONLY = ("stream_options",)
+from router.openai_requests import one_token_leg
 
 
 def prefill_request(body: dict) -> dict:
     """The prefill leg: same prompt, one token, no streaming, KV kept for remote decode."""
-    leg = {k: v for k, v in body.items() if k not in _STREAM_ONLY}
-    leg["stream"] = False
-    leg["max_tokens"] = 1
-    if "max_completion_tokens" in leg:
-        leg["max_completion_tokens"] = 1
-    leg.pop("min_tokens", None)
+    leg = one_token_leg(body)
     leg["kv_transfer_params"] = {
         "do_remote_decode": True,
         "do_remote_prefill": False,

@@ -10,17 +10,13 @@ Only the router sets these fields (client-supplied ``kv_transfer_params`` are dr
 
 from __future__ import annotations
 
+from router.openai_requests import one_token_leg
 from router.registry import Worker
 
 
 def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int) -> dict:
     """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``."""
-    leg = {k: v for k, v in body.items() if k != "stream_options"}
-    leg["stream"] = False
-    leg["max_tokens"] = 1
-    if "max_completion_tokens" in leg:
-        leg["max_completion_tokens"] = 1
-    leg.pop("min_tokens", None)
+    leg = one_token_leg(body)
     leg["kv_transfer_params"] = {
         "pdmesh": {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms}
     }

@@ -5,6 +5,7 @@ import pytest
 
 from router.app import create_app
 from router.config import RouterConfig
+from tests.e2e.oracle import scrape
 from tests.router.fake_worker import FakeWorker
 from tests.servers import ThreadServer
 
@@ -46,17 +47,7 @@ class RouterHarness:
         return r
 
     def metric(self, name: str, **labels: str) -> float:
-        text = self.client.get("/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            if head.split("{")[0] != name:
-                continue
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-        return total
+        return scrape(self.client.get("/metrics").text, name, **labels)
 
     def close(self) -> None:
         self.client.close()
