@@ -87,7 +87,6 @@ class PdmeshConnector(KVConnectorBase_V1):
                 self.block_size,
                 save_generated=bool(extra.get("save_generated", False)),
             )
-            self._pd_requests: set[str] = set()
         log.info(
             "pdmesh connector (%s): chunk %d tokens, tier %s", role.name, self.chunk_tokens, self.tier.address
         )
@@ -101,11 +100,12 @@ class PdmeshConnector(KVConnectorBase_V1):
         first = next(iter(kv_caches.values()))
         if current_platform.is_cpu():
             layout = layout_for("CPU_ATTN", first.shape)
-        else:  # CUDA/ROCm: vLLM's standardized per-layer view (not exercised on CPU-only CI)
-            backend = str(
-                getattr(getattr(self._vllm_config, "attention_config", None), "backend", None) or "FLASH_ATTN"
-            )
-            layout = layout_for(backend, first.shape)
+        else:  # CUDA/ROCm: the backend and vLLM's resolved KVCacheLayout name the memory order (not run in CI)
+            from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+            backend = get_current_attn_backends(self._vllm_config)[0].get_name()
+            resolved = self._vllm_config.cache_config.get_resolved_kv_cache_layout().name
+            layout = layout_for(backend, first.shape, kv_cache_layout=resolved)
         bound = bind(list(kv_caches.values()), layout)
         self._worker = ConnectorWorker(self.tier, bound, self.chunk_tokens // self.block_size)
         log.info(

@@ -123,6 +123,11 @@ class ConnectorWorker:
             for blocks in op.block_ids[done:]:
                 self._load_errors.update(blocks)
 
+    def _sync_device(self) -> None:
+        device = getattr(self.packer, "device", None)
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
         return out
@@ -153,6 +158,7 @@ class ConnectorWorker:
                 self.packer.pack(blocks_of[key], out=pool[off : off + self.chunk_nbytes])
                 written.append(key)
             if written:
+                self._sync_device()  # GPU packs are queued on a stream: the bytes must be in the pool first
                 self.tier.commit(written)
                 self.stats.saved_chunks += len(written)
                 self.stats.saved_bytes += len(written) * self.chunk_nbytes
