@@ -42,7 +42,8 @@ class ConnectorTierClient:
         return cls(
             str(path),
             cluster_token_from_env(),
-            float(extra.get("tier_timeout_s", 2.0)),
+            # > the tier server's own bound on a remote lookup (remote timeout + connect timeout = 2.5 s)
+            float(extra.get("tier_timeout_s", 3.0)),
             fingerprint,
             float(extra.get("tier_load_timeout_s", 10.0)),
         )
