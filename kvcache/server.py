@@ -293,8 +293,8 @@ class TierServer:
         except PoolFull:
             return False
         self._after_alloc()
-        if a is None:  # someone else is filling it, or it became ready meanwhile
-            return self.pool.locate(key) is not None
+        if a is None:  # someone else is filling it (a push, another load), or it became ready meanwhile
+            return await self._wait_in_flight(key)
         view = self.pool.buffer[a.offset : a.offset + a.length]
         try:
             if tier == "disk":
@@ -314,12 +314,30 @@ class TierServer:
         self.counters[tier]["bytes_read"] += n
         return True
 
+    async def _wait_in_flight(self, key: bytes) -> bool:
+        """Wait (at most ``inflight_wait_s``, without blocking the loop) for a chunk that is being written.
+
+        A chunk in flight (a PD push landing, another client's load) becomes ready in milliseconds; giving up at
+        once would make the caller recompute it. False when it is not in the pool, was aborted, or is still not
+        ready at the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.inflight_wait_s
+        while True:
+            if self.pool.locate(key) is not None:
+                return True
+            if self.pool.meta(key) is None or loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.002)
+
     async def load(self, keys: list[bytes], conn: _Conn | None) -> list[tuple[int, int]]:
         """Bring the longest available prefix into the pool; returns locations with in-use refs taken."""
         locs: list[tuple[int, int]] = []
         fp = conn.fp if conn else None
         for k in keys:
             got = self.pool.acquire_many([k])
+            if not got and self.pool.meta(k) is not None and await self._wait_in_flight(k):
+                got = self.pool.acquire_many([k])
             if not got:
                 ok = False
                 if self.disk is not None and self.disk.contains([k]):

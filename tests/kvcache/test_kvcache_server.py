@@ -251,3 +251,36 @@ def test_kill9_tier_server_during_disk_writes(tmp_path, tier_process):
     c.close()
     p2.kill()
     assert os.path.exists(disk / "v1")
+
+
+def test_load_waits_for_a_chunk_still_being_written(tmp_path, tier_factory):
+    """A chunk in flight (e.g. a PD push landing) is waited for, not reported missing: missing means recompute."""
+    t = tier_factory(tier_config(tmp_path, inflight_wait_s=4.0))
+    writer, reader = client(t), client(t)
+
+    def load_in_thread(key: bytes) -> tuple[threading.Thread, dict]:
+        result: dict = {}
+        th = threading.Thread(target=lambda: result.setdefault("locs", reader.load([key])))
+        th.start()
+        return th, result
+
+    key = b"w" * 16
+    loc = writer.alloc([key], 1000).locs[0]
+    assert loc is not None
+    th, result = load_in_thread(key)
+    time.sleep(0.1)
+    writer.segment()[loc.offset : loc.offset + 1000] = b"z" * 1000
+    writer.commit([key])
+    th.join(10)
+    (got,) = result["locs"]
+    assert bytes(reader.segment()[got.offset : got.offset + got.length]) == b"z" * 1000
+    reader.release([key])
+
+    # an allocation that is aborted ends the wait with a miss
+    k2 = b"v" * 16
+    assert writer.alloc([k2], 1000).locs[0] is not None
+    th, result = load_in_thread(k2)
+    time.sleep(0.1)
+    writer.abort([k2])
+    th.join(10)
+    assert result["locs"] == []
