@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 
-import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +25,7 @@ from router.discovery import Discovery
 from router.errors import OpenAIError, install_error_handlers
 from router.flow import PolicySet, RouterState
 from router.health_checks import HealthChecker
+from router.leg_client import LegClient
 from router.limits import Limiter
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
@@ -38,15 +38,9 @@ from router.upstream import Upstream
 log = logging.getLogger("pdmesh.router")
 
 
-def _make_session(cfg: RouterConfig) -> aiohttp.ClientSession:
-    """The legs' client (hot path): keep-alive pool, TCP_NODELAY (aiohttp's default), bounded connect/read."""
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s
-    )
-    connector = aiohttp.TCPConnector(limit=4096, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
-    return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=False, skip_auto_headers=("User-Agent",)
-    )
+def _make_leg_client(cfg: RouterConfig) -> LegClient:
+    """The legs' client (hot path): keep-alive pool, bounded connect and read waits."""
+    return LegClient(cfg.connect_timeout_s, cfg.request_timeout_s, keepalive_s=30)
 
 
 def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
@@ -71,14 +65,14 @@ def create_app(config: RouterConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = _make_client(config)
-        session = _make_session(config)
+        legs = _make_leg_client(config)
         index = PrefixIndex(config.cache_aware.index_chunks)
         app.state.router = RouterState(
             config=config,
             registry=registry,
             metrics=metrics,
             upstream=Upstream(
-                session,
+                legs,
                 registry,
                 metrics,
                 config.max_attempts,
@@ -108,7 +102,7 @@ def create_app(config: RouterConfig) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await client.aclose()
-            await session.close()
+            legs.close()
 
     app = FastAPI(title="pdmesh router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)

@@ -8,9 +8,9 @@ Contract:
 - A half-open breaker lets exactly one request try the worker; the others pick another worker.
 - Nothing is retried once the first byte of a response has been sent to the client; a streamed response that
   breaks later ends with an SSE error event (:func:`relay_stream`).
-- Every call has a timeout (connect and read from the shared ``aiohttp.ClientSession``); the response object of a
-  streaming leg is owned by :func:`relay_stream`, which always closes it (also when the client disconnects and
-  the generator is closed).
+- Every call has a timeout (connect and read, from the shared :class:`router.leg_client.LegClient`); the response
+  of a streaming leg is owned by :func:`relay_stream`, which always closes it (also when the client disconnects
+  and the generator is closed).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from router.errors import OpenAIError, sse_error_event
+from router.leg_client import LegClient, LegConnectError, LegDeadline, LegError, LegResponse, LegTimeout
 from router.metrics import RouterMetrics
 from router.policies.base import Policy
 from router.registry import Registry, Worker
@@ -42,7 +41,7 @@ class LegResult:
     worker: Worker
     status: int
     content: bytes = b""
-    stream: aiohttp.ClientResponse | None = None
+    stream: LegResponse | None = None
     open: bool = False
     complete: bool = False
 
@@ -57,12 +56,9 @@ class LegResult:
                 if self.complete:
                     self.stream.release()
                 else:
-                    self.stream.close()
+                    self.stream.close()  # aborts the request on the worker
 
 
-# Connection-level failures of one attempt (aiohttp's timeouts are asyncio.TimeoutError subclasses; the
-# request deadline arrives as a cancellation instead, so it is never caught here).
-_LEG_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 def _relay_error(status: int, body: bytes) -> OpenAIError:
@@ -92,7 +88,7 @@ def _relay_error(status: int, body: bytes) -> OpenAIError:
 class Upstream:
     def __init__(
         self,
-        client: aiohttp.ClientSession,
+        client: LegClient,
         registry: Registry,
         metrics: RouterMetrics,
         max_attempts: int,
@@ -162,11 +158,11 @@ class Upstream:
             try:
                 try:
                     resp = await self.client.post(
-                        worker.url + path, data=data, headers={"X-Request-Id": request_id, **_JSON}
+                        worker.url, path, data, b"X-Request-Id: %s\r\n" % request_id.encode()
                     )
-                except _LEG_ERRORS as e:
-                    reason = type(e).__name__
-                    self._failed(leg, worker, reason, hard=isinstance(e, aiohttp.ClientConnectorError))
+                except LegError as e:
+                    reason = _reason(e)
+                    self._failed(leg, worker, reason, hard=isinstance(e, LegConnectError) and e.refused)
                     log.warning(
                         "%s leg to %s failed (%s: %s); request %s", leg, worker.id, reason, e, request_id
                     )
@@ -180,10 +176,9 @@ class Upstream:
                 if resp.status >= 400:
                     try:
                         content = await resp.read()
-                    except _LEG_ERRORS:
+                    except LegError:
                         content = b""
-                    finally:
-                        resp.release()
+                    resp.release()
                     err = _relay_error(resp.status, content)
                     if err.status < 500:
                         self.metrics.upstream_errors.labels(leg, str(resp.status)).inc()
@@ -199,12 +194,12 @@ class Upstream:
                     return LegResult(worker, resp.status, stream=resp, open=True)
                 try:
                     content = await resp.read()
-                except _LEG_ERRORS as e:
+                except LegError as e:
                     resp.close()
-                    self._failed(leg, worker, type(e).__name__, hard=False)
+                    self._failed(leg, worker, _reason(e), hard=False)
                     last = OpenAIError(
                         502,
-                        f"{leg} worker {worker.id} broke its response: {type(e).__name__}",
+                        f"{leg} worker {worker.id} broke its response: {_reason(e)}",
                         code="PD_PEER_UNAVAILABLE",
                         retryable=True,
                     )
@@ -248,16 +243,8 @@ class Upstream:
         itl = self.metrics.itl.labels(endpoint)
         loop = asyncio.get_running_loop()
         last_t = 0.0
-        chunks = resp.content.iter_any().__aiter__()
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                if not chunk:
-                    continue
+            async for chunk in resp.chunks(deadline):
                 now = loop.time()
                 if first:
                     on_first_byte()
@@ -270,32 +257,29 @@ class Upstream:
             if b"data: [DONE]" in tail:
                 result.complete = True
                 return
-            raise aiohttp.ClientPayloadError("stream ended without [DONE]")
-        except TimeoutError as e:
-            if deadline is None or loop.time() < deadline:  # the worker's read timeout, not the deadline
-                self.registry.mark_failed(worker)
-                self.metrics.stream_aborts.inc()
-                self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
-                self.metrics.upstream_errors.labels("decode", type(e).__name__).inc()
-                err = OpenAIError(
-                    502, f"decode worker {worker.id} stalled mid-stream", code="PD_PEER_UNAVAILABLE"
-                )
-                yield _sep(tail) + sse_error_event(err)
-                return
+            raise _StreamIncomplete("stream ended without [DONE]")
+        except LegDeadline:
             self.metrics.stream_aborts.inc()
             self.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
             log.warning("decode stream from %s passed the request deadline", worker.id)
             err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
             yield _sep(tail) + sse_error_event(err)
-        except _LEG_ERRORS as e:
+        except LegTimeout as e:
             self.registry.mark_failed(worker)
             self.metrics.stream_aborts.inc()
             self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
-            self.metrics.upstream_errors.labels("decode", type(e).__name__).inc()
+            self.metrics.upstream_errors.labels("decode", _reason(e)).inc()
+            err = OpenAIError(502, f"decode worker {worker.id} stalled mid-stream", code="PD_PEER_UNAVAILABLE")
+            yield _sep(tail) + sse_error_event(err)
+        except (LegError, _StreamIncomplete) as e:
+            self.registry.mark_failed(worker)
+            self.metrics.stream_aborts.inc()
+            self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
+            self.metrics.upstream_errors.labels("decode", _reason(e)).inc()
             log.warning("decode stream from %s broke: %s", worker.id, e)
             err = OpenAIError(
                 502,
-                f"decode worker {worker.id} failed mid-stream: {type(e).__name__}",
+                f"decode worker {worker.id} failed mid-stream: {_reason(e)}",
                 code="PD_PEER_UNAVAILABLE",
             )
             yield _sep(tail) + sse_error_event(err)
@@ -303,7 +287,24 @@ class Upstream:
             await result.close()
 
 
-_JSON = {"Content-Type": "application/json"}
+class _StreamIncomplete(Exception):
+    """The worker ended the stream (cleanly at the HTTP level) without ``data: [DONE]``."""
+
+
+_REASONS = {
+    "LegConnectError": "connect_error",
+    "LegTimeout": "read_timeout",
+    "LegDeadline": "deadline",
+    "LegDisconnected": "disconnected",
+    "_StreamIncomplete": "incomplete_stream",
+}
+
+
+def _reason(e: Exception) -> str:
+    """The ``reason`` label of a leg failure (bounded set)."""
+    if isinstance(e, LegConnectError) and not e.refused:
+        return "connect_timeout"
+    return _REASONS.get(type(e).__name__, "error")
 
 
 def _sep(tail: bytes) -> bytes:
