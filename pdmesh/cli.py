@@ -28,7 +28,9 @@ def _cmd_router(args: argparse.Namespace) -> int:
     from router.main import run_router
 
     try:
-        cfg = load_router_config(args.config, host=args.host, port=args.port, pd_mode=args.pd_mode)
+        cfg = load_router_config(
+            args.config, host=args.host, port=args.port, pd_mode=args.pd_mode, processes=args.processes
+        )
     except ConfigError as e:
         print(f"pdmesh router: {e}", file=sys.stderr)
         return 2
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--pd-mode", default=None, choices=["push", "nixl"])
+    s.add_argument(
+        "--processes", type=int, default=None, help="router processes sharing the port (one core each)"
+    )
     s.set_defaults(func=_cmd_router)
 
     for name, role, cmd in (("prefiller", PREFILL, "prefill"), ("decoder", DECODE, "decode")):

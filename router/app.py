@@ -23,11 +23,14 @@ from router.auth import check_api_key, check_cluster_token
 from router.config import RouterConfig
 from router.discovery import Discovery
 from router.errors import OpenAIError, install_error_handlers
+from router.exchange import Exchange, Receive, Scope, Send
 from router.flow import PolicySet, RouterState
 from router.health_checks import HealthChecker
 from router.leg_client import LegClient
 from router.limits import Limiter
 from router.metrics import RouterMetrics
+from router.openai_requests import Kind
+from router.peers import RELAYED_HEADER, Peers, merge_metrics
 from router.prefix_index import PrefixIndex
 from router.prompt_analysis import PromptAnalyzer
 from router.registration import RegistrationReply, WorkerRegistration
@@ -50,8 +53,38 @@ def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits, http2=False, trust_env=False)
 
 
-def create_app(config: RouterConfig) -> FastAPI:
-    """Build the app. The httpx client and the background tasks live for the app's lifespan."""
+class RouterApp:
+    """The router's ASGI app: the completion routes (hot path) on raw ASGI, everything else on FastAPI.
+
+    ``fastapi`` runs the lifespan (clients, background tasks) and owns the state both halves use.
+    """
+
+    def __init__(self, fastapi: FastAPI) -> None:
+        self.fastapi = fastapi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _HOT_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None:
+            await self.fastapi(scope, receive, send)
+            return
+        ex = Exchange(scope, receive, send)
+        if scope["method"] != "POST":
+            await ex.error(
+                OpenAIError(405, f"method {scope['method']} not allowed; use POST", code="method_not_allowed")
+            )
+            return
+        await flow.serve(self.fastapi.state.router, ex, kind)
+
+
+_HOT_PATHS: dict[str, Kind] = {path: kind for kind, path in flow.PATHS.items()}
+
+
+def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
+    """Build the app. The clients and the background tasks live for the app's lifespan.
+
+    ``peers``: the sibling processes when the router runs several (:mod:`router.processes`); the app then
+    relays registrations to them, copies their workers at start and merges their metrics.
+    """
     b = config.breaker
     registry = Registry(
         config.heartbeat_ttl_s,
@@ -93,6 +126,10 @@ def create_app(config: RouterConfig) -> FastAPI:
         if config.discovery.static or config.discovery.dns:
             loops.append(HealthChecker(config.health_check, registry, client).run())
         tasks = [asyncio.create_task(c) for c in loops]
+        if peers is not None:
+            copied = await peers.bootstrap(registry)
+            if copied:
+                log.info("copied %d registered workers from a sibling router process", copied)
         try:
             yield
         finally:
@@ -103,6 +140,8 @@ def create_app(config: RouterConfig) -> FastAPI:
                     await t
             await client.aclose()
             legs.close()
+            if peers is not None:
+                await peers.aclose()
 
     app = FastAPI(title="pdmesh router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -125,14 +164,6 @@ def create_app(config: RouterConfig) -> FastAPI:
                 )
             chunks.append(part)
         return b"".join(chunks)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await flow.serve(state(request), request, "completions", read_body)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await flow.serve(state(request), request, "chat", read_body)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -164,7 +195,13 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prom(request: Request) -> Response:
-        st = state(request)
+        local = _local_metrics(state(request))
+        if peers is None or request.query_params.get("local") == "1":
+            return Response(local, media_type=CONTENT_TYPE_LATEST)
+        merged = merge_metrics([local.decode(), *await peers.metrics_texts()])
+        return Response(merged, media_type=CONTENT_TYPE_LATEST)
+
+    def _local_metrics(st: RouterState) -> bytes:
         st.metrics.workers.clear()
         counts: dict[tuple[str, str], int] = {}
         st.metrics.in_flight.clear()
@@ -179,20 +216,23 @@ def create_app(config: RouterConfig) -> FastAPI:
             st.metrics.breaker_open.labels(w.id).set(int(w.breaker.state == "open"))
         for (role, healthy), n in counts.items():
             st.metrics.workers.labels(role, healthy).set(n)
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return generate_latest(st.metrics.registry)
 
     @app.post("/internal/workers")
     async def register(request: Request) -> RegistrationReply:
         st = state(request)
         check_cluster_token(request, config.cluster_token)
+        raw = await read_body(request)
         try:
-            info = WorkerRegistration.model_validate_json(await read_body(request))
+            info = WorkerRegistration.model_validate_json(raw)
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or None
             raise OpenAIError(400, f"invalid registration: {param}: {err['msg']}", param=param) from None
         known = any(w.id == info.worker_id for w in st.registry.all())
         st.registry.upsert(info)
+        if peers is not None and RELAYED_HEADER not in request.headers:
+            await peers.relay_registration(raw)
         if not known:
             log.info(
                 "worker %s registered: role=%s url=%s models=%s",
@@ -212,6 +252,8 @@ def create_app(config: RouterConfig) -> FastAPI:
         st = state(request)
         check_cluster_token(request, config.cluster_token)
         removed = st.registry.remove(worker_id)
+        if peers is not None and RELAYED_HEADER not in request.headers:
+            await peers.relay_deregistration(worker_id)
         if removed:
             log.info("worker %s deregistered", worker_id)
         return JSONResponse({"removed": removed})
@@ -233,7 +275,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             ]
         )
 
-    return app
+    return RouterApp(app)
 
 
 async def _expire_loop(registry: Registry, period: float) -> None:

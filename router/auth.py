@@ -19,9 +19,14 @@ def check_api_key(request: Request, api_keys: list[str]) -> str:
 
     Returns the key (the identity for per-key limits), or ``""`` when auth is off.
     """
+    return api_key_of(request.headers.get("authorization"), api_keys)
+
+
+def api_key_of(authorization: str | None, api_keys: list[str]) -> str:
+    """:func:`check_api_key` on the raw ``Authorization`` header value (None when absent)."""
     if not api_keys:
         return ""
-    header = request.headers.get("authorization", "")
+    header = authorization or ""
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise OpenAIError(401, "missing API key (Authorization: Bearer <key>)", code="invalid_api_key")

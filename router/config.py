@@ -126,6 +126,8 @@ class RouterConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Router processes sharing the port (SO_REUSEPORT); one Python process uses one core.
+    processes: int = Field(1, ge=1, le=64)
     # push: pdmesh connector + tier push (default); nixl: stock vLLM NixlConnector pull protocol.
     pd_mode: Literal["push", "nixl"] = "push"
     # push mode: how long a decode worker waits for pushed chunks before computing the rest.
@@ -168,6 +170,11 @@ class RouterConfig(BaseModel):
         if self.breaker.open_s is None:
             self.breaker.open_s = self.failure_cooldown_s
         return self
+
+    @property
+    def session_header_bytes(self) -> bytes:
+        """``session_header`` as ASGI spells header names (lower-case bytes)."""
+        return self.session_header.lower().encode("latin-1")
 
     def pool_policy(self, model: str, role: str) -> str:
         return getattr(self.model_policies.get(model, self.policies), role)

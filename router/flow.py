@@ -3,9 +3,9 @@
 Order: API key (401) -> admission limits (429) -> body (413/400) -> model (404/503) -> prompt analysis (only when
 a policy or conditional disaggregation needs it) -> legs -> response. The legs run under the request deadline
 (``request_deadline_s``: 504 ``PD_DEADLINE_EXCEEDED`` before the first byte, an error event after) and under a
-disconnect watch: when the client goes away before the response starts, the running leg is cancelled, which
-closes its upstream connection (vLLM aborts the request); after the response started, Starlette cancels the
-stream and :meth:`Upstream.relay_stream` closes the decode leg.
+disconnect watch (:meth:`router.exchange.Exchange.watched`) for the whole exchange: when the client goes away,
+the running leg or stream relay is cancelled, which closes its upstream connection (vLLM aborts the request).
+The completion routes run on raw ASGI (:mod:`router.exchange`), not Starlette, because they are the hot path.
 
 Modes: push PD (pdmesh connector: prefill pushes KV to the chosen decoder's tier), stock NIXL PD (pull), and
 decode-only (conditional disaggregation, no transfer address, or no prefill worker answering).
@@ -18,17 +18,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
-
 from router import pd_nixl, pd_push
-from router.auth import check_api_key
+from router.auth import api_key_of
 from router.config import RouterConfig
 from router.errors import OpenAIError
+from router.exchange import ClientGone, Exchange
 from router.limits import Limiter, Permit
 from router.metrics import RouterMetrics
 from router.openai_requests import Kind, parse_request
@@ -77,93 +74,90 @@ class RouterState:
     tier_lookup: TierLookup
 
 
-class ClientGone(Exception):
-    """The client disconnected before the response started."""
+async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
+    """Serve one completion request on ``ex`` (never raises for the client's or a worker's faults).
 
-
-async def serve(
-    st: RouterState, request: Request, kind: Kind, read_body: Callable[[Request], Awaitable[bytes]]
-) -> Response:
+    Errors before the first byte become OpenAI error bodies; after it, the stream ends with an error event.
+    The admission permit is held until the response (stream included) is finished.
+    """
     started = time.perf_counter()
     endpoint = PATHS[kind]
     request_id = f"pdm-{uuid.uuid4().hex}"
     status = "200"
     permit: Permit | None = None
     try:
-        key = check_api_key(request, st.config.api_keys)
+        key = api_key_of(ex.header(b"authorization"), st.config.api_keys)
         if st.limiter.enabled:
             permit = st.limiter.admit(key)
-        body = parse_request(await read_body(request), kind)
+        body = parse_request(await ex.read_body(st.config.max_body_bytes), kind)
         model = body["model"]
         _check_model(st, model)
-        ctx = RouteContext(body, model, _session_key(st.config, request, body))
+        ctx = RouteContext(body, model, _session_key(st.config, ex, body))
         deadline = asyncio.get_running_loop().time() + st.config.request_deadline_s
-        resp = await _guarded(request, lambda: _route(st, ctx, kind, request_id, started, deadline), deadline)
-        if isinstance(resp, StreamingResponse) and permit is not None:
-            resp.background = _chain(resp.background, permit.release)
-            permit = None  # released when the stream ends
-        status = str(resp.status_code)
-        return resp
+        await ex.watched(lambda: _serve_routed(st, ex, ctx, kind, request_id, started, deadline))
+        status = str(ex.status)
     except ClientGone:
         status = "499"
         st.metrics.errors.labels("CLIENT_DISCONNECTED").inc()
-        return Response(status_code=499)
     except OpenAIError as e:
         status = str(e.status)
         if e.code and (e.code.startswith("PD_") or e.status == 429):
             st.metrics.errors.labels("RATE_LIMITED" if e.status == 429 else e.code).inc()
-        raise
+        if not ex.started:
+            await ex.error(e)
+    except Exception:
+        status = "500"
+        log.exception("unhandled error on %s (request %s)", endpoint, request_id)
+        if not ex.started:
+            await ex.error(OpenAIError(500, "internal router error", code="internal_error"))
     finally:
         st.metrics.requests.labels(endpoint, status).inc()
         if permit is not None:
             permit.release()
 
 
-def _chain(background: BackgroundTask | None, then: Callable[[], None]) -> BackgroundTask:
-    async def run() -> None:
-        try:
-            if background is not None:
-                await background()
-        finally:
-            then()
+async def _serve_routed(
+    st: RouterState,
+    ex: Exchange,
+    ctx: RouteContext,
+    kind: Kind,
+    request_id: str,
+    started: float,
+    deadline: float,
+) -> None:
+    """The legs under the request deadline (504 before the first byte), then the decode worker's response."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            decode = await _route(st, ctx, kind, request_id)
+    except TimeoutError:
+        raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
+    path = PATHS[kind]
+    rid = [(b"x-request-id", request_id.encode())]
+    try:
+        if not ctx.body.get("stream"):
+            await ex.respond(decode.status, decode.content, rid)
+            st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+            return
+        ttft = st.metrics.ttft.labels(path)
+        await ex.start_stream(rid)
+        first = True
+        async for chunk in st.upstream.relay_stream(decode, deadline, path):
+            if first:
+                ttft.observe(time.perf_counter() - started)
+                first = False
+            await ex.send_chunk(chunk)
+        await ex.end()
+        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+    finally:
+        await decode.close()
 
-    return BackgroundTask(run)
 
-
-def _session_key(config: RouterConfig, request: Request, body: dict) -> str | None:
-    key = request.headers.get(config.session_header)
+def _session_key(config: RouterConfig, ex: Exchange, body: dict) -> str | None:
+    key = ex.header(config.session_header_bytes)
     if key:
         return key
     user = body.get("user")
     return user if isinstance(user, str) and user else None
-
-
-async def _guarded(request: Request, run: Callable[[], Awaitable[Response]], deadline: float) -> Response:
-    """Run ``run()`` in this task under the deadline, cancelled if the client disconnects first."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        for _ in range(1000):  # the body is consumed: the next message is the disconnect
-            if (await request.receive())["type"] == "http.disconnect":
-                gone = True
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await run()
-    except TimeoutError:
-        raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
 
 
 def _check_model(st: RouterState, model: str) -> None:
@@ -212,18 +206,15 @@ def _short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
     return ctx.prompt.n_tokens - cached < threshold
 
 
-async def _route(
-    st: RouterState, ctx: RouteContext, kind: Kind, request_id: str, started: float, deadline: float
-) -> Response:
+async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:
+    """Choose workers and run the legs; returns the decode leg (its stream unread when streaming)."""
     prefill_policy = st.policies.get(ctx.model, "prefill")
     decode_policy = st.policies.get(ctx.model, "decode")
     await _analyze(st, ctx, prefill_policy, decode_policy)
     leg = _Legs(st, ctx, PATHS[kind], request_id, prefill_policy, decode_policy)
     if st.config.pd_mode == "push":
-        decode = await leg.push()
-    else:
-        decode = await leg.nixl()
-    return _decode_response(st, decode, leg.path, request_id, started, bool(ctx.body.get("stream")), deadline)
+        return await leg.push()
+    return await leg.nixl()
 
 
 @dataclass
@@ -342,27 +333,6 @@ class _Legs:
         return decode
 
 
-def _decode_response(
-    st: RouterState,
-    decode: LegResult,
-    path: str,
-    request_id: str,
-    started: float,
-    stream: bool,
-    deadline: float,
-) -> Response:
-    """The client's response: the decode worker's body as is, or its stream relayed as it arrives."""
-    if stream:
-        return _streaming_response(st, decode, path, request_id, started, deadline)
-    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-    return Response(
-        decode.content,
-        status_code=decode.status,
-        media_type="application/json",
-        headers={"X-Request-Id": request_id},
-    )
-
-
 def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
     """The decode worker reports in ``kv_transfer_params.pdmesh`` whether the pushed KV arrived in time."""
     if b"fallback" not in content:
@@ -375,24 +345,3 @@ def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -
         return
     st.metrics.pd_requests.labels("transfer_fallback").inc()
     log.warning("request %s: pushed KV missed the deadline; the decode worker computed the rest", request_id)
-
-
-def _streaming_response(
-    st: RouterState, decode: LegResult, path: str, request_id: str, started: float, deadline: float
-) -> Response:
-    ttft = st.metrics.ttft.labels(path)
-
-    def first_byte() -> None:
-        ttft.observe(time.perf_counter() - started)
-
-    async def body():
-        async for chunk in st.upstream.relay_stream(decode, first_byte, deadline, path):
-            yield chunk
-        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
-
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"},
-        background=BackgroundTask(decode.close),
-    )

@@ -8,12 +8,19 @@ from pdmesh.security import require_token_for_bind
 from router.app import create_app
 from router.config import RouterConfig
 from router.log_format import setup_logging
+from router.processes import run_supervisor
 
 
 def run_router(config: RouterConfig) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan shutdown). Blocking."""
+    """Serve until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan shutdown). Blocking.
+
+    With ``processes > 1`` this process supervises that many router processes (:mod:`router.processes`).
+    """
     require_token_for_bind(config.host, config.cluster_token, "router")
     setup_logging(config.log_level, config.log_format)
+    if config.processes > 1:
+        run_supervisor(config)
+        return
     uvicorn.run(
         create_app(config),
         host=config.host,

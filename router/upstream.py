@@ -59,8 +59,6 @@ class LegResult:
                     self.stream.close()  # aborts the request on the worker
 
 
-
-
 def _relay_error(status: int, body: bytes) -> OpenAIError:
     """Turn a worker's error response into an OpenAIError with the worker's message."""
     message = body.decode(errors="replace")[:2000]
@@ -226,7 +224,6 @@ class Upstream:
     async def relay_stream(
         self,
         result: LegResult,
-        on_first_byte: Callable[[], None],
         deadline: float | None = None,
         endpoint: str = "",
     ) -> AsyncIterator[bytes]:
@@ -247,7 +244,6 @@ class Upstream:
             async for chunk in resp.chunks(deadline):
                 now = loop.time()
                 if first:
-                    on_first_byte()
                     first = False
                 else:
                     itl.observe(now - last_t)
@@ -269,7 +265,9 @@ class Upstream:
             self.metrics.stream_aborts.inc()
             self.metrics.errors.labels("PD_PEER_UNAVAILABLE").inc()
             self.metrics.upstream_errors.labels("decode", _reason(e)).inc()
-            err = OpenAIError(502, f"decode worker {worker.id} stalled mid-stream", code="PD_PEER_UNAVAILABLE")
+            err = OpenAIError(
+                502, f"decode worker {worker.id} stalled mid-stream", code="PD_PEER_UNAVAILABLE"
+            )
             yield _sep(tail) + sse_error_event(err)
         except (LegError, _StreamIncomplete) as e:
             self.registry.mark_failed(worker)

@@ -8,25 +8,28 @@ import random
 import httpx
 
 MODEL = "pdmesh-tiny-llama"
+# Vocabulary of the generated test prompts (any words work; the oracle is a single engine, not the text).
+WORDS = [
+    "cache",
+    "block",
+    "token",
+    "layer",
+    "prefill",
+    "decode",
+    "router",
+    "worker",
+    "stream",
+    "memory",
+    "page",
+    "tensor",
+    "lease",
+]
 
 
 def make_requests() -> list[tuple[str, dict]]:
     """(path, body) pairs: completions and chat, short and multi-block prompts, stream and non-stream."""
     rng = random.Random(7)
-    words = [
-        "cache",
-        "block",
-        "token",
-        "layer",
-        "prefill",
-        "decode",
-        "router",
-        "worker",
-        "stream",
-        "memory",
-        "page",
-        "tensor",
-    ]
+    words = WORDS
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))

@@ -20,28 +20,14 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
 from pdmesh.tier_process import chunk_nbytes_for_model
 from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
-from tests.e2e.oracle import MODEL, scrape, token_ids
+from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
 
 pytestmark = pytest.mark.e2e
 ARGS = ["--max-model-len", "4096", "--seed", "0"]
 C = 128  # chunk tokens (the CPU block size)
 
 _rng = random.Random(11)
-_WORDS = [
-    "cache",
-    "block",
-    "token",
-    "layer",
-    "prefill",
-    "decode",
-    "router",
-    "worker",
-    "stream",
-    "memory",
-    "page",
-    "tensor",
-    "lease",
-]
+_WORDS = WORDS
 PREFIX = " ".join(_rng.choice(_WORDS) for _ in range(2100))  # ~2k+ tokens shared by two requests
 
 

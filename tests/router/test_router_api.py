@@ -227,6 +227,30 @@ def test_api_keys_and_body_limit(make_harness):
     )
     assert err["code"] == "body_too_large"
 
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b"x" * 500
+
+    err = assert_openai_error(
+        h.client.post(
+            "/v1/completions",
+            content=chunked(),
+            headers={"Authorization": "Bearer k1", "Content-Type": "application/json"},
+        ),
+        413,
+    )
+    assert err["code"] == "body_too_large"
+
+
+def test_completion_routes_take_post_only(harness):
+    harness.add("prefill")
+    harness.add("decode")
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        err = assert_openai_error(harness.client.get(path), 405)
+        assert err["code"] == "method_not_allowed"
+    ok = harness.client.post("/v1/completions", json=COMPLETION)
+    assert ok.status_code == 200 and ok.headers["x-request-id"].startswith("pdm-")
+
 
 def test_models_lists_registered_models(harness):
     harness.add("prefill", model="a")

@@ -1,0 +1,291 @@
+"""The legs' HTTP client against raw asyncio servers on 127.0.0.1: pooling, framing, timeouts, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from router.leg_client import LegClient, LegConnectError, LegDeadline, LegDisconnected, LegTimeout
+from tests.servers import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """An asyncio TCP server that counts connections and runs ``handler`` on each."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed_by_peer = asyncio.Event()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RawServer:
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(r, w)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                w.close()
+
+        self.server = await asyncio.start_server(on_conn, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+async def read_request(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await r.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await r.readexactly(length)
+
+
+def reply(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def echo_forever(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while True:
+        _, body = await read_request(r)
+        w.write(reply(body))
+        await w.drain()
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+def test_keep_alive_reuses_one_connection_and_sends_headers() -> None:
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(r)
+            seen.append(head)
+            w.write(reply(body))
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            for i in range(5):
+                resp = await client.post(
+                    srv.url, "/v1/completions", b'{"i": %d}' % i, b"X-Request-Id: r%d\r\n" % i
+                )
+                assert resp.status == 200
+                assert await resp.read() == b'{"i": %d}' % i
+                resp.release()
+            assert srv.connections == 1
+            assert seen[0].startswith(b"POST /v1/completions HTTP/1.1\r\n")
+            assert b"\r\nX-Request-Id: r4\r\n" in seen[4]
+            assert f"\r\nHost: 127.0.0.1:{srv.port}\r\n".encode() in seen[0]
+            client.close()
+
+    run(main())
+
+
+def test_unread_or_closed_response_is_not_pooled() -> None:
+    async def main() -> None:
+        async with RawServer(echo_forever) as srv:
+            client = LegClient(2, 5)
+            resp = await client.post(srv.url, "/x", b"a")
+            resp.release()  # body not read: the connection cannot be reused
+            resp2 = await client.post(srv.url, "/x", b"b")
+            assert await resp2.read() == b"b"
+            resp2.release()
+            assert srv.connections == 2
+            client.close()
+
+    run(main())
+
+
+def test_connection_close_reply_is_not_pooled() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        _, body = await read_request(r)
+        w.write(reply(body, b"connection: close\r\n"))
+        await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            for payload in (b"1", b"2"):
+                resp = await client.post(srv.url, "/x", payload)
+                assert await resp.read() == payload
+                resp.release()
+            assert srv.connections == 2
+            client.close()
+
+    run(main())
+
+
+def test_idle_connection_closed_by_worker_is_replaced() -> None:
+    async def one_then_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        _, body = await read_request(r)
+        w.write(reply(body))  # keep-alive reply, then the worker drops the connection
+        await w.drain()
+
+    async def main() -> None:
+        async with RawServer(one_then_close) as srv:
+            client = LegClient(2, 5)
+            for payload in (b"first", b"second", b"third"):
+                resp = await client.post(srv.url, "/x", payload)
+                assert await resp.read() == payload
+                resp.release()
+                await asyncio.sleep(0.05)  # let the close arrive (or not: either way the next post works)
+            assert srv.connections == 3
+            client.close()
+
+    run(main())
+
+
+def test_chunked_stream_arrives_in_pieces_and_early_close_aborts() -> None:
+    release = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            w.write(b"5\r\nhello\r\n")
+            await w.drain()
+            await release.wait()
+            w.write(b"6\r\n world\r\n0\r\n\r\n")
+            await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            resp = await client.post(srv.url, "/x", b"{}")
+            pieces = resp.chunks()
+            assert await anext(pieces) == b"hello"
+            release.set()
+            assert await anext(pieces) == b" world"
+            with pytest.raises(StopAsyncIteration):
+                await anext(pieces)
+            assert resp.complete
+            resp.release()
+            release.clear()
+            resp = await client.post(srv.url, "/x", b"{}")
+            assert srv.connections == 1  # the complete stream's connection was reused
+            pieces = resp.chunks()
+            assert await anext(pieces) == b"hello"
+            assert not resp.complete
+            resp.release()  # incomplete: closes, which is how a leg is aborted
+            await pieces.aclose()
+            release.set()
+            resp = await client.post(srv.url, "/x", b"{}")
+            assert await resp.read() == b"hello world"
+            assert srv.connections == 2  # the aborted connection was not reused
+            client.close()
+
+    run(main())
+
+
+def test_body_delimited_by_close_and_large_body_with_flow_control() -> None:
+    big = bytes(range(256)) * (6 * 4096)  # 6 MiB: several times the high-water mark
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\r\n")
+        for i in range(0, len(big), 65536):
+            w.write(big[i : i + 65536])
+            await w.drain()
+        w.close()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            resp = await client.post(srv.url, "/x", b"{}")
+            await asyncio.sleep(0.2)  # let the worker fill the buffer past the high-water mark
+            assert await resp.read() == big
+            resp.release()
+            client.close()
+
+    run(main())
+
+
+def test_refused_connection_is_a_hard_connect_error() -> None:
+    async def main() -> None:
+        client = LegClient(2, 5)
+        with pytest.raises(LegConnectError) as e:
+            await client.post(f"http://127.0.0.1:{free_port()}", "/x", b"{}")
+        assert e.value.refused
+
+    run(main())
+
+
+def test_read_timeout_and_deadline_are_told_apart() -> None:
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        async with RawServer(silent) as srv:
+            client = LegClient(2, 0.3)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(LegTimeout):
+                await client.post(srv.url, "/x", b"{}")
+            assert loop.time() - t0 < 2
+            client2 = LegClient(2, 30)
+            t0 = loop.time()
+            with pytest.raises(LegDeadline):
+                await client2.post(srv.url, "/x", b"{}", deadline=loop.time() + 0.3)
+            assert loop.time() - t0 < 2
+
+    run(main())
+
+
+def test_stream_stall_times_out_between_pieces() -> None:
+    async def stall(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n")
+        await w.drain()
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        async with RawServer(stall) as srv:
+            client = LegClient(2, 0.3)
+            resp = await client.post(srv.url, "/x", b"{}")
+            pieces = resp.chunks()
+            assert await anext(pieces) == b"ok"
+            with pytest.raises(LegTimeout):
+                await anext(pieces)
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"],
+    ids=["garbage", "truncated"],
+)
+def test_broken_replies_are_disconnect_errors(answer: bytes) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(answer)
+        await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            with pytest.raises(LegDisconnected):
+                resp = await client.post(srv.url, "/x", b"{}")
+                await resp.read()
+
+    run(main())
+
+
+def test_unsupported_url_is_refused() -> None:
+    async def main() -> None:
+        with pytest.raises(LegConnectError):
+            await LegClient(2, 5).post("https://example.invalid", "/x", b"{}")
+
+    run(main())
