@@ -431,17 +431,18 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         return
     t = results["targets"]
-    names = list(t)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (key, label) in zip(
-        axes,
-        (("p50_ms", "p50 latency at concurrency 1 (ms)"), ("rps", "requests/s at concurrency 32")),
-        strict=True,
-    ):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (
+        ("p50_ms", "c1", "p50 latency at concurrency 1 (ms)", list(t)),
+        # direct (one leg, no router) is ~20x any router: left out so the routers can be compared
+        ("rps", "c32", "requests/s at concurrency 32 (routers)", [n for n in t if n != "direct"]),
+    )
+    for ax, (key, conc, label, names) in zip(axes, panels, strict=True):
         width = 0.38
         for i, mode in enumerate(("non_stream", "stream")):
-            vals = [t[n][mode]["c1" if key == "p50_ms" else "c32"][key] for n in names]
-            ax.bar([x + i * width for x in range(len(names))], vals, width, label=mode)
+            vals = [t[n][mode][conc][key] for n in names]
+            bars = ax.bar([x + i * width for x in range(len(names))], vals, width, label=mode)
+            ax.bar_label(bars, fmt="%.2f" if key == "p50_ms" else "%.0f", fontsize=7)
         ax.set_xticks([x + width / 2 for x in range(len(names))], names)
         ax.set_title(label)
         ax.legend()
