@@ -29,4 +29,6 @@ def run_router(config: RouterConfig) -> None:
         access_log=False,
         log_config=None,  # keep our handlers (JSON or text)
         timeout_graceful_shutdown=5,
+        proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
+        server_header=False,
     )

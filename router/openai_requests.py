@@ -7,9 +7,9 @@ validates the rest and its 4xx errors are relayed). Internal fields a client mus
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import OpenAIError
@@ -59,8 +59,8 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
     Raises :class:`OpenAIError` 400 with the offending parameter named.
     """
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
         raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")

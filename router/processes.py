@@ -150,6 +150,8 @@ def run_child(index: int, workdir: str) -> None:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=5,
+            proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
+            server_header=False,
         )
     )
     server.run(sockets=[tcp, uds])

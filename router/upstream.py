@@ -22,6 +22,8 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from router.errors import OpenAIError, sse_error_event
 from router.leg_client import LegClient, LegConnectError, LegDeadline, LegError, LegResponse, LegTimeout
 from router.metrics import RouterMetrics
@@ -46,7 +48,8 @@ class LegResult:
     complete: bool = False
 
     def json(self) -> object:
-        return json.loads(self.content)
+        """The non-streamed body as JSON. Raises ValueError (msgspec.DecodeError) when it is not JSON."""
+        return msgspec.json.decode(self.content)
 
     async def close(self) -> None:
         if self.open:
@@ -150,7 +153,7 @@ class Upstream:
                 if delay:
                     await asyncio.sleep(delay)
             attempts += 1
-            data = json.dumps(body_for(worker)).encode()
+            data = msgspec.json.encode(body_for(worker))
             worker.in_flight += 1
             owned = False  # True once the LegResult (and its in-flight count) goes to the caller
             try:
