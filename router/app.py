@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Coroutine
 
 import httpx
@@ -33,7 +34,7 @@ from router.openai_requests import Kind
 from router.peers import RELAYED_HEADER, Peers, merge_metrics
 from router.prefix_index import PrefixIndex
 from router.prompt_analysis import PromptAnalyzer
-from router.registration import RegistrationReply, WorkerRegistration
+from router.registration import WORKER_ID_PATTERN, RegistrationReply, WorkerRegistration
 from router.registry import BreakerSettings, Registry
 from router.tier_lookup import HttpTierLookup
 from router.upstream import Upstream
@@ -43,7 +44,7 @@ log = logging.getLogger("pdmesh.router")
 
 def _make_leg_client(cfg: RouterConfig) -> LegClient:
     """The legs' client (hot path): keep-alive pool, bounded connect and read waits."""
-    return LegClient(cfg.connect_timeout_s, cfg.request_timeout_s, keepalive_s=30)
+    return LegClient(cfg.connect_timeout_s, cfg.request_timeout_s)
 
 
 def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
@@ -198,7 +199,9 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
         local = _local_metrics(state(request))
         if peers is None or request.query_params.get("local") == "1":
             return Response(local, media_type=CONTENT_TYPE_LATEST)
-        merged = merge_metrics([local.decode(), *await peers.metrics_texts()])
+        texts = await peers.metrics_texts()
+        texts[peers.own_index] = local.decode()
+        merged = merge_metrics(texts)
         return Response(merged, media_type=CONTENT_TYPE_LATEST)
 
     def _local_metrics(st: RouterState) -> bytes:
@@ -251,6 +254,8 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
     async def deregister(worker_id: str, request: Request) -> JSONResponse:
         st = state(request)
         check_cluster_token(request, config.cluster_token)
+        if not re.fullmatch(WORKER_ID_PATTERN, worker_id):
+            raise OpenAIError(400, "invalid worker id", param="worker_id", code="invalid_request")
         removed = st.registry.remove(worker_id)
         if peers is not None and RELAYED_HEADER not in request.headers:
             await peers.relay_deregistration(worker_id)

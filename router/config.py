@@ -139,6 +139,8 @@ class RouterConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     # Upper bound for one upstream leg (prefill, or the whole decode stream).
     request_timeout_s: float = Field(600.0, gt=0)
+    # The client must send its whole request body within this long (408 otherwise).
+    body_timeout_s: float = Field(30.0, gt=0)
     # Whole-request deadline (all legs, retries and the stream); 504 before the first byte, an error event after.
     request_deadline_s: float = Field(600.0, gt=0)
     # Attempts per leg before the first byte reached the client (other workers first).

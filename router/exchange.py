@@ -138,6 +138,18 @@ class Exchange:
     async def send_chunk(self, chunk: bytes) -> None:
         await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
+    async def abort_stream(self, event: bytes, timeout_s: float = 1.0) -> None:
+        """End a started stream with ``event`` (an SSE error event), giving up after ``timeout_s`` if the
+        client does not read (uvicorn then closes the connection when the app returns)."""
+        if self._done:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.send_chunk(event)
+                await self.end()
+        except TimeoutError:
+            pass
+
     async def end(self) -> None:
         self._done = True
         await self._send({"type": "http.response.body", "body": b""})

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from router import pd_nixl, pd_push
 from router.auth import api_key_of
 from router.config import RouterConfig
-from router.errors import OpenAIError
+from router.errors import OpenAIError, sse_error_event
 from router.exchange import ClientGone, Exchange
 from router.limits import Limiter, Permit
 from router.metrics import RouterMetrics
@@ -89,7 +89,14 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
         key = api_key_of(ex.header(b"authorization"), st.config.api_keys)
         if st.limiter.enabled:
             permit = st.limiter.admit(key)
-        body = parse_request(await ex.read_body(st.config.max_body_bytes), kind)
+        try:
+            async with asyncio.timeout(st.config.body_timeout_s):
+                raw = await ex.read_body(st.config.max_body_bytes)
+        except TimeoutError:
+            raise OpenAIError(
+                408, f"request body not received within {st.config.body_timeout_s:g}s", code="body_timeout"
+            ) from None
+        body = parse_request(raw, kind)
         model = body["model"]
         _check_model(st, model)
         ctx = RouteContext(body, model, _session_key(st.config, ex, body))
@@ -108,8 +115,11 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
     except Exception:
         status = "500"
         log.exception("unhandled error on %s (request %s)", endpoint, request_id)
+        err = OpenAIError(500, "internal router error", code="internal_error")
         if not ex.started:
-            await ex.error(OpenAIError(500, "internal router error", code="internal_error"))
+            await ex.error(err)
+        else:
+            await ex.abort_stream(sse_error_event(err))
     finally:
         st.metrics.requests.labels(endpoint, status).inc()
         if permit is not None:
@@ -141,11 +151,21 @@ async def _serve_routed(
         ttft = st.metrics.ttft.labels(path)
         await ex.start_stream(rid)
         first = True
-        async for chunk in st.upstream.relay_stream(decode, deadline, path):
-            if first:
-                ttft.observe(time.perf_counter() - started)
-                first = False
-            await ex.send_chunk(chunk)
+        try:
+            # The deadline also bounds sending: a client that stops reading blocks uvicorn's send().
+            async with asyncio.timeout_at(deadline):
+                async for chunk in st.upstream.relay_stream(decode, deadline, path):
+                    if first:
+                        ttft.observe(time.perf_counter() - started)
+                        first = False
+                    await ex.send_chunk(chunk)
+        except TimeoutError:
+            st.metrics.stream_aborts.inc()
+            st.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
+            log.warning("request %s: stream passed the request deadline (slow client or worker)", request_id)
+            err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
+            await ex.abort_stream(b"\n\n" + sse_error_event(err))
+            return
         await ex.end()
         st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
     finally:

@@ -18,7 +18,10 @@ Contract:
   tells a refused/unreachable address from a connect timeout), :class:`LegTimeout`,
   :class:`LegDisconnected` (the connection broke or the reply was not HTTP).
 - A pooled connection that the worker closed while idle is detected before use or, if the close races with
-  the request, retried once on a new connection (nothing of the reply had arrived, so the worker never saw it).
+  the request, retried once on a new connection (nothing of the reply had arrived). Idle connections are
+  retired after ``keepalive_s``, below the workers' own keep-alive, so that race is rare; a worker that read
+  the request and then dropped the connection without a byte of reply may see it twice.
+- Interim (1xx) replies are skipped; bytes after the end of a reply make the connection unusable.
 - Flow control: reading from the socket pauses while more than ``_HIGH_WATER`` bytes wait for the consumer.
 """
 
@@ -26,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
@@ -75,6 +80,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self.interim = False
         self.complete = False
         self.got_bytes = False
         self.framed = False  # content-length or chunked: the end of the body is known without a close
@@ -91,22 +97,27 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self.active:  # bytes on an idle pooled connection: the worker broke protocol; drop it
-            self.close()
+        if not self.active or self.complete:
+            # Bytes on an idle pooled connection or after the end of the reply: the worker broke protocol.
+            self.keep_alive = False
+            if not self.active:
+                self.close()
             return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self.error = LegDisconnected(f"invalid HTTP reply: {e}")
+            if not self.complete:  # after a complete reply, garbage only spoils the connection
+                self.error = LegDisconnected(f"invalid HTTP reply: {e}")
+            self.keep_alive = False
             self.close()
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.active and not self.complete and self.error is None:
-            if self.headers_done and not self.framed:
-                self.complete = True  # body delimited by the close
+            if self.headers_done and not self.framed and exc is None:
+                self.complete = True  # body delimited by a clean close (a reset is a truncation)
             else:
                 self.error = LegDisconnected(f"worker closed the connection ({exc or 'EOF'})")
         self._wake()
@@ -116,7 +127,12 @@ class _Conn(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # interim reply (100 Continue, 103 Early Hints): the real one follows
+            self.headers = []
+            self.interim = True
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         for name, value in self.headers:
@@ -131,6 +147,9 @@ class _Conn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
 
     # -- helpers
@@ -183,7 +202,7 @@ def _expire(fut: asyncio.Future[None]) -> None:
 class LegResponse:
     """A worker's reply whose status and headers arrived; owns the connection until release/close."""
 
-    def __init__(self, client: LegClient, key: tuple[str, int], conn: _Conn) -> None:
+    def __init__(self, client: LegClient, key: tuple[str, int, bool], conn: _Conn) -> None:
         self._client = client
         self._key = key
         self._conn: _Conn | None = conn
@@ -247,41 +266,79 @@ class LegResponse:
             conn.close()
 
 
+@dataclass(frozen=True)
+class _Target:
+    """A worker base URL, parsed once: where to connect, the Host header, the path prefix, TLS or not."""
+
+    host: str
+    port: int
+    tls: bool
+    netloc: bytes
+    prefix: bytes
+
+    @property
+    def key(self) -> tuple[str, int, bool]:
+        return (self.host, self.port, self.tls)
+
+
+def parse_target(base_url: str) -> _Target:
+    """Parse ``http[s]://host[:port][/prefix]``. Raises LegConnectError (refused) for anything else."""
+    try:
+        u = urlsplit(base_url)
+        port = u.port
+    except ValueError as e:
+        raise LegConnectError(f"invalid worker URL {base_url!r}: {e}", refused=True) from None
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        raise LegConnectError(
+            f"unsupported worker URL {base_url!r} (http[s]://host:port[/prefix])", refused=True
+        )
+    tls = u.scheme == "https"
+    return _Target(
+        host=u.hostname,
+        port=port or (443 if tls else 80),
+        tls=tls,
+        netloc=u.netloc.encode("idna") if not u.netloc.isascii() else u.netloc.encode(),
+        prefix=u.path.rstrip("/").encode(),
+    )
+
+
 class LegClient:
     """Keep-alive connection pool per worker address. Not thread-safe: one instance per event loop.
 
-    ``close()`` closes idle connections; connections held by live :class:`LegResponse` objects are closed by
-    their owners.
+    Worker URLs may carry a path prefix (``http://gateway/worker-1``: legs go to ``/worker-1/v1/...``) and may
+    be ``https`` (verified against the system's CA store). ``close()`` closes idle connections; connections
+    held by live :class:`LegResponse` objects are closed by their owners.
     """
 
     def __init__(
         self,
         connect_timeout_s: float,
         read_timeout_s: float,
-        keepalive_s: float = 30.0,
+        keepalive_s: float = 4.0,
         max_idle_per_worker: int = 512,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``keepalive_s`` must stay below the workers' own idle keep-alive (uvicorn/vLLM: 5 s), so that the
+        router, not the worker, retires idle connections (a worker closing one as a request goes out on it is
+        the race :meth:`post` retries). ``ssl_context`` verifies https workers (default: the system's CAs)."""
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
         self.max_idle_per_worker = max_idle_per_worker
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
-        self._hosts: dict[str, tuple[str, int, bytes]] = {}
+        self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
+        self._targets: dict[str, _Target] = {}
+        self._ssl = ssl_context  # for https workers; the system's CA store when None
 
-    def _address(self, base_url: str) -> tuple[str, int, bytes]:
-        addr = self._hosts.get(base_url)
-        if addr is None:
-            u = urlsplit(base_url)
-            if u.scheme != "http" or not u.hostname:
-                raise LegConnectError(f"unsupported worker URL {base_url!r} (http://host:port)", refused=True)
-            port = u.port or 80
-            addr = (u.hostname, port, (u.netloc or f"{u.hostname}:{port}").encode())
-            if len(self._hosts) > 4096:
-                self._hosts.clear()
-            self._hosts[base_url] = addr
-        return addr
+    def _target(self, base_url: str) -> _Target:
+        target = self._targets.get(base_url)
+        if target is None:
+            target = parse_target(base_url)
+            if len(self._targets) > 4096:
+                self._targets.clear()
+            self._targets[base_url] = target
+        return target
 
-    def _put(self, key: tuple[str, int], conn: _Conn) -> None:
+    def _put(self, key: tuple[str, int, bool], conn: _Conn) -> None:
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self.max_idle_per_worker:
             conn.close()
@@ -290,7 +347,7 @@ class LegClient:
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    def _get_idle(self, key: tuple[str, int]) -> _Conn | None:
+    def _get_idle(self, key: tuple[str, int, bool]) -> _Conn | None:
         idle = self._idle.get(key)
         if not idle:
             return None
@@ -302,10 +359,16 @@ class LegClient:
             conn.close()
         return None
 
-    async def _connect(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> _Conn:
+    async def _connect(self, t: _Target, loop: asyncio.AbstractEventLoop) -> _Conn:
+        host, port = t.host, t.port
+        tls: dict = {}
+        if t.tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = {"ssl": self._ssl, "server_hostname": host}
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Conn(loop), host, port)
+                _, conn = await loop.create_connection(lambda: _Conn(loop), host, port, **tls)
         except TimeoutError:
             raise LegConnectError(
                 f"connect to {host}:{port} timed out after {self.connect_timeout_s:g}s", refused=False
@@ -326,18 +389,18 @@ class LegClient:
 
         ``headers`` are extra raw header lines, each ending in CRLF. Raises LegError (no connection left open).
         """
-        host, port, netloc = self._address(base_url)
-        key = (host, port)
+        t = self._target(base_url)
+        key = t.key
         loop = asyncio.get_running_loop()
         head = (
-            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
-            % (path.encode(), netloc, len(body), headers)
+            b"POST %s%s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (t.prefix, path.encode(), t.netloc, len(body), headers)
         )
         for attempt in range(2):
             conn = self._get_idle(key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(host, port, loop)
+                conn = await self._connect(t, loop)
             conn.active = True
             try:
                 assert conn.transport is not None

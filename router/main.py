@@ -19,7 +19,8 @@ def run_router(config: RouterConfig) -> None:
     require_token_for_bind(config.host, config.cluster_token, "router")
     setup_logging(config.log_level, config.log_format)
     if config.processes > 1:
-        run_supervisor(config)
+        if run_supervisor(config):
+            raise SystemExit(1)
         return
     uvicorn.run(
         create_app(config),

@@ -4,7 +4,7 @@ Each router process is a full router with its own registry. A worker's registrat
 deregistration reaches one process (the kernel spreads connections over the processes listening with
 SO_REUSEPORT); that process applies it and relays it to every sibling over the siblings' unix sockets before it
 answers, so once a worker has its reply every process routes to it. A (re)started process copies the registered
-workers from a sibling. ``/metrics`` on any process merges every process's metrics.
+workers from a sibling. ``/metrics`` on any process shows every process's metrics (a ``router_process`` label each).
 
 Contract: every call to a sibling carries the cluster token and is bounded by ``timeout_s``; a sibling that does
 not answer (being restarted) is skipped with a debug log: it catches up from the next heartbeat, at most a
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from pdmesh.security import TOKEN_HEADER
 from router.registration import WorkerRegistration
@@ -36,17 +37,19 @@ LOCAL_METRICS = "/metrics?local=1"
 class Peers:
     """The sibling processes of this one, reached over their unix sockets. Owns one httpx client per sibling."""
 
-    def __init__(self, sockets: Iterable[str], token: str, timeout_s: float = 2.0) -> None:
-        self.sockets = [s for s in sockets]
+    def __init__(self, own_index: int, sockets: dict[int, str], token: str, timeout_s: float = 2.0) -> None:
+        """``sockets``: unix socket path of each sibling by process index (``own_index`` excluded)."""
+        self.own_index = own_index
+        self.indexes = sorted(sockets)
         self._headers = {TOKEN_HEADER: token, RELAYED_HEADER: "1"}
         self._clients = [
             httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(uds=path),
+                transport=httpx.AsyncHTTPTransport(uds=sockets[i]),
                 base_url="http://router-peer",
                 timeout=timeout_s,
                 trust_env=False,
             )
-            for path in self.sockets
+            for i in self.indexes
         ]
 
     async def _each(self, method: str, path: str, **kw: object) -> list[httpx.Response | None]:
@@ -64,71 +67,80 @@ class Peers:
         await self._each("POST", "/internal/workers", content=body)
 
     async def relay_deregistration(self, worker_id: str) -> None:
-        await self._each("DELETE", f"/internal/workers/{worker_id}")
+        await self._each("DELETE", f"/internal/workers/{quote(worker_id, safe='')}")
 
-    async def bootstrap(self, registry: Registry) -> int:
-        """Copy the self-registered workers of the first sibling that answers; returns how many."""
-        for client in self._clients:
+    async def bootstrap(self, registry: Registry, timeout_s: float = 0.5) -> int:
+        """Copy the self-registered workers the siblings know (asked in parallel, ``timeout_s`` each; a sibling
+        that is itself starting does not answer in time and is skipped). Returns how many were copied."""
+
+        async def one(client: httpx.AsyncClient) -> list:
             try:
-                r = await client.get("/internal/workers", headers=self._headers)
+                r = await client.get("/internal/workers", headers=self._headers, timeout=timeout_s)
                 r.raise_for_status()
                 entries = r.json()
             except (httpx.HTTPError, ValueError):
-                continue
-            n = 0
-            fields = WorkerRegistration.model_fields
-            for entry in entries:
-                if entry.get("source") != "registered":
-                    continue
-                registry.upsert(
-                    WorkerRegistration.model_validate({k: entry[k] for k in fields if k in entry})
-                )
-                n += 1
-            return n
-        return 0
+                return []
+            return entries if isinstance(entries, list) else []
 
-    async def metrics_texts(self) -> list[str]:
-        return [
-            r.text for r in await self._each("GET", LOCAL_METRICS) if r is not None and r.status_code == 200
-        ]
+        fields = WorkerRegistration.model_fields
+        seen: set[str] = set()
+        for entries in await asyncio.gather(*(one(c) for c in self._clients)):
+            for entry in entries:
+                if not isinstance(entry, dict) or entry.get("source") != "registered":
+                    continue
+                try:
+                    info = WorkerRegistration.model_validate({k: entry[k] for k in fields if k in entry})
+                except ValidationError:
+                    continue
+                if info.worker_id not in seen:
+                    seen.add(info.worker_id)
+                    registry.upsert(info)
+        return len(seen)
+
+    async def metrics_texts(self) -> dict[int, str | None]:
+        """Each sibling's own metrics by process index (None: it did not answer)."""
+        replies = await self._each("GET", LOCAL_METRICS)
+        return {
+            i: r.text if r is not None and r.status_code == 200 else None
+            for i, r in zip(self.indexes, replies, strict=True)
+        }
 
     async def aclose(self) -> None:
         for c in self._clients:
             await c.aclose()
 
 
-# Gauges that describe a worker (the same fact seen by every process): merged with max, not summed.
-_MAX_GAUGES = {"pdmesh_router_worker_healthy", "pdmesh_router_worker_breaker_open", "pdmesh_router_workers"}
+PROCESS_LABEL = "router_process"
 
 
-def merge_metrics(texts: Iterable[str]) -> bytes:
-    """Merge Prometheus text expositions of the router processes into one.
+def merge_metrics(texts: dict[int, str | None]) -> bytes:
+    """One exposition of every router process's metrics: each series gets a ``router_process`` label.
 
-    Counters, histograms and in-flight gauges are summed per series; worker-state gauges take the maximum.
+    Series are not summed here: a process that restarts (its counters start again at 0) or does not answer a
+    scrape would make a sum go backwards, which Prometheus takes for a counter reset; per-process series reset
+    on their own and ``sum by (...)`` in PromQL adds them up correctly. ``pdmesh_router_process_up`` is 1 for
+    each process whose metrics are included, 0 for one that did not answer.
     """
     families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    up = Metric("pdmesh_router_process_up", "1 when the router process answered this scrape", "gauge")
+    for index, text in sorted(texts.items()):
+        up.add_sample("pdmesh_router_process_up", {PROCESS_LABEL: str(index)}, 0.0 if text is None else 1.0)
+        if text is None:
+            continue
         for fam in text_string_to_metric_families(text):
-            if fam.name not in families:
-                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                values[fam.name] = {}
-            series = values[fam.name]
-            use_max = fam.name in _MAX_GAUGES
-            for s in fam.samples:
-                key = (s.name, tuple(sorted(s.labels.items())))
-                if key in series:
-                    series[key] = max(series[key], s.value) if use_max else series[key] + s.value
-                else:
-                    series[key] = s.value
-    for name, fam in families.items():
-        for (sample, labels), value in values[name].items():
-            if sample.endswith("_created"):
-                continue  # creation timestamps are per process; they do not merge
-            fam.add_sample(sample, dict(labels), value)
+            if fam.name.endswith("_created"):
+                continue
+            merged = families.get(fam.name)
+            if merged is None:
+                merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for sample in fam.samples:
+                if sample.name.endswith("_created"):
+                    continue  # creation timestamps of one process
+                merged.add_sample(sample.name, {**sample.labels, PROCESS_LABEL: str(index)}, sample.value)
+    families[up.name] = up
 
     class _Merged:
-        def collect(self):
+        def collect(self) -> list[Metric]:
             return list(families.values())
 
     registry = CollectorRegistry(auto_describe=False)

@@ -5,10 +5,12 @@ the port with SO_REUSEPORT (the kernel spreads client connections over them) plu
 their siblings (:mod:`router.peers`: relayed registrations, merged /metrics).
 
 Contract of the supervisor (:func:`run_supervisor`, blocking):
-- It owns a private 0700 directory (config with the secrets, mode 0600; the unix sockets) and removes it on exit.
-- It starts the children, restarts a child that exits (at most once per ``_RESTART_BACKOFF_S``), and on
-  SIGTERM/SIGINT stops them all (SIGTERM, 10 s grace, then SIGKILL) and returns. Children die with it
-  (PR_SET_PDEATHSIG) if it is killed.
+- It owns a private 0700 directory (the unix sockets) and removes it on exit; the config, secrets included,
+  reaches the children in their environment (readable by this user only), never in a file.
+- It starts the children and restarts a child that exits (backoff doubling from 1 s while a child fails
+  right after its start; after 5 such failures in a row it stops everything and returns 1), and on
+  SIGTERM/SIGINT/SIGHUP stops them all (SIGTERM, 10 s grace, then SIGKILL) and returns 0. Children die with
+  it (PR_SET_PDEATHSIG) if it is killed.
 - Per-process state: admission limits are split evenly (each process enforces 1/N of every limit), breakers,
   in-flight counts and the cache-aware prefix index are per process (tier ``/lookup`` stays global).
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import signal
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 
@@ -37,20 +37,31 @@ from router.peers import Peers, peer_socket_paths
 
 log = logging.getLogger("pdmesh.router")
 
-_RESTART_BACKOFF_S = 1.0
+_RESTART_BACKOFF_S = 1.0  # doubled for each failure right after a start, at most 30 s
+_QUICK_FAILURE_S = 10.0  # a process that exits sooner than this after its start "failed right after starting"
+_GIVE_UP_AFTER = 5
+CONFIG_ENV = "PDMESH_ROUTER_PROCESS_CONFIG"
 
 
 def share_of(config: RouterConfig, n: int) -> RouterConfig:
-    """The config of one of ``n`` processes: every admission limit divided evenly (rounded up)."""
+    """The config of one of ``n`` processes: every admission limit divided evenly.
+
+    Counts are rounded down but stay >= 1 when set (0 means "no limit"), so the processes together never
+    admit more than the configured limit unless it is smaller than ``n``.
+    """
     lim = config.limits
+
+    def part(count: int) -> int:
+        return max(1, count // n) if count else 0
+
     scaled = lim.model_copy(
         update={
-            "max_concurrency": math.ceil(lim.max_concurrency / n),
+            "max_concurrency": part(lim.max_concurrency),
             "rate_per_s": lim.rate_per_s / n,
-            "burst": math.ceil(lim.burst / n),
-            "per_key_max_concurrency": math.ceil(lim.per_key_max_concurrency / n),
+            "burst": part(lim.burst),
+            "per_key_max_concurrency": part(lim.per_key_max_concurrency),
             "per_key_rate_per_s": lim.per_key_rate_per_s / n,
-            "per_key_burst": math.ceil(lim.per_key_burst / n),
+            "per_key_burst": part(lim.per_key_burst),
         }
     )
     return config.model_copy(update={"limits": scaled})
@@ -80,27 +91,30 @@ def _port_free(host: str, port: int) -> None:
         s.bind((host, port))
 
 
-def run_supervisor(config: RouterConfig) -> None:
+def run_supervisor(config: RouterConfig) -> int:
+    """Run ``config.processes`` router processes until SIGTERM/SIGINT/SIGHUP (returns 0) or until a process
+    keeps failing right after its start (``_GIVE_UP_AFTER`` times in a row: returns 1). Blocking."""
     n = config.processes
     _port_free(config.host, config.port)
-    workdir = tempfile.mkdtemp(prefix="pdmesh-router-")
-    os.chmod(workdir, 0o700)
-    cfg_path = Path(workdir) / "config.json"
-    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(config.model_dump_json())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    workdir = tempfile.mkdtemp(prefix="pdmesh-router-")  # 0700; holds the unix sockets only
+    # The config (with the API keys and the cluster token) goes to the children in their environment, which
+    # only this user can read, rather than in a file that a SIGKILL would leave behind.
+    env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
     children: dict[int, ManagedProcess] = {}
     started_at: dict[int, float] = {}
+    quick_failures: dict[int, int] = {}  # failures right after a start, in a row, per process index
+    dead_at: dict[int, float] = {}  # when a dead process was first seen (it is restarted after its backoff)
+    status = 0
 
     def spawn(i: int) -> None:
         argv = [sys.executable, "-m", "router.processes", "--child", str(i), "--dir", workdir]
-        children[i] = ManagedProcess(f"router-{i}", argv)
+        children[i] = ManagedProcess(f"router-{i}", argv, env=env)
         started_at[i] = time.monotonic()
 
     try:
@@ -108,12 +122,30 @@ def run_supervisor(config: RouterConfig) -> None:
             spawn(i)
         log.info("router: %d processes on %s:%d", n, config.host, config.port)
         while not stop.wait(0.2):
+            now = time.monotonic()
             for i, child in list(children.items()):
                 if child.alive():
                     continue
-                if time.monotonic() - started_at[i] < _RESTART_BACKOFF_S:
+                if i not in dead_at:  # first seen dead: judge the failure once
+                    dead_at[i] = now
+                    quick = now - started_at[i] < _QUICK_FAILURE_S
+                    quick_failures[i] = quick_failures.get(i, 0) + 1 if quick else 0
+                    if quick_failures[i] >= _GIVE_UP_AFTER:
+                        log.error(
+                            "router process %d failed %d times right after starting (exit %s); stopping",
+                            i,
+                            quick_failures[i],
+                            child.poll(),
+                        )
+                        status = 1
+                        stop.set()
+                        break
+                    log.warning("router process %d exited with %s; restarting it", i, child.poll())
+                failures = quick_failures[i]
+                backoff = min(_RESTART_BACKOFF_S * 2 ** (failures - 1), 30.0) if failures else 0.0
+                if now - dead_at[i] < backoff:
                     continue
-                log.warning("router process %d exited with %s; restarting it", i, child.poll())
+                del dead_at[i]
                 child.stop(timeout=1)
                 spawn(i)
     finally:
@@ -124,17 +156,18 @@ def run_supervisor(config: RouterConfig) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         for s, h in old.items():
             signal.signal(s, h)
+    return status
 
 
 def run_child(index: int, workdir: str) -> None:
     """One router process: its share of the limits, the shared port, its unix socket, its siblings. Blocking."""
     from router.app import create_app
 
-    config = RouterConfig.model_validate_json((Path(workdir) / "config.json").read_text())
+    config = RouterConfig.model_validate_json(os.environ.pop(CONFIG_ENV))
     setup_logging(config.log_level, config.log_format)
     paths = peer_socket_paths(workdir, config.processes)
     own = paths[index]
-    siblings = [p for i, p in enumerate(paths) if i != index]
+    siblings = {i: p for i, p in enumerate(paths) if i != index}
     tcp = reuseport_socket(config.host, config.port)
     if os.path.exists(own):
         os.unlink(own)
@@ -142,7 +175,7 @@ def run_child(index: int, workdir: str) -> None:
     uds.bind(own)
     os.chmod(own, 0o600)
     uds.listen(256)
-    app = create_app(share_of(config, config.processes), peers=Peers(siblings, config.cluster_token))
+    app = create_app(share_of(config, config.processes), peers=Peers(index, siblings, config.cluster_token))
     server = uvicorn.Server(
         uvicorn.Config(
             app,

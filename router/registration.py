@@ -10,13 +10,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from router.leg_client import LegConnectError, parse_target
+
 Role = Literal["prefill", "decode", "both"]
+WORKER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class WorkerRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    worker_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    worker_id: str = Field(min_length=1, max_length=128, pattern=WORKER_ID_PATTERN)
     role: Role
     # Base URL of the worker's OpenAI server, e.g. http://10.0.0.5:8100
     url: str = Field(min_length=1, max_length=512)
@@ -38,6 +41,10 @@ class WorkerRegistration(BaseModel):
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
+        try:
+            parse_target(v)
+        except LegConnectError as e:
+            raise ValueError(str(e)) from None
         return v.rstrip("/")
 
 

@@ -139,19 +139,23 @@ class Upstream:
         last: OpenAIError | None = None
         attempts = 0
         while attempts < self.max_attempts:
+            if attempts:  # a retry: back off before choosing (nothing is held while sleeping)
+                delay = self._backoff(attempts)
+                if delay:
+                    await asyncio.sleep(delay)
             candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
             if not candidates:
                 break
             worker = policy.choose(candidates, ctx)
             tried.add(worker.id)
+            # Panic (every candidate's breaker open): try anyway without claiming anything. A half-open
+            # breaker lets one attempt through: this one holds that trial until it ends (released below).
             panic = not worker.breaker.allows()
-            if not panic and not worker.breaker.try_acquire():
-                continue  # another request holds this worker's half-open trial
+            holds_trial = not panic and worker.breaker.state == "half_open"
+            if holds_trial and not worker.breaker.try_acquire():
+                continue
             if attempts:
                 self.metrics.retries.labels(leg).inc()
-                delay = self._backoff(attempts)
-                if delay:
-                    await asyncio.sleep(delay)
             attempts += 1
             data = msgspec.json.encode(body_for(worker))
             worker.in_flight += 1
@@ -174,13 +178,21 @@ class Upstream:
                         retryable=True,
                     )
                     continue
-                if resp.status >= 400:
+                if resp.status >= 300:  # a worker does not redirect: 3xx is a misconfigured worker
                     try:
                         content = await resp.read()
                     except LegError:
                         content = b""
                     resp.release()
-                    err = _relay_error(resp.status, content)
+                    if resp.status < 400:
+                        err = OpenAIError(
+                            502,
+                            f"{leg} worker {worker.id} answered {resp.status} (a redirect: check its URL)",
+                            code="PD_PEER_UNAVAILABLE",
+                            retryable=True,
+                        )
+                    else:
+                        err = _relay_error(resp.status, content)
                     if err.status < 500:
                         self.metrics.upstream_errors.labels(leg, str(resp.status)).inc()
                         self.registry.mark_ok(worker)  # the worker is fine; the request is not
@@ -212,7 +224,8 @@ class Upstream:
                 self.registry.mark_ok(worker)
                 return LegResult(worker, resp.status, content)
             finally:
-                worker.breaker.release_trial()
+                if holds_trial:
+                    worker.breaker.release_trial()
                 if not owned:
                     worker.in_flight -= 1
         if last is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -287,5 +289,126 @@ def test_unsupported_url_is_refused() -> None:
     async def main() -> None:
         with pytest.raises(LegConnectError):
             await LegClient(2, 5).post("https://example.invalid", "/x", b"{}")
+
+    run(main())
+
+
+def test_interim_reply_is_skipped_and_bytes_after_the_reply_spoil_the_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(r)
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + reply(body) + b"GARBAGE")
+            await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            for payload in (b"one", b"two"):
+                resp = await client.post(srv.url, "/x", payload)
+                assert resp.status == 200
+                assert await resp.read() == payload
+                await asyncio.sleep(0.05)  # the trailing garbage arrives
+                resp.release()
+            assert srv.connections == 2  # the spoiled connection was not reused
+            client.close()
+
+    run(main())
+
+
+def test_reset_during_close_delimited_body_is_an_error_not_a_short_body() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b'HTTP/1.1 200 OK\r\n\r\n{"partial": ')
+        await w.drain()
+        await asyncio.sleep(0.1)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()  # with linger 0: RST, not a clean close
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            resp = await client.post(srv.url, "/x", b"{}")
+            with pytest.raises(LegDisconnected):
+                await resp.read()
+
+    run(main())
+
+
+def test_worker_url_with_path_prefix_and_bad_urls() -> None:
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head, body = await read_request(r)
+        seen.append(head.split(b"\r\n")[0])
+        w.write(reply(body))
+        await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            resp = await client.post(srv.url + "/gw/worker-1/", "/v1/completions", b"{}")
+            assert await resp.read() == b"{}"
+            resp.release()
+            assert seen == [b"POST /gw/worker-1/v1/completions HTTP/1.1"]
+            for bad in ("http://127.0.0.1:99999", "http://[::1", "ftp://x", "http://h/p?q=1"):
+                with pytest.raises(LegConnectError):
+                    await client.post(bad, "/x", b"{}")
+            client.close()
+
+    run(main())
+
+
+def test_https_worker(tmp_path) -> None:
+    ssl = pytest.importorskip("ssl")
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not found (needed to make a test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        port = free_port()
+        server = await asyncio.start_server(
+            lambda r, w: echo_forever(r, w), "127.0.0.1", port, ssl=server_ctx
+        )
+        try:
+            client = LegClient(2, 5, ssl_context=client_ctx)
+            for payload in (b"a", b"b"):
+                resp = await client.post(f"https://localhost:{port}", "/x", payload)
+                assert await resp.read() == payload
+                resp.release()
+            untrusted = LegClient(2, 5)  # the system's CAs do not know the test certificate
+            with pytest.raises(LegConnectError):
+                await untrusted.post(f"https://localhost:{port}", "/x", b"c")
+            client.close()
+        finally:
+            server.close()
 
     run(main())

@@ -158,6 +158,45 @@ def test_worker_5xx_retried_on_another(harness):
     assert len(good.requests) == 2
 
 
+def test_worker_redirect_is_a_worker_fault_retried_on_another(harness):
+    bad = harness.add("decode", name="decode-redirects")
+    bad.fail_status = 307
+    good = harness.add("decode", name="decode-good")
+    harness.add("prefill")
+    for _ in range(2):
+        assert harness.client.post("/v1/completions", json=COMPLETION).status_code == 200
+    assert len(good.requests) == 2
+    good.fail_status = 302
+    err = assert_openai_error(harness.client.post("/v1/completions", json=COMPLETION), 502)
+    assert err["code"] == "PD_PEER_UNAVAILABLE"
+
+
+def test_slow_request_body_is_408(make_harness):
+    import socket
+
+    h = make_harness(body_timeout_s=0.5)
+    h.add("prefill")
+    h.add("decode")
+    with socket.create_connection(("127.0.0.1", h.server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model": '
+        )
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+    assert data.startswith(b"HTTP/1.1 408"), data[:100]
+    assert b"body_timeout" in data
+
+
+def test_deregistration_refuses_bad_worker_ids(harness):
+    r = harness.client.delete("/internal/workers/p0%3Fx", headers={"X-PDMesh-Token": "test-cluster-token"})
+    assert_openai_error(r, 400)
+
+
 def test_all_workers_dead_is_503_not_500(harness):
     harness.register("p", "prefill", f"http://127.0.0.1:{free_port()}")
     harness.register("d", "decode", f"http://127.0.0.1:{free_port()}")

@@ -104,7 +104,8 @@ def test_processes_share_registrations_and_metrics_and_survive_a_child_crash(clu
         text = _fresh(url, "GET", "/metrics").text
         assert scrape(text, "pdmesh_router_requests_total", endpoint="/v1/completions", status="200") == n
         assert scrape(text, "pdmesh_router_pd_requests_total", mode="nixl") == n
-        assert scrape(text, "pdmesh_router_worker_healthy", worker="d0") == 1
+        assert scrape(text, "pdmesh_router_worker_healthy", worker="d0") == 2  # one series per process
+        assert scrape(text, "pdmesh_router_process_up") == 2
         assert scrape(text, "pdmesh_router_e2e_seconds_count", endpoint="/v1/completions") == n
 
     victim = _children(sup)[0]
@@ -159,16 +160,16 @@ def test_limits_are_split_evenly_between_processes() -> None:
         limits=LimitsConfig(max_concurrency=5, rate_per_s=10, burst=3, per_key_max_concurrency=1)
     )
     part = share_of(cfg, 2).limits
-    assert (part.max_concurrency, part.rate_per_s, part.burst, part.per_key_max_concurrency) == (3, 5.0, 2, 1)
+    # Rounded down (the processes together stay within the limit), but a set limit never becomes 0 (= off).
+    assert (part.max_concurrency, part.rate_per_s, part.burst, part.per_key_max_concurrency) == (2, 5.0, 1, 1)
     assert share_of(cfg, 2).limits.per_key_rate_per_s == 0  # disabled stays disabled
 
 
-def test_merge_metrics_sums_series_and_takes_max_of_worker_state() -> None:
+def test_merge_metrics_labels_each_process_and_marks_silent_ones() -> None:
     a = (
         "# HELP pdmesh_router_requests_total Client requests\n# TYPE pdmesh_router_requests_total counter\n"
         'pdmesh_router_requests_total{endpoint="/v1/completions",status="200"} 3.0\n'
-        "# HELP pdmesh_router_worker_healthy 1 when healthy\n# TYPE pdmesh_router_worker_healthy gauge\n"
-        'pdmesh_router_worker_healthy{role="decode",worker="d0"} 1.0\n'
+        'pdmesh_router_requests_created{endpoint="/v1/completions",status="200"} 1.7e9\n'
         "# HELP pdmesh_router_e2e_seconds latency\n# TYPE pdmesh_router_e2e_seconds histogram\n"
         'pdmesh_router_e2e_seconds_bucket{endpoint="/v1/completions",le="0.1"} 2.0\n'
         'pdmesh_router_e2e_seconds_bucket{endpoint="/v1/completions",le="+Inf"} 3.0\n'
@@ -176,9 +177,14 @@ def test_merge_metrics_sums_series_and_takes_max_of_worker_state() -> None:
         'pdmesh_router_e2e_seconds_sum{endpoint="/v1/completions"} 0.25\n'
     )
     b = a.replace("} 3.0", "} 4.0").replace("} 2.0", "} 1.0").replace("} 0.25", "} 0.5")
-    merged = merge_metrics([a, b]).decode()
-    assert scrape(merged, "pdmesh_router_requests_total", status="200") == 7
-    assert scrape(merged, "pdmesh_router_worker_healthy", worker="d0") == 1
+    merged = merge_metrics({0: a, 1: b, 2: None}).decode()
+    # every series once per process, so a restarted process resets only its own series
+    assert scrape(merged, "pdmesh_router_requests_total", router_process="0") == 3
+    assert scrape(merged, "pdmesh_router_requests_total", router_process="1") == 4
     assert scrape(merged, "pdmesh_router_e2e_seconds_bucket", le="0.1") == 3
     assert scrape(merged, "pdmesh_router_e2e_seconds_count") == 7
     assert scrape(merged, "pdmesh_router_e2e_seconds_sum") == 0.75
+    assert scrape(merged, "pdmesh_router_process_up", router_process="1") == 1
+    assert scrape(merged, "pdmesh_router_process_up", router_process="2") == 0
+    assert "_created" not in merged
+    assert merged.count("# TYPE pdmesh_router_requests_total counter") == 1
