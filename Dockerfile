@@ -1,5 +1,7 @@
-# pdmesh images. CPU (default):   docker build -t pdmesh:cpu .
+# pdmesh images. CPU (default):   docker build --target cpu -t pdmesh:cpu .
 #                GPU (CUDA vLLM): docker build --target gpu -t pdmesh:gpu .
+# Pass --target: the legacy (non-BuildKit) builder runs every stage up to the target, so without one it would
+# also build the GPU stage (pulling the vLLM CUDA image) before the final CPU alias stage.
 # The CPU image installs exactly the versions CI proves (requirements/cpu.lock). torch==2.13.0+cpu comes from
 # PyTorch's CPU wheel index: pass it with --build-arg PIP_EXTRA_INDEX_URL=<that index> where pip does not
 # already know it.
@@ -9,6 +11,8 @@ ARG VLLM_GPU_IMAGE=vllm/vllm-openai:latest
 
 FROM ${PYTHON_IMAGE} AS cpu
 ARG PIP_EXTRA_INDEX_URL=""
+# Optional local wheel mirror/dir URL (pip --find-links), e.g. a host serving torch-2.13.0+cpu: build-time only.
+ARG PIP_FIND_LINKS=""
 ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc g++ libnuma1 libgomp1 curl \
@@ -33,7 +37,19 @@ CMD ["--help"]
 FROM ${VLLM_GPU_IMAGE} AS gpu
 ENV PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
 WORKDIR /opt/pdmesh
-COPY . .
+# Only the package sources (as in the cpu stage): `COPY . .` would also take a local .venv, .git, bench/ ...
+COPY pyproject.toml README.md ./
+COPY pdmesh/ pdmesh/
+COPY router/ router/
+COPY prefiller/ prefiller/
+COPY decoder/ decoder/
+COPY kvcache/ kvcache/
+COPY transfer/ transfer/
+COPY kernels/ kernels/
+COPY configs/ configs/
 RUN pip install --no-cache-dir "nixl==1.5.1" "nixl-cu12==1.5.1" && pip install --no-cache-dir -e .
 ENTRYPOINT ["pdmesh"]
 CMD ["--help"]
+
+# Last stage = what a build without --target produces: the CPU image (BuildKit builds only the cpu stage for it).
+FROM cpu AS default

@@ -170,10 +170,18 @@ class TierServer:
                 break
             await asyncio.sleep(0.01)
 
+    def _http_advertise_host(self) -> str:
+        """The host others use for this server's HTTP API: the transfer advertise host when the HTTP bind is a
+        wildcard (containers), else the bind host."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "") and self.config.transfer.advertise_host:
+            host = self.config.transfer.advertise_host
+        return f"[{host}]" if ":" in host else host
+
     def ready_info(self) -> dict[str, Any]:
         return {
             "socket": self.socket_path,
-            "http": f"http://{self.config.host}:{self.http_port}",
+            "http": f"http://{self._http_advertise_host()}:{self.http_port}",
             "segment": self.pool.segment_name,
             "pid": os.getpid(),
             "transfer": self.transfer.address if self.transfer is not None else None,

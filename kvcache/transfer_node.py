@@ -33,7 +33,7 @@ def parse_address(peer: str) -> tuple[str, int]:
 
 
 def _factories(
-    fingerprint: str, token: str, host: str, names: Sequence[str]
+    fingerprint: str, token: str, host: str, advertise_host: str, names: Sequence[str]
 ) -> dict[str, Callable[[], TransferBackend]]:
     out: dict[str, Callable[[], TransferBackend]] = {}
     for name in names:
@@ -44,7 +44,7 @@ def _factories(
         elif name == "tcp":
             from transfer.tcp_backend import TcpBackend
 
-            out[name] = lambda: TcpBackend(fingerprint, token, host)
+            out[name] = lambda: TcpBackend(fingerprint, token, host, advertise_host)
         elif name == "nixl":
             from transfer.nixl_backend import NixlBackend
 
@@ -77,7 +77,7 @@ class TransferNode:
     ) -> None:
         self.pool = pool
         self.advertise_host = advertise_host or host
-        factories = _factories(fingerprint, token, host, backends)
+        factories = _factories(fingerprint, token, host, self.advertise_host, backends)
         self.receiver = Receiver(
             LeaseRegionProvider(pool),
             ReceiverConfig(fingerprint=fingerprint, host=host, port=port, token=token),

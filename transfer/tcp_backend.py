@@ -74,10 +74,15 @@ class TcpBackend(TransferBackend):
 
     name = "tcp"
 
-    def __init__(self, fingerprint: str, token: str = "", host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, fingerprint: str, token: str = "", host: str = "127.0.0.1", advertise_host: str | None = None
+    ) -> None:
+        """``host``: where the data listener binds (may be a wildcard); ``advertise_host``: what the metadata
+        tells senders to dial (default ``host``; required in effect when ``host`` is a wildcard)."""
         super().__init__(fingerprint)
         self.token = token
         self.host = host
+        self.advertise_host = advertise_host or host
         self._buf: memoryview | None = None
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
@@ -102,7 +107,7 @@ class TcpBackend(TransferBackend):
                 threading.Thread(target=self._accept_loop, name="pdmesh-tcp-accept", daemon=True).start()
             port = self._listener.getsockname()[1]
         return pack_metadata(
-            self.name, self.fingerprint, {"host": self.host, "port": port, "size": self._buf.nbytes}
+            self.name, self.fingerprint, {"host": self.advertise_host, "port": port, "size": self._buf.nbytes}
         )
 
     def set_write_guard(self, guard: WriteGuard) -> None:

@@ -167,3 +167,29 @@ def test_push_round_trip_over_tcp_in_process(rx):
         assert res.skipped == [b"a"] and res.nbytes == 0
     finally:
         sender.close()
+
+
+def test_receiver_bound_to_wildcard_advertises_the_reachable_host():
+    """Containers bind 0.0.0.0: the data listener must tell senders an address they can dial, not 0.0.0.0."""
+    pool = ReferencePool(4096, 4)
+    backend = TcpBackend(FP, "s3cret", host="0.0.0.0", advertise_host="127.0.0.1")
+    r = Receiver(
+        pool,
+        ReceiverConfig(fingerprint=FP, token="s3cret", host="0.0.0.0", reap_interval_s=3600),
+        [backend],
+    )
+    r.start()
+    src = memoryview(bytearray(os.urandom(4096)))
+    sender = Sender(
+        src,
+        SenderConfig(fingerprint=FP, token="s3cret", backends=("tcp",)),
+        {"tcp": lambda: TcpBackend(FP, "s3cret")},
+    )
+    try:
+        res = sender.push(("127.0.0.1", r.address[1]), "wild", [Chunk(b"w", 0, 4096)], time.monotonic() + 10)
+        assert res.written == [b"w"]
+        assert bytes(pool.get(b"w")) == bytes(src)
+    finally:
+        sender.close()
+        r.close()
+        pool.close()
