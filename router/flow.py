@@ -14,12 +14,13 @@ decode-only (conditional disaggregation, no transfer address, or no prefill work
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router import pd_nixl, pd_push
 from router.auth import api_key_of
@@ -61,6 +62,20 @@ class PolicySet:
         return policy
 
 
+class RequestIds:
+    """Request ids unique across processes and restarts: a random 64-bit prefix per instance plus a counter.
+
+    (``uuid4()`` per request costs a getrandom() system call on the hot path.)
+    """
+
+    def __init__(self) -> None:
+        self._prefix = f"pdm-{secrets.token_hex(8)}-"
+        self._count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
 @dataclass
 class RouterState:
     config: RouterConfig
@@ -72,6 +87,7 @@ class RouterState:
     index: PrefixIndex
     analyzer: PromptAnalyzer
     tier_lookup: TierLookup
+    request_ids: RequestIds = field(default_factory=RequestIds)
 
 
 async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
@@ -82,7 +98,7 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
     """
     started = time.perf_counter()
     endpoint = PATHS[kind]
-    request_id = f"pdm-{uuid.uuid4().hex}"
+    request_id = st.request_ids.next()
     status = "200"
     permit: Permit | None = None
     try:

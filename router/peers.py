@@ -37,9 +37,19 @@ LOCAL_METRICS = "/metrics?local=1"
 class Peers:
     """The sibling processes of this one, reached over their unix sockets. Owns one httpx client per sibling."""
 
-    def __init__(self, own_index: int, sockets: dict[int, str], token: str, timeout_s: float = 2.0) -> None:
-        """``sockets``: unix socket path of each sibling by process index (``own_index`` excluded)."""
+    def __init__(
+        self,
+        own_index: int,
+        sockets: dict[int, str],
+        token: str,
+        timeout_s: float = 2.0,
+        copy_registry: bool = False,
+    ) -> None:
+        """``sockets``: unix socket path of each sibling by process index (``own_index`` excluded).
+        ``copy_registry``: this process replaces one that exited; :meth:`bootstrap` copies the siblings'
+        registered workers before it serves (at the first start there is nothing to copy)."""
         self.own_index = own_index
+        self.copy_registry = copy_registry
         self.indexes = sorted(sockets)
         self._headers = {TOKEN_HEADER: token, RELAYED_HEADER: "1"}
         self._clients = [
@@ -69,22 +79,36 @@ class Peers:
     async def relay_deregistration(self, worker_id: str) -> None:
         await self._each("DELETE", f"/internal/workers/{quote(worker_id, safe='')}")
 
-    async def bootstrap(self, registry: Registry, timeout_s: float = 0.5) -> int:
-        """Copy the self-registered workers the siblings know (asked in parallel, ``timeout_s`` each; a sibling
-        that is itself starting does not answer in time and is skipped). Returns how many were copied."""
+    async def bootstrap(self, registry: Registry, budget_s: float = 5.0) -> int:
+        """If ``copy_registry``: copy the self-registered workers the siblings know, asking all of them in
+        parallel, again until one answered or ``budget_s`` passed. Returns how many workers were copied."""
+        if not self.copy_registry or not self._clients:
+            return 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget_s
+        while True:
+            answers = await asyncio.gather(
+                *(self._registered(c, max(0.1, end - loop.time())) for c in self._clients)
+            )
+            if any(a is not None for a in answers) or loop.time() >= end:
+                break
+            await asyncio.sleep(0.2)
+        return self._copy([a for a in answers if a], registry)
 
-        async def one(client: httpx.AsyncClient) -> list:
-            try:
-                r = await client.get("/internal/workers", headers=self._headers, timeout=timeout_s)
-                r.raise_for_status()
-                entries = r.json()
-            except (httpx.HTTPError, ValueError):
-                return []
-            return entries if isinstance(entries, list) else []
+    async def _registered(self, client: httpx.AsyncClient, timeout_s: float) -> list | None:
+        try:
+            r = await client.get("/internal/workers", headers=self._headers, timeout=timeout_s)
+            r.raise_for_status()
+            entries = r.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return entries if isinstance(entries, list) else None
 
+    @staticmethod
+    def _copy(answers: list[list], registry: Registry) -> int:
         fields = WorkerRegistration.model_fields
         seen: set[str] = set()
-        for entries in await asyncio.gather(*(one(c) for c in self._clients)):
+        for entries in answers:
             for entry in entries:
                 if not isinstance(entry, dict) or entry.get("source") != "registered":
                     continue

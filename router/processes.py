@@ -112,8 +112,10 @@ def run_supervisor(config: RouterConfig) -> int:
     dead_at: dict[int, float] = {}  # when a dead process was first seen (it is restarted after its backoff)
     status = 0
 
-    def spawn(i: int) -> None:
+    def spawn(i: int, restart: bool = False) -> None:
         argv = [sys.executable, "-m", "router.processes", "--child", str(i), "--dir", workdir]
+        if restart:  # its siblings know the registered workers: copy them before serving
+            argv.append("--copy-registry")
         children[i] = ManagedProcess(f"router-{i}", argv, env=env)
         started_at[i] = time.monotonic()
 
@@ -147,7 +149,7 @@ def run_supervisor(config: RouterConfig) -> int:
                     continue
                 del dead_at[i]
                 child.stop(timeout=1)
-                spawn(i)
+                spawn(i, restart=True)
     finally:
         for child in children.values():
             child.signal_group(signal.SIGTERM)
@@ -159,7 +161,7 @@ def run_supervisor(config: RouterConfig) -> int:
     return status
 
 
-def run_child(index: int, workdir: str) -> None:
+def run_child(index: int, workdir: str, copy_registry: bool = False) -> None:
     """One router process: its share of the limits, the shared port, its unix socket, its siblings. Blocking."""
     from router.app import create_app
 
@@ -175,7 +177,10 @@ def run_child(index: int, workdir: str) -> None:
     uds.bind(own)
     os.chmod(own, 0o600)
     uds.listen(256)
-    app = create_app(share_of(config, config.processes), peers=Peers(index, siblings, config.cluster_token))
+    app = create_app(
+        share_of(config, config.processes),
+        peers=Peers(index, siblings, config.cluster_token, copy_registry=copy_registry),
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -194,8 +199,11 @@ def _main() -> int:
     ap = argparse.ArgumentParser(description="one router process (started by the router supervisor)")
     ap.add_argument("--child", type=int, required=True)
     ap.add_argument("--dir", required=True)
+    ap.add_argument(
+        "--copy-registry", action="store_true", help="copy registered workers from a sibling first"
+    )
     args = ap.parse_args()
-    run_child(args.child, args.dir)
+    run_child(args.child, args.dir, args.copy_registry)
     return 0
 
 
