@@ -9,6 +9,18 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG VLLM_GPU_IMAGE=vllm/vllm-openai:latest
 
+# The package sources, listed once; both images copy them from here.
+FROM scratch AS src
+COPY pyproject.toml README.md /src/
+COPY pdmesh/ /src/pdmesh/
+COPY router/ /src/router/
+COPY prefiller/ /src/prefiller/
+COPY decoder/ /src/decoder/
+COPY kvcache/ /src/kvcache/
+COPY transfer/ /src/transfer/
+COPY kernels/ /src/kernels/
+COPY configs/ /src/configs/
+
 FROM ${PYTHON_IMAGE} AS cpu
 ARG PIP_EXTRA_INDEX_URL=""
 # Optional local wheel mirror/dir URL (pip --find-links), e.g. a host serving torch-2.13.0+cpu: build-time only.
@@ -21,15 +33,7 @@ WORKDIR /opt/pdmesh
 COPY requirements/ requirements/
 RUN pip install --no-deps -r requirements/cpu.lock \
  && (pip uninstall -y torchvision torchaudio torchcodec || true)
-COPY pyproject.toml README.md ./
-COPY pdmesh/ pdmesh/
-COPY router/ router/
-COPY prefiller/ prefiller/
-COPY decoder/ decoder/
-COPY kvcache/ kvcache/
-COPY transfer/ transfer/
-COPY kernels/ kernels/
-COPY configs/ configs/
+COPY --from=src /src/ ./
 RUN pip install --no-deps -e .
 ENTRYPOINT ["pdmesh"]
 CMD ["--help"]
@@ -37,16 +41,7 @@ CMD ["--help"]
 FROM ${VLLM_GPU_IMAGE} AS gpu
 ENV PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
 WORKDIR /opt/pdmesh
-# Only the package sources (as in the cpu stage): `COPY . .` would also take a local .venv, .git, bench/ ...
-COPY pyproject.toml README.md ./
-COPY pdmesh/ pdmesh/
-COPY router/ router/
-COPY prefiller/ prefiller/
-COPY decoder/ decoder/
-COPY kvcache/ kvcache/
-COPY transfer/ transfer/
-COPY kernels/ kernels/
-COPY configs/ configs/
+COPY --from=src /src/ ./
 RUN pip install --no-cache-dir "nixl==1.5.1" "nixl-cu12==1.5.1" && pip install --no-cache-dir -e .
 ENTRYPOINT ["pdmesh"]
 CMD ["--help"]
