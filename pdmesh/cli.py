@@ -61,6 +61,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         pd_mode=args.pd_mode,
         cache_server=args.cache_server,
+        router_processes=args.router_processes,
         log_dir=args.log_dir,
         vllm_args=[a for a in args.vllm_args if a != "--"],
     )
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pd-mode", default="push", choices=["push", "nixl"])
     s.add_argument("--log-dir", default=None)
     s.add_argument("--cache-server", action="store_true", help="run a shared remote KV tier for all workers")
+    s.add_argument("--router-processes", type=int, default=1, help="router processes sharing the port")
     s.add_argument("--demo", action="store_true", help="send one request, print the answer, stop")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args for every worker after --")
     s.set_defaults(func=_cmd_up)

@@ -37,6 +37,7 @@ class ClusterSpec:
     startup_timeout: float = 600.0
     pin_cores: bool = True  # bind each engine's OpenMP threads to one core (round robin)
     cache_server: bool = False  # push mode: a shared remote tier (pdmesh cache-server) for every node's tier
+    router_processes: int = 1  # router processes sharing the port (router ``processes``)
 
 
 class LocalCluster:
@@ -70,6 +71,8 @@ class LocalCluster:
                     str(self.spec.port),
                     "--pd-mode",
                     self.spec.pd_mode,
+                    "--processes",
+                    str(self.spec.router_processes),
                 ],
                 self.log_dir / "router.log",
             )

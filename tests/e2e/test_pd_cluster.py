@@ -52,6 +52,8 @@ def cluster(request, expected, tiny_model, tmp_path_factory):
         served_model_name=MODEL,
         port=free_port(),
         pd_mode=request.param,
+        # push (the default mode) behind two router processes: registrations, heartbeats and metrics cross them
+        router_processes=2 if request.param == "push" else 1,
         vllm_args=ENGINE_ARGS,
         log_dir=str(tmp_path_factory.mktemp(f"cluster-{request.param}")),
         startup_timeout=300,
