@@ -173,9 +173,9 @@ class TierServer:
     def _http_advertise_host(self) -> str:
         """The host others use for this server's HTTP API: the transfer advertise host when the HTTP bind is a
         wildcard (containers), else the bind host."""
-        host = self.config.host
+        host = self.config.host.strip("[]")
         if host in ("0.0.0.0", "::", "") and self.config.transfer.advertise_host:
-            host = self.config.transfer.advertise_host
+            host = self.config.transfer.advertise_host.strip("[]")
         return f"[{host}]" if ":" in host else host
 
     def ready_info(self) -> dict[str, Any]:

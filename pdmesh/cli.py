@@ -31,10 +31,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
         cfg = load_router_config(
             args.config, host=args.host, port=args.port, pd_mode=args.pd_mode, processes=args.processes
         )
+        run_router(cfg)
     except ConfigError as e:
         print(f"pdmesh router: {e}", file=sys.stderr)
         return 2
-    run_router(cfg)
     return 0
 
 

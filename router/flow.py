@@ -175,6 +175,7 @@ async def _serve_routed(
                         ttft.observe(time.perf_counter() - started)
                         first = False
                     await ex.send_chunk(chunk)
+                await ex.end()
         except TimeoutError:
             st.metrics.stream_aborts.inc()
             st.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
@@ -182,7 +183,6 @@ async def _serve_routed(
             err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
             await ex.abort_stream(b"\n\n" + sse_error_event(err))
             return
-        await ex.end()
         st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
     finally:
         await decode.close()

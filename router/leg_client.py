@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -63,6 +64,10 @@ class LegDeadline(LegError):
 
 class LegDisconnected(LegError):
     """The connection broke before the reply was complete, or the reply was not valid HTTP."""
+
+
+class _AfterReply(Exception):
+    """Raised inside the parser when bytes follow a complete reply."""
 
 
 class _Conn(asyncio.Protocol):
@@ -106,7 +111,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             if not self.complete:  # after a complete reply, garbage only spoils the connection
                 self.error = LegDisconnected(f"invalid HTTP reply: {e}")
             self.keep_alive = False
@@ -123,6 +128,10 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second reply in the same read: the worker broke protocol
+            raise _AfterReply()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
@@ -151,6 +160,7 @@ class _Conn(asyncio.Protocol):
             self.interim = False
             return
         self.complete = True
+        self.idle_since = time.monotonic()  # the worker's keep-alive clock starts at the end of its reply
 
     # -- helpers
     def _wake(self) -> None:
@@ -282,24 +292,40 @@ class _Target:
 
 
 def parse_target(base_url: str) -> _Target:
-    """Parse ``http[s]://host[:port][/prefix]``. Raises LegConnectError (refused) for anything else."""
+    """Parse ``http[s]://host[:port][/prefix]``. Raises LegConnectError (refused) for anything else
+    (credentials, query, fragment, a prefix that is not plain URL path characters, a bad port)."""
     try:
         u = urlsplit(base_url)
         port = u.port
     except ValueError as e:
         raise LegConnectError(f"invalid worker URL {base_url!r}: {e}", refused=True) from None
-    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+    prefix = u.path.rstrip("/")
+    if (
+        u.scheme not in ("http", "https")
+        or not u.hostname
+        or u.username is not None
+        or u.password is not None
+        or u.query
+        or u.fragment
+        or not _PATH_OK.fullmatch(prefix)
+    ):
         raise LegConnectError(
-            f"unsupported worker URL {base_url!r} (http[s]://host:port[/prefix])", refused=True
+            f"unsupported worker URL {base_url!r} (http[s]://host[:port][/prefix], no credentials)",
+            refused=True,
         )
     tls = u.scheme == "https"
-    return _Target(
-        host=u.hostname,
-        port=port or (443 if tls else 80),
-        tls=tls,
-        netloc=u.netloc.encode("idna") if not u.netloc.isascii() else u.netloc.encode(),
-        prefix=u.path.rstrip("/").encode(),
-    )
+    port = port or (443 if tls else 80)
+    host = u.hostname
+    shown = f"[{host}]" if ":" in host else host
+    netloc = shown if port == (443 if tls else 80) else f"{shown}:{port}"
+    try:
+        host_header = netloc.encode("ascii") if netloc.isascii() else netloc.encode("idna")
+    except UnicodeError as e:
+        raise LegConnectError(f"invalid worker host in {base_url!r}: {e}", refused=True) from None
+    return _Target(host=host, port=port, tls=tls, netloc=host_header, prefix=prefix.encode())
+
+
+_PATH_OK = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 
 
 class LegClient:
@@ -344,7 +370,6 @@ class LegClient:
             conn.close()
             return
         conn._reset()
-        conn.idle_since = time.monotonic()
         idle.append(conn)
 
     def _get_idle(self, key: tuple[str, int, bool]) -> _Conn | None:

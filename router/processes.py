@@ -31,16 +31,17 @@ import time
 import uvicorn
 
 from pdmesh.procs import ManagedProcess
-from router.config import RouterConfig
+from router.config import ConfigError, RouterConfig
 from router.log_format import setup_logging
 from router.peers import Peers, peer_socket_paths
 
 log = logging.getLogger("pdmesh.router")
 
-_RESTART_BACKOFF_S = 1.0  # doubled for each failure right after a start, at most 30 s
+_RESTART_BACKOFF_S = 1.0  # doubled for each failure right after a start (1, 2, 4, 8 s, then give up)
 _QUICK_FAILURE_S = 10.0  # a process that exits sooner than this after its start "failed right after starting"
 _GIVE_UP_AFTER = 5
 CONFIG_ENV = "PDMESH_ROUTER_PROCESS_CONFIG"
+_MAX_ENV_CONFIG = 120 * 1024
 
 
 def share_of(config: RouterConfig, n: int) -> RouterConfig:
@@ -96,16 +97,24 @@ def run_supervisor(config: RouterConfig) -> int:
     keeps failing right after its start (``_GIVE_UP_AFTER`` times in a row: returns 1). Blocking."""
     n = config.processes
     _port_free(config.host, config.port)
+    # The config (with the API keys and the cluster token) goes to the children in their environment, which
+    # only this user can read, rather than in a file that a SIGKILL would leave behind.
+    env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
+    if len(env[CONFIG_ENV]) > _MAX_ENV_CONFIG:  # one environment string is limited to 128 KiB on Linux
+        raise ConfigError(
+            f"router config too large to hand to {n} processes ({len(env[CONFIG_ENV])} bytes; the limit is "
+            f"{_MAX_ENV_CONFIG}): fewer api_keys, or processes: 1"
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    stop_signals = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # keep nohup's "ignore hang-ups"
+        stop_signals.append(signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in stop_signals}
     workdir = tempfile.mkdtemp(prefix="pdmesh-router-")  # 0700; holds the unix sockets only
-    # The config (with the API keys and the cluster token) goes to the children in their environment, which
-    # only this user can read, rather than in a file that a SIGKILL would leave behind.
-    env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
     children: dict[int, ManagedProcess] = {}
     started_at: dict[int, float] = {}
     quick_failures: dict[int, int] = {}  # failures right after a start, in a row, per process index
@@ -144,7 +153,7 @@ def run_supervisor(config: RouterConfig) -> int:
                         break
                     log.warning("router process %d exited with %s; restarting it", i, child.poll())
                 failures = quick_failures[i]
-                backoff = min(_RESTART_BACKOFF_S * 2 ** (failures - 1), 30.0) if failures else 0.0
+                backoff = _RESTART_BACKOFF_S * 2 ** (failures - 1) if failures else 0.0
                 if now - dead_at[i] < backoff:
                     continue
                 del dead_at[i]

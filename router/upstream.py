@@ -139,13 +139,16 @@ class Upstream:
         last: OpenAIError | None = None
         attempts = 0
         while attempts < self.max_attempts:
+            candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
+            if not candidates:
+                break
             if attempts:  # a retry: back off before choosing (nothing is held while sleeping)
                 delay = self._backoff(attempts)
                 if delay:
                     await asyncio.sleep(delay)
-            candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
-            if not candidates:
-                break
+                    candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
+                    if not candidates:
+                        break
             worker = policy.choose(candidates, ctx)
             tried.add(worker.id)
             # Panic (every candidate's breaker open): try anyway without claiming anything. A half-open

@@ -82,7 +82,7 @@ class TcpBackend(TransferBackend):
         super().__init__(fingerprint)
         self.token = token
         self.host = host
-        self.advertise_host = advertise_host or host
+        self.advertise_host = (advertise_host or host).strip("[]")  # a bare address, as sockets want it
         self._buf: memoryview | None = None
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()

@@ -351,7 +351,14 @@ def test_worker_url_with_path_prefix_and_bad_urls() -> None:
             assert await resp.read() == b"{}"
             resp.release()
             assert seen == [b"POST /gw/worker-1/v1/completions HTTP/1.1"]
-            for bad in ("http://127.0.0.1:99999", "http://[::1", "ftp://x", "http://h/p?q=1"):
+            for bad in (
+                "http://127.0.0.1:99999",
+                "http://[::1",
+                "ftp://x",
+                "http://h/p?q=1",
+                "http://u:pw@h:1",
+                "http://h/a b",
+            ):
                 with pytest.raises(LegConnectError):
                     await client.post(bad, "/x", b"{}")
             client.close()
@@ -410,5 +417,25 @@ def test_https_worker(tmp_path) -> None:
             client.close()
         finally:
             server.close()
+
+    run(main())
+
+
+def test_second_reply_in_the_same_read_is_not_taken_for_the_next_request() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            _, body = await read_request(r)
+            w.write(reply(body) + b"HTTP/1.1 500 X\r\ncontent-length: 3\r\n\r\nbad")  # one segment
+            await w.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as srv:
+            client = LegClient(2, 5)
+            for payload in (b"one", b"two"):
+                resp = await client.post(srv.url, "/x", payload)
+                assert (resp.status, await resp.read()) == (200, payload)
+                resp.release()
+            assert srv.connections == 2  # the connection with the stray reply was dropped, not reused
+            client.close()
 
     run(main())
