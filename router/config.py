@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdmesh.security import cluster_token_from_env
 
@@ -126,8 +126,9 @@ class RouterConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # Router processes sharing the port (SO_REUSEPORT); one Python process uses one core.
-    processes: int = Field(1, ge=1, le=64)
+    # Router processes sharing the port (SO_REUSEPORT); one Python process uses one core. 0: one per core
+    # this process may run on (resolved when the config is loaded).
+    processes: int = Field(1, ge=0, le=64)
     # push: pdmesh connector + tier push (default); nixl: stock vLLM NixlConnector pull protocol.
     pd_mode: Literal["push", "nixl"] = "push"
     # push mode: how long a decode worker waits for pushed chunks before computing the rest.
@@ -172,6 +173,11 @@ class RouterConfig(BaseModel):
         if self.breaker.open_s is None:
             self.breaker.open_s = self.failure_cooldown_s
         return self
+
+    @field_validator("processes")
+    @classmethod
+    def _cores_when_zero(cls, v: int) -> int:
+        return v or min(64, len(os.sched_getaffinity(0)))
 
     @property
     def session_header_bytes(self) -> bytes:

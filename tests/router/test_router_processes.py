@@ -155,6 +155,11 @@ def test_relay_header_grants_nothing(cluster) -> None:
     assert r.status_code == 403
 
 
+def test_processes_zero_means_one_per_core() -> None:
+    assert RouterConfig(processes=0).processes == len(os.sched_getaffinity(0))
+    assert RouterConfig().processes == 1
+
+
 def test_limits_are_split_evenly_between_processes() -> None:
     cfg = RouterConfig(
         limits=LimitsConfig(max_concurrency=5, rate_per_s=10, burst=3, per_key_max_concurrency=1)
