@@ -62,6 +62,15 @@ async def echo_forever(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None
         await w.drain()
 
 
+async def round_trip(client: LegClient, url: str, payload: bytes, path: str = "/x") -> bytes:
+    """POST ``payload``, read the whole reply, give the connection back; returns the body."""
+    resp = await client.post(url, path, payload)
+    assert resp.status == 200
+    body = await resp.read()
+    resp.release()
+    return body
+
+
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
@@ -119,9 +128,7 @@ def test_connection_close_reply_is_not_pooled() -> None:
         async with RawServer(handler) as srv:
             client = LegClient(2, 5)
             for payload in (b"1", b"2"):
-                resp = await client.post(srv.url, "/x", payload)
-                assert await resp.read() == payload
-                resp.release()
+                assert await round_trip(client, srv.url, payload) == payload
             assert srv.connections == 2
             client.close()
 
@@ -138,9 +145,7 @@ def test_idle_connection_closed_by_worker_is_replaced() -> None:
         async with RawServer(one_then_close) as srv:
             client = LegClient(2, 5)
             for payload in (b"first", b"second", b"third"):
-                resp = await client.post(srv.url, "/x", payload)
-                assert await resp.read() == payload
-                resp.release()
+                assert await round_trip(client, srv.url, payload) == payload
                 await asyncio.sleep(0.05)  # let the close arrive (or not: either way the next post works)
             assert srv.connections == 3
             client.close()
@@ -432,9 +437,7 @@ def test_second_reply_in_the_same_read_is_not_taken_for_the_next_request() -> No
         async with RawServer(handler) as srv:
             client = LegClient(2, 5)
             for payload in (b"one", b"two"):
-                resp = await client.post(srv.url, "/x", payload)
-                assert (resp.status, await resp.read()) == (200, payload)
-                resp.release()
+                assert await round_trip(client, srv.url, payload) == payload
             assert srv.connections == 2  # the connection with the stray reply was dropped, not reused
             client.close()
 

@@ -148,24 +148,18 @@ def test_dead_worker_is_skipped_and_retried(harness):
     assert harness.metric("pdmesh_router_retries_total", leg="prefill") >= 1
 
 
-def test_worker_5xx_retried_on_another(harness):
+@pytest.mark.parametrize("status", [500, 503, 307], ids=["500", "503", "redirect"])
+def test_worker_fault_retried_on_another(harness, status):
+    """A worker's 5xx, or a redirect (a worker never redirects: its URL is wrong), is the worker's fault."""
     bad = harness.add("decode", name="decode-bad")
-    bad.fail_status = 500
+    bad.fail_status = status
     good = harness.add("decode", name="decode-good")
     harness.add("prefill")
     for _ in range(2):
         assert harness.client.post("/v1/completions", json=COMPLETION).status_code == 200
     assert len(good.requests) == 2
-
-
-def test_worker_redirect_is_a_worker_fault_retried_on_another(harness):
-    bad = harness.add("decode", name="decode-redirects")
-    bad.fail_status = 307
-    good = harness.add("decode", name="decode-good")
-    harness.add("prefill")
-    for _ in range(2):
-        assert harness.client.post("/v1/completions", json=COMPLETION).status_code == 200
-    assert len(good.requests) == 2
+    if status >= 500:
+        return
     good.fail_status = 302
     err = assert_openai_error(harness.client.post("/v1/completions", json=COMPLETION), 502)
     assert err["code"] == "PD_PEER_UNAVAILABLE"
