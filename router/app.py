@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Coroutine
 
 import httpx
@@ -42,16 +43,23 @@ from router.upstream import Upstream
 log = logging.getLogger("pdmesh.router")
 
 
+def _worker_tls(cfg: RouterConfig) -> ssl.SSLContext:
+    """How https workers are verified: ``worker_ca_file`` if set, else the system's CA store."""
+    return ssl.create_default_context(cafile=cfg.worker_ca_file)
+
+
 def _make_leg_client(cfg: RouterConfig) -> LegClient:
     """The legs' client (hot path): keep-alive pool, bounded connect and read waits."""
-    return LegClient(cfg.connect_timeout_s, cfg.request_timeout_s)
+    return LegClient(cfg.connect_timeout_s, cfg.request_timeout_s, ssl_context=_worker_tls(cfg))
 
 
 def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
     """Client for the side calls (health checks, /tokenize, tier /lookup); each call passes its own timeout."""
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=30)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, http2=False, trust_env=False)
+    return httpx.AsyncClient(
+        timeout=timeout, limits=limits, http2=False, trust_env=False, verify=_worker_tls(cfg)
+    )
 
 
 class RouterApp:

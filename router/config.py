@@ -140,6 +140,8 @@ class RouterConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     # Upper bound for one upstream leg (prefill, or the whole decode stream).
     request_timeout_s: float = Field(600.0, gt=0)
+    # CA bundle (PEM) that verifies https workers; unset: the system's CA store.
+    worker_ca_file: str | None = None
     # The client must send its whole request body within this long (408 otherwise).
     body_timeout_s: float = Field(30.0, gt=0)
     # Whole-request deadline (all legs, retries and the stream); 504 before the first byte, an error event after.
@@ -173,6 +175,13 @@ class RouterConfig(BaseModel):
         if self.breaker.open_s is None:
             self.breaker.open_s = self.failure_cooldown_s
         return self
+
+    @field_validator("worker_ca_file")
+    @classmethod
+    def _ca_readable(cls, v: str | None) -> str | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError(f"cannot read CA file {v!r}")
+        return v
 
     @field_validator("processes")
     @classmethod

@@ -371,36 +371,10 @@ def test_worker_url_with_path_prefix_and_bad_urls() -> None:
     run(main())
 
 
-def test_https_worker(tmp_path) -> None:
-    ssl = pytest.importorskip("ssl")
-    import shutil
-    import subprocess
+def test_https_worker(tls_cert) -> None:
+    import ssl
 
-    if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not found (needed to make a test certificate)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = tls_cert
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))

@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from pdmesh.procs import free_port
+from tests.router.fake_worker import FakeWorker
+from tests.servers import ThreadServer
 
 COMPLETION = {"model": "m", "prompt": "hello there", "max_tokens": 4}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -310,3 +312,22 @@ def test_heartbeat_expiry_and_deregistration(make_harness):
 
 def test_unknown_route_is_openai_404(harness):
     assert_openai_error(harness.client.get("/v1/nothing"), 404)
+
+
+def test_https_workers_verified_with_the_configured_ca(make_harness, tls_cert):
+    cert, key = tls_cert
+    h = make_harness(worker_ca_file=cert)
+    for role in ("prefill", "decode"):
+        fw = FakeWorker(f"{role}-tls")
+        srv = ThreadServer(fw.app, ssl_certfile=cert, ssl_keyfile=key).start()
+        h.workers.append((fw, srv))
+        h.register(fw.name, role, srv.url)
+    r = h.client.post("/v1/completions", json=COMPLETION)
+    assert r.status_code == 200, r.text
+    assert [len(fw.requests) for fw, _ in h.workers] == [1, 1]
+    # A router without the CA does not trust these workers: the legs fail, the client gets a clean 503.
+    h2 = make_harness()
+    for fw, srv in h.workers:
+        h2.register(fw.name, "prefill" if "prefill" in fw.name else "decode", srv.url)
+    err = assert_openai_error(h2.client.post("/v1/completions", json=COMPLETION), 503)
+    assert err["code"] == "PD_PEER_UNAVAILABLE"
