@@ -25,7 +25,7 @@ from router.auth import check_api_key, check_cluster_token
 from router.config import RouterConfig
 from router.discovery import Discovery
 from router.errors import OpenAIError, install_error_handlers
-from router.exchange import Exchange, Receive, Scope, Send
+from router.exchange import Exchange, Receive, Scope, Send, read_limited
 from router.flow import PolicySet, RouterState
 from router.health_checks import HealthChecker
 from router.leg_client import LegClient
@@ -159,20 +159,9 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
         return request.app.state.router
 
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-            raise OpenAIError(
-                413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large"
-            )
-        chunks, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > config.max_body_bytes:
-                raise OpenAIError(
-                    413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large"
-                )
-            chunks.append(part)
-        return b"".join(chunks)
+        return await read_limited(
+            request.stream(), request.headers.get("content-length"), config.max_body_bytes
+        )
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -261,10 +261,13 @@ class LegResponse:
 
     def release(self) -> None:
         """Give the connection back to the pool if the body was read to the end, else close it."""
+        reusable = (
+            self.complete and self._conn.error is None and self._conn.keep_alive and not self._conn.closed
+        )
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if conn.complete and not conn.buffered and conn.error is None and conn.keep_alive and not conn.closed:
+        if reusable:
             self._client._put(self._key, conn)
         else:
             conn.close()
@@ -332,7 +335,7 @@ class LegClient:
     """Keep-alive connection pool per worker address. Not thread-safe: one instance per event loop.
 
     Worker URLs may carry a path prefix (``http://gateway/worker-1``: legs go to ``/worker-1/v1/...``) and may
-    be ``https`` (verified against the system's CA store). ``close()`` closes idle connections; connections
+    be ``https`` (verified with ``ssl_context``, else the system's CA store). ``close()`` closes idle connections; connections
     held by live :class:`LegResponse` objects are closed by their owners.
     """
 

@@ -87,22 +87,12 @@ class Peers:
         loop = asyncio.get_running_loop()
         end = loop.time() + budget_s
         while True:
-            answers = await asyncio.gather(
-                *(self._registered(c, max(0.1, end - loop.time())) for c in self._clients)
-            )
+            replies = await self._each("GET", "/internal/workers", timeout=max(0.1, end - loop.time()))
+            answers = [_worker_list(r) for r in replies]
             if any(a is not None for a in answers) or loop.time() >= end:
                 break
             await asyncio.sleep(0.2)
         return self._copy([a for a in answers if a], registry)
-
-    async def _registered(self, client: httpx.AsyncClient, timeout_s: float) -> list | None:
-        try:
-            r = await client.get("/internal/workers", headers=self._headers, timeout=timeout_s)
-            r.raise_for_status()
-            entries = r.json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        return entries if isinstance(entries, list) else None
 
     @staticmethod
     def _copy(answers: list[list], registry: Registry) -> int:
@@ -132,6 +122,17 @@ class Peers:
     async def aclose(self) -> None:
         for c in self._clients:
             await c.aclose()
+
+
+def _worker_list(reply: httpx.Response | None) -> list | None:
+    """The worker list of a sibling's ``GET /internal/workers`` reply, or None if it gave none."""
+    if reply is None or not reply.is_success:
+        return None
+    try:
+        entries = reply.json()
+    except ValueError:
+        return None
+    return entries if isinstance(entries, list) else None
 
 
 PROCESS_LABEL = "router_process"

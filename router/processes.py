@@ -68,10 +68,13 @@ def share_of(config: RouterConfig, n: int) -> RouterConfig:
     return config.model_copy(update={"limits": scaled})
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def reuseport_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket with SO_REUSEPORT (IPv4 or IPv6 by ``host``). Raises OSError if the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -86,8 +89,7 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 def _port_free(host: str, port: int) -> None:
     """Raise OSError if something else already listens on the port (SO_REUSEPORT would share it silently)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
 

@@ -138,15 +138,19 @@ class Upstream:
         tried: set[str] = set()
         last: OpenAIError | None = None
         attempts = 0
+
+        def untried() -> list[Worker]:
+            return [w for w in self.registry.candidates(role, model) if w.id not in tried]
+
         while attempts < self.max_attempts:
-            candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
+            candidates = untried()
             if not candidates:
                 break
             if attempts:  # a retry: back off before choosing (nothing is held while sleeping)
                 delay = self._backoff(attempts)
                 if delay:
                     await asyncio.sleep(delay)
-                    candidates = [w for w in self.registry.candidates(role, model) if w.id not in tried]
+                    candidates = untried()
                     if not candidates:
                         break
             worker = policy.choose(candidates, ctx)
@@ -209,9 +213,8 @@ class Upstream:
                     owned = True
                     return LegResult(worker, resp.status, stream=resp, open=True)
                 try:
-                    content = await resp.read()
+                    content = await resp.read()  # closes the connection on any error, cancellation included
                 except LegError as e:
-                    resp.close()
                     self._failed(leg, worker, _reason(e), hard=False)
                     last = OpenAIError(
                         502,
@@ -220,9 +223,6 @@ class Upstream:
                         retryable=True,
                     )
                     continue
-                except BaseException:
-                    resp.close()
-                    raise
                 resp.release()
                 self.registry.mark_ok(worker)
                 return LegResult(worker, resp.status, content)
