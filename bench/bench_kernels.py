@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import (
+from pdmesh.kernels import (
     CPU_ATTN,
     FLASH_ATTN_HND,
     FLASH_ATTN_NHD,

@@ -225,8 +225,8 @@ def write_router_config(path: Path, port: int, prefill: str, decode: str, proces
 
 
 def serve_router(config: str) -> None:
-    from router.config import load_router_config
-    from router.main import run_router
+    from pdmesh.router.config import load_router_config
+    from pdmesh.router.main import run_router
 
     run_router(load_router_config(config))
 

@@ -31,12 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvcache.client import TierClient  # noqa: E402
-from kvcache.config import TierConfig  # noqa: E402
-from kvcache.disk import DiskTier  # noqa: E402
-from kvcache.pool import ChunkPool  # noqa: E402
-from kvcache.remote import CacheServerClient, RedisTier  # noqa: E402
-from kvcache.server import TierServer  # noqa: E402
+from pdmesh.kvcache.client import TierClient  # noqa: E402
+from pdmesh.kvcache.config import TierConfig  # noqa: E402
+from pdmesh.kvcache.disk import DiskTier  # noqa: E402
+from pdmesh.kvcache.pool import ChunkPool  # noqa: E402
+from pdmesh.kvcache.remote import CacheServerClient, RedisTier  # noqa: E402
+from pdmesh.kvcache.server import TierServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -255,7 +255,7 @@ class Bench:
             [
                 sys.executable,
                 "-m",
-                "kvcache.cli",
+                "pdmesh.kvcache.cli",
                 "cache-server",
                 "--port",
                 str(port),

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from transfer.backend import buffer_address
-from transfer.receiver import Receiver, ReceiverConfig
-from transfer.reference_pool import ReferencePool, attach_segment
-from transfer.sender import Chunk, Sender, SenderConfig
+from pdmesh.transfer.backend import buffer_address
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.reference_pool import ReferencePool, attach_segment
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
@@ -49,14 +49,14 @@ class _SinkPool(ReferencePool):
 
 def _make(name: str):
     if name == "tcp":
-        from transfer.tcp_backend import TcpBackend
+        from pdmesh.transfer.tcp_backend import TcpBackend
 
         return TcpBackend(FP)
     if name == "shm":
-        from transfer.shm_backend import ShmBackend
+        from pdmesh.transfer.shm_backend import ShmBackend
 
         return ShmBackend(FP)
-    from transfer.nixl_backend import NixlBackend
+    from pdmesh.transfer.nixl_backend import NixlBackend
 
     return NixlBackend(FP)
 

@@ -2,16 +2,16 @@
 
 Public surface::
 
-    from kernels import pack, unpack, chunk_nbytes, layout_for, CPU_ATTN
+    from pdmesh.kernels import pack, unpack, chunk_nbytes, layout_for, CPU_ATTN
     layout = layout_for("CPU_ATTN", next(iter(kv_caches.values())).shape)
     buf = pack(kv_caches, layout, block_ids, out=pool_view)      # -> uint8 view, chunk format
     unpack(buf, kv_caches, layout, other_block_ids)
     bound = bind(kv_caches, layout)  # validate once at register_kv_caches, then bound.pack(...) / bound.unpack(...)
 """
 
-from kernels.api import BlockIdError, BoundKVCaches, bind, pack, select_impl, unpack
-from kernels.chunk import ChunkBufferError, ChunkFormat, chunk_format, chunk_nbytes
-from kernels.layouts import (
+from pdmesh.kernels.api import BlockIdError, BoundKVCaches, bind, pack, select_impl, unpack
+from pdmesh.kernels.chunk import ChunkBufferError, ChunkFormat, chunk_format, chunk_nbytes
+from pdmesh.kernels.layouts import (
     CPU_ATTN,
     FLASH_ATTN_HND,
     FLASH_ATTN_NHD,

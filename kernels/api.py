@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch
 
-from kernels import torch_impl, triton_impl
-from kernels.chunk import ChunkBufferError, ChunkFormat
-from kernels.layouts import KVLayout, LayerGeometry, cache_geometry
+from pdmesh.kernels import torch_impl, triton_impl
+from pdmesh.kernels.chunk import ChunkBufferError, ChunkFormat
+from pdmesh.kernels.layouts import KVLayout, LayerGeometry, cache_geometry
 
 Impl = Literal["auto", "torch", "triton"]
 Caches = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]

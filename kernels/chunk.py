@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layouts import KVLayout, LayerGeometry, LayoutError, cache_geometry, shape_geometry
+from pdmesh.kernels.layouts import KVLayout, LayerGeometry, LayoutError, cache_geometry, shape_geometry
 
 
 class ChunkBufferError(ValueError):

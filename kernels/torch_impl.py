@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kernels.layouts import LayerGeometry
+from pdmesh.kernels.layouts import LayerGeometry
 
 
 def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kernels.layouts import LayerGeometry
+from pdmesh.kernels.layouts import LayerGeometry
 
 try:  # Triton ships with vLLM (GPU and CPU builds); the torch path works without it.
     import triton

@@ -29,8 +29,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from kvcache.record import NO_FINGERPRINT, checksum
-from kvcache.wire import ProtocolError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
+from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
+from pdmesh.kvcache.wire import ProtocolError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
 from pdmesh.security import token_matches
 
 log = logging.getLogger("pdmesh.cache_server")

@@ -1,4 +1,4 @@
-"""CLI hooks: ``pdmesh tier-server`` and ``pdmesh cache-server`` (also ``python -m kvcache.cli ...``).
+"""CLI hooks: ``pdmesh tier-server`` and ``pdmesh cache-server`` (also ``python -m pdmesh.kvcache.cli ...``).
 
 The lead wires :func:`add_parser` into ``pdmesh/cli.py``; each subcommand sets ``func`` returning an exit code.
 """
@@ -12,8 +12,8 @@ import sys
 
 
 def _tier_server(args: argparse.Namespace) -> int:
-    from kvcache.config import ConfigError, TierConfig
-    from kvcache.server import run_tier_server
+    from pdmesh.kvcache.config import ConfigError, TierConfig
+    from pdmesh.kvcache.server import run_tier_server
 
     overrides = {
         "host": args.host,
@@ -42,8 +42,8 @@ def _tier_server(args: argparse.Namespace) -> int:
 
 
 def _cache_server(args: argparse.Namespace) -> int:
-    from kvcache.cache_server import run_cache_server
-    from kvcache.config import parse_size
+    from pdmesh.kvcache.cache_server import run_cache_server
+    from pdmesh.kvcache.config import parse_size
     from pdmesh.security import cluster_token_from_env
 
     try:
@@ -80,7 +80,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache.cli")
+    parser = argparse.ArgumentParser(prog="python -m pdmesh.kvcache.cli")
     add_parser(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvcache.pool import Allocation, attach_segment
-from kvcache.server import CONTROL_PROTO
-from kvcache.wire import ProtocolError, recv_frame, send_frame
+from pdmesh.kvcache.pool import Allocation, attach_segment
+from pdmesh.kvcache.server import CONTROL_PROTO
+from pdmesh.kvcache.wire import ProtocolError, recv_frame, send_frame
 
 
 class TierUnavailable(Exception):

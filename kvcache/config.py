@@ -128,7 +128,7 @@ class TierConfig(_Strict):
         if self.slot_bytes > self.pool_bytes:
             raise ValueError(f"slot_bytes ({self.slot_bytes}) is larger than pool_bytes ({self.pool_bytes})")
         if self.fingerprint is not None:
-            from kvcache.keys import ModelFingerprint
+            from pdmesh.kvcache.keys import ModelFingerprint
 
             try:
                 ModelFingerprint.from_dict(self.fingerprint)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcache.record import HEADER_BYTES, CorruptRecord, FingerprintMismatch, RecordHeader
+from pdmesh.kvcache.record import HEADER_BYTES, CorruptRecord, FingerprintMismatch, RecordHeader
 
 _LAYOUT = "v1"
 

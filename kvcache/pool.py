@@ -488,7 +488,7 @@ class LeaseRegionProvider:
         try:
             a = self.pool.alloc_until(key, nbytes, lease_deadline)
         except PoolFull as e:
-            from transfer.errors import PoolExhausted
+            from pdmesh.transfer.errors import PoolExhausted
 
             raise PoolExhausted(str(e)) from e
         return None if a is None else a.offset

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
 
-from kvcache.cache_server import PROTO_VERSION
-from kvcache.record import (
+from pdmesh.kvcache.cache_server import PROTO_VERSION
+from pdmesh.kvcache.record import (
     HEADER_BYTES,
     NO_FINGERPRINT,
     CorruptRecord,
@@ -31,7 +31,7 @@ from kvcache.record import (
     RecordHeader,
     checksum,
 )
-from kvcache.wire import ProtocolError, recv_exact_into, recv_frame, send_frame, tune_tcp
+from pdmesh.kvcache.wire import ProtocolError, recv_exact_into, recv_frame, send_frame, tune_tcp
 
 
 class RemoteError(Exception):

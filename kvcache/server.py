@@ -45,16 +45,16 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
-from kvcache.config import TierConfig
-from kvcache.disk import DiskTier
-from kvcache.keys import KEY_BYTES, ModelFingerprint, chain_keys, key_from_hex
-from kvcache.metrics import make_registry, render
-from kvcache.pool import ChunkPool, PoolFull
-from kvcache.remote import CircuitBreaker, GuardedRemote, open_remote
-from kvcache.transfer_node import TransferNode, parse_address
-from kvcache.wire import ProtocolError, encode_frame, read_frame
+from pdmesh.kvcache.config import TierConfig
+from pdmesh.kvcache.disk import DiskTier
+from pdmesh.kvcache.keys import KEY_BYTES, ModelFingerprint, chain_keys, key_from_hex
+from pdmesh.kvcache.metrics import make_registry, render
+from pdmesh.kvcache.pool import ChunkPool, PoolFull
+from pdmesh.kvcache.remote import CircuitBreaker, GuardedRemote, open_remote
+from pdmesh.kvcache.transfer_node import TransferNode, parse_address
+from pdmesh.kvcache.wire import ProtocolError, encode_frame, read_frame
 from pdmesh.security import TOKEN_HEADER, require_token_for_bind, token_matches
-from transfer.errors import TransferError
+from pdmesh.transfer.errors import TransferError
 
 log = logging.getLogger("pdmesh.tier")
 

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvcache.pool import ChunkPool, LeaseRegionProvider
-from transfer.backend import TransferBackend
-from transfer.errors import TransferError
-from transfer.receiver import Receiver, ReceiverConfig
-from transfer.sender import Chunk, PushResult, Sender, SenderConfig
+from pdmesh.kvcache.pool import ChunkPool, LeaseRegionProvider
+from pdmesh.transfer.backend import TransferBackend
+from pdmesh.transfer.errors import TransferError
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.sender import Chunk, PushResult, Sender, SenderConfig
 
 log = logging.getLogger("pdmesh.tier.transfer")
 
@@ -38,15 +38,15 @@ def _factories(
     out: dict[str, Callable[[], TransferBackend]] = {}
     for name in names:
         if name == "shm":
-            from transfer.shm_backend import ShmBackend
+            from pdmesh.transfer.shm_backend import ShmBackend
 
             out[name] = lambda: ShmBackend(fingerprint)
         elif name == "tcp":
-            from transfer.tcp_backend import TcpBackend
+            from pdmesh.transfer.tcp_backend import TcpBackend
 
             out[name] = lambda: TcpBackend(fingerprint, token, host, advertise_host)
         elif name == "nixl":
-            from transfer.nixl_backend import NixlBackend
+            from pdmesh.transfer.nixl_backend import NixlBackend
 
             out[name] = lambda: NixlBackend(fingerprint)
         else:

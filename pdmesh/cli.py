@@ -24,8 +24,8 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    from router.config import ConfigError, load_router_config
-    from router.main import run_router
+    from pdmesh.router.config import ConfigError, load_router_config
+    from pdmesh.router.main import run_router
 
     try:
         cfg = load_router_config(
@@ -40,13 +40,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 def _cmd_worker(role_name: str):
     def run(args: argparse.Namespace) -> int:
-        from pdmesh.worker_agent import run_worker
+        from pdmesh.worker.agent import run_worker
+        from pdmesh.worker.roles import ROLES
 
-        if role_name == "prefill":
-            from prefiller.role import PREFILL as role
-        else:
-            from decoder.role import DECODE as role
-        return run_worker(role, args)
+        return run_worker(ROLES[role_name], args)
 
     return run
 
@@ -126,9 +123,8 @@ def _demo_request(url: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from decoder.role import DECODE
-    from pdmesh.worker_agent import add_worker_args
-    from prefiller.role import PREFILL
+    from pdmesh.worker.agent import add_worker_args
+    from pdmesh.worker.roles import DECODE, PREFILL
 
     p = argparse.ArgumentParser(
         prog="pdmesh", description="prefill/decode disaggregation mesh for LLM serving"
@@ -176,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_subcommands(sub) -> None:
     """Subcommands contributed by layers (tier server, cache server, benchmarks) when present."""
     try:
-        from kvcache import cli as kv_cli
+        from pdmesh.kvcache import cli as kv_cli
     except ImportError:
         return
     kv_cli.add_parser(sub)

@@ -1,1 +1,17 @@
-"""pdmesh: router."""
+"""pdmesh.router: the OpenAI-compatible router (docs/router.md). Clients reach only this service.
+
+Folder map, in request order:
+
+- ``main`` (run it), ``processes`` + ``peers`` (N router processes on one port: supervisor, relayed
+  registrations, merged metrics), ``app`` (ASGI entry: completion routes on raw ASGI, the rest on FastAPI).
+- ``exchange`` (one client exchange on raw ASGI: headers, bounded body, disconnect watch), ``auth``, ``limits``
+  (admission), ``openai_requests`` (edge validation), ``errors`` (OpenAI-style errors).
+- ``flow`` (the request flow: analysis, PD legs, response), ``pd_push`` / ``pd_nixl`` (what the legs carry in
+  the two PD protocols), ``upstream`` (legs: retries before the first byte, stream relay), ``leg_client`` +
+  ``leg_target`` (keep-alive HTTP/1.1 client of the legs).
+- ``registry`` + ``registration`` (the registration schema, a leaf the worker agent imports) + ``discovery`` +
+  ``health_checks`` (which workers exist and are healthy; breakers are ``pdmesh.breaker``).
+- ``policies/`` (worker choice: one module per policy, a name -> factory registry), ``prefix_index``,
+  ``prompt_keys``, ``prompt_analysis``, ``tier_lookup``, ``route_context`` (what cache-aware choice reads).
+- ``metrics``, ``log_format``, ``config``.
+"""

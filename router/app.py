@@ -20,25 +20,25 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from router import flow
-from router.auth import check_api_key, check_cluster_token
-from router.config import RouterConfig
-from router.discovery import Discovery
-from router.errors import OpenAIError, install_error_handlers
-from router.exchange import Exchange, Receive, Scope, Send, read_limited
-from router.flow import PolicySet, RouterState
-from router.health_checks import HealthChecker
-from router.leg_client import LegClient
-from router.limits import Limiter
-from router.metrics import RouterMetrics
-from router.openai_requests import Kind
-from router.peers import RELAYED_HEADER, Peers, merge_metrics
-from router.prefix_index import PrefixIndex
-from router.prompt_analysis import PromptAnalyzer
-from router.registration import WORKER_ID_PATTERN, RegistrationReply, WorkerRegistration
-from router.registry import BreakerSettings, Registry
-from router.tier_lookup import HttpTierLookup
-from router.upstream import Upstream
+from pdmesh.router import flow
+from pdmesh.router.auth import check_api_key, check_cluster_token
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.discovery import Discovery
+from pdmesh.router.errors import OpenAIError, install_error_handlers
+from pdmesh.router.exchange import Exchange, Receive, Scope, Send, read_limited
+from pdmesh.router.flow import PolicySet, RouterState
+from pdmesh.router.health_checks import HealthChecker
+from pdmesh.router.leg_client import LegClient
+from pdmesh.router.limits import Limiter
+from pdmesh.router.metrics import RouterMetrics
+from pdmesh.router.openai_requests import Kind
+from pdmesh.router.peers import RELAYED_HEADER, Peers, merge_metrics
+from pdmesh.router.prefix_index import PrefixIndex
+from pdmesh.router.prompt_analysis import PromptAnalyzer
+from pdmesh.router.registration import WORKER_ID_PATTERN, RegistrationReply, WorkerRegistration
+from pdmesh.router.registry import BreakerSettings, Registry
+from pdmesh.router.tier_lookup import HttpTierLookup
+from pdmesh.router.upstream import Upstream
 
 log = logging.getLogger("pdmesh.router")
 

@@ -10,8 +10,8 @@ import hmac
 
 from fastapi import Request
 
+from pdmesh.router.errors import OpenAIError
 from pdmesh.security import TOKEN_HEADER, token_matches
-from router.errors import OpenAIError
 
 
 def check_api_key(request: Request, api_keys: list[str]) -> str:

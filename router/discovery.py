@@ -16,9 +16,9 @@ import logging
 import re
 import socket
 
-from router.config import DiscoveryConfig, DnsTarget, StaticWorker
-from router.registration import WorkerRegistration
-from router.registry import Registry
+from pdmesh.router.config import DiscoveryConfig, DnsTarget, StaticWorker
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.router.registry import Registry
 
 log = logging.getLogger("pdmesh.router")
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from router.errors import OpenAIError
+from pdmesh.router.errors import OpenAIError
 
 T = TypeVar("T")
 

@@ -22,22 +22,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router import pd_nixl, pd_push
-from router.auth import api_key_of
-from router.config import RouterConfig
-from router.errors import OpenAIError, sse_error_event
-from router.exchange import ClientGone, Exchange
-from router.limits import Limiter, Permit
-from router.metrics import RouterMetrics
-from router.openai_requests import Kind, parse_request
-from router.policies import Policy, make_policy
-from router.policies.cache_aware import cached_prefix_tokens
-from router.prefix_index import PrefixIndex
-from router.prompt_analysis import PromptAnalyzer
-from router.registry import Registry, Worker
-from router.route_context import RouteContext
-from router.tier_lookup import TierLookup, lookup_all
-from router.upstream import LegResult, Upstream
+from pdmesh.router import pd_nixl, pd_push
+from pdmesh.router.auth import api_key_of
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.errors import OpenAIError, sse_error_event
+from pdmesh.router.exchange import ClientGone, Exchange
+from pdmesh.router.limits import Limiter, Permit
+from pdmesh.router.metrics import RouterMetrics
+from pdmesh.router.openai_requests import Kind, parse_request
+from pdmesh.router.policies import Policy, make_policy
+from pdmesh.router.policies.cache_aware import cached_prefix_tokens
+from pdmesh.router.prefix_index import PrefixIndex
+from pdmesh.router.prompt_analysis import PromptAnalyzer
+from pdmesh.router.registry import Registry, Worker
+from pdmesh.router.route_context import RouteContext
+from pdmesh.router.tier_lookup import TierLookup, lookup_all
+from pdmesh.router.upstream import LegResult, Upstream
 
 log = logging.getLogger("pdmesh.router")
 

@@ -13,8 +13,8 @@ import logging
 
 import httpx
 
-from router.config import HealthCheckConfig
-from router.registry import Registry, Worker
+from pdmesh.router.config import HealthCheckConfig
+from pdmesh.router.registry import Registry, Worker
 
 log = logging.getLogger("pdmesh.router")
 

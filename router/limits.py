@@ -14,8 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.config import LimitsConfig
-from router.errors import OpenAIError
+from pdmesh.router.config import LimitsConfig
+from pdmesh.router.errors import OpenAIError
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uvicorn
 
+from pdmesh.router.app import create_app
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.log_format import setup_logging
+from pdmesh.router.processes import run_supervisor
 from pdmesh.security import require_token_for_bind
-from router.app import create_app
-from router.config import RouterConfig
-from router.log_format import setup_logging
-from router.processes import run_supervisor
 
 
 def run_router(config: RouterConfig) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router.errors import OpenAIError
+from pdmesh.router.errors import OpenAIError
 
 INTERNAL_FIELDS = ("kv_transfer_params",)
 

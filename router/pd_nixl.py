@@ -8,8 +8,8 @@ plain vLLM PD deployment.
 
 from __future__ import annotations
 
-from router.errors import OpenAIError
-from router.openai_requests import one_token_leg
+from pdmesh.router.errors import OpenAIError
+from pdmesh.router.openai_requests import one_token_leg
 
 
 def prefill_request(body: dict) -> dict:

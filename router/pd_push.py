@@ -10,8 +10,8 @@ Only the router sets these fields (client-supplied ``kv_transfer_params`` are dr
 
 from __future__ import annotations
 
-from router.openai_requests import one_token_leg
-from router.registry import Worker
+from pdmesh.router.openai_requests import one_token_leg
+from pdmesh.router.registry import Worker
 
 
 def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int) -> dict:

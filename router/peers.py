@@ -24,9 +24,9 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.router.registry import Registry
 from pdmesh.security import TOKEN_HEADER
-from router.registration import WorkerRegistration
-from router.registry import Registry
 
 log = logging.getLogger("pdmesh.router")
 

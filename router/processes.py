@@ -31,9 +31,9 @@ import time
 import uvicorn
 
 from pdmesh.procs import ManagedProcess
-from router.config import ConfigError, RouterConfig
-from router.log_format import setup_logging
-from router.peers import Peers, peer_socket_paths
+from pdmesh.router.config import ConfigError, RouterConfig
+from pdmesh.router.log_format import setup_logging
+from pdmesh.router.peers import Peers, peer_socket_paths
 
 log = logging.getLogger("pdmesh.router")
 
@@ -124,7 +124,7 @@ def run_supervisor(config: RouterConfig) -> int:
     status = 0
 
     def spawn(i: int, restart: bool = False) -> None:
-        argv = [sys.executable, "-m", "router.processes", "--child", str(i), "--dir", workdir]
+        argv = [sys.executable, "-m", "pdmesh.router.processes", "--child", str(i), "--dir", workdir]
         if restart:  # its siblings know the registered workers: copy them before serving
             argv.append("--copy-registry")
         children[i] = ManagedProcess(f"router-{i}", argv, env=env)
@@ -174,7 +174,7 @@ def run_supervisor(config: RouterConfig) -> int:
 
 def run_child(index: int, workdir: str, copy_registry: bool = False) -> None:
     """One router process: its share of the limits, the shared port, its unix socket, its siblings. Blocking."""
-    from router.app import create_app
+    from pdmesh.router.app import create_app
 
     config = RouterConfig.model_validate_json(os.environ.pop(CONFIG_ENV))
     setup_logging(config.log_level, config.log_format)

@@ -18,9 +18,9 @@ from hashlib import blake2b
 
 import httpx
 
-from router.config import CacheAwareConfig
-from router.prompt_keys import PromptInfo, prompt_token_ids, text_info, token_info
-from router.registry import Worker
+from pdmesh.router.config import CacheAwareConfig
+from pdmesh.router.prompt_keys import PromptInfo, prompt_token_ids, text_info, token_info
+from pdmesh.router.registry import Worker
 
 _TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "add_generation_prompt")
 _RETRY_TOKENIZE_S = 30.0

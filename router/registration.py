@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from router.leg_client import LegConnectError, parse_target
+from pdmesh.router.leg_client import LegConnectError, parse_target
 
 Role = Literal["prefill", "decode", "both"]
 WORKER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"

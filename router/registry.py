@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from router.breaker import CircuitBreaker
-from router.registration import WorkerRegistration
+from pdmesh.router.breaker import CircuitBreaker
+from pdmesh.router.registration import WorkerRegistration
 
 Source = Literal["registered", "static", "dns"]
 

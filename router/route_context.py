@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.prompt_keys import PromptInfo
+from pdmesh.router.prompt_keys import PromptInfo
 
 
 @dataclass

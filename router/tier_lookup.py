@@ -14,8 +14,8 @@ from typing import Protocol
 
 import httpx
 
+from pdmesh.router.registry import Worker
 from pdmesh.security import TOKEN_HEADER
-from router.registry import Worker
 
 
 class TierLookup(Protocol):

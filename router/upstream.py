@@ -24,12 +24,19 @@ from dataclasses import dataclass
 
 import msgspec
 
-from router.errors import OpenAIError, sse_error_event
-from router.leg_client import LegClient, LegConnectError, LegDeadline, LegError, LegResponse, LegTimeout
-from router.metrics import RouterMetrics
-from router.policies.base import Policy
-from router.registry import Registry, Worker
-from router.route_context import RouteContext
+from pdmesh.router.errors import OpenAIError, sse_error_event
+from pdmesh.router.leg_client import (
+    LegClient,
+    LegConnectError,
+    LegDeadline,
+    LegError,
+    LegResponse,
+    LegTimeout,
+)
+from pdmesh.router.metrics import RouterMetrics
+from pdmesh.router.policies.base import Policy
+from pdmesh.router.registry import Registry, Worker
+from pdmesh.router.route_context import RouteContext
 
 log = logging.getLogger("pdmesh.router")
 

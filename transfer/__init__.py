@@ -1,7 +1,9 @@
-"""pdmesh transfer: moving chunk bytes between tier servers (ALLOC -> WRITE -> COMMIT with leases).
+"""pdmesh.transfer: moving chunk bytes between tier servers (ALLOC -> WRITE -> COMMIT with leases; docs/transfer.md).
 
-Modules: ``errors`` (typed errors), ``backend`` (data-path interface), ``tcp_backend`` / ``shm_backend`` /
-``nixl_backend`` (data paths), ``protocol`` (control frames), ``provider`` (RegionProvider: the receiving pool),
-``reference_pool`` (simple reference pool), ``receiver`` (decode side), ``sender`` (prefill side).
-See docs/transfer.md. Nothing is imported here, so ``import transfer`` never loads NIXL.
+Folder map: ``errors`` (typed errors with a retryable flag, the package's exception root), ``backend`` (the
+data-path interface), ``shm_backend`` / ``nixl_backend`` / ``tcp_backend`` (data paths), ``protocol`` (control
+messages over ``pdmesh.frames``), ``provider`` (``RegionProvider``: the receiving pool), ``reference_pool`` (a
+simple reference pool for tests and benchmarks), ``receiver`` (decode side), ``sender`` (prefill side).
+
+Nothing is imported here, so importing the package never loads NIXL.
 """

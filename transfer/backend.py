@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from transfer.errors import IncompatiblePeer
+from pdmesh.transfer.errors import IncompatiblePeer
 
 METADATA_VERSION = 1
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from transfer.backend import (
+from pdmesh.transfer.backend import (
     Segment,
     TransferBackend,
     buffer_address,
@@ -34,7 +34,7 @@ from transfer.backend import (
     pack_metadata,
     unpack_metadata,
 )
-from transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
+from pdmesh.transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
 
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 2e-3

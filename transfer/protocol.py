@@ -23,7 +23,13 @@ from typing import Any
 
 import msgpack
 
-from transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout, error_from_wire
+from pdmesh.transfer.errors import (
+    PeerUnavailable,
+    TransferError,
+    TransferFailed,
+    TransferTimeout,
+    error_from_wire,
+)
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 << 20

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdmesh.security import require_token_for_bind, token_matches
-from transfer.backend import TransferBackend, host_id
-from transfer.errors import IncompatiblePeer, TransferError, TransferFailed
-from transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
-from transfer.provider import RegionProvider
+from pdmesh.transfer.backend import TransferBackend, host_id
+from pdmesh.transfer.errors import IncompatiblePeer, TransferError, TransferFailed
+from pdmesh.transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
+from pdmesh.transfer.provider import RegionProvider
 
 log = logging.getLogger(__name__)
 

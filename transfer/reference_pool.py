@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
-from transfer.errors import PoolExhausted
+from pdmesh.transfer.errors import PoolExhausted
 
 
 @dataclass(frozen=True)

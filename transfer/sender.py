@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from transfer.backend import Segment, TransferBackend, host_id
-from transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
-from transfer.protocol import PROTOCOL_VERSION, connect, request
+from pdmesh.transfer.backend import Segment, TransferBackend, host_id
+from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
+from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
 
 Address = tuple[str, int]
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transfer.backend import (
+from pdmesh.transfer.backend import (
     Segment,
     TransferBackend,
     buffer_address,
@@ -25,8 +25,8 @@ from transfer.backend import (
     pack_metadata,
     unpack_metadata,
 )
-from transfer.errors import IncompatiblePeer, PeerUnavailable, TransferTimeout
-from transfer.reference_pool import attach_segment
+from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferTimeout
+from pdmesh.transfer.reference_pool import attach_segment
 
 PIECE = 32 << 20
 

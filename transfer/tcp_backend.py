@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdmesh.security import token_matches
-from transfer.backend import (
+from pdmesh.transfer.backend import (
     Segment,
     TransferBackend,
     WriteGuard,
@@ -32,7 +32,7 @@ from transfer.backend import (
     pack_metadata,
     unpack_metadata,
 )
-from transfer.errors import (
+from pdmesh.transfer.errors import (
     IncompatiblePeer,
     PeerUnavailable,
     TransferError,
@@ -40,8 +40,8 @@ from transfer.errors import (
     TransferTimeout,
     error_from_wire,
 )
-from transfer.protocol import connect as tcp_connect
-from transfer.protocol import recv_frame, send_frame
+from pdmesh.transfer.protocol import connect as tcp_connect
+from pdmesh.transfer.protocol import recv_frame, send_frame
 
 SOCK_BUF = 8 << 20
 IO_TIMEOUT_S = 30.0

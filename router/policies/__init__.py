@@ -1,11 +1,11 @@
 """Worker selection policies: one module each, all behind :class:`router.policies.base.Policy`."""
 
-from router.policies.base import Policy
-from router.policies.cache_aware import CacheAware
-from router.policies.power_of_two import PowerOfTwo
-from router.policies.round_robin import RoundRobin
-from router.policies.session_affinity import SessionAffinity
-from router.prefix_index import PrefixIndex
+from pdmesh.router.policies.base import Policy
+from pdmesh.router.policies.cache_aware import CacheAware
+from pdmesh.router.policies.power_of_two import PowerOfTwo
+from pdmesh.router.policies.round_robin import RoundRobin
+from pdmesh.router.policies.session_affinity import SessionAffinity
+from pdmesh.router.prefix_index import PrefixIndex
 
 __all__ = ["CacheAware", "Policy", "PowerOfTwo", "RoundRobin", "SessionAffinity", "make_policy"]
 

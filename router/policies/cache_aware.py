@@ -9,10 +9,10 @@ without a prompt analysis) it falls back to power of two choices.
 
 from __future__ import annotations
 
-from router.policies.power_of_two import PowerOfTwo
-from router.prefix_index import PrefixIndex
-from router.registry import Worker
-from router.route_context import RouteContext
+from pdmesh.router.policies.power_of_two import PowerOfTwo
+from pdmesh.router.prefix_index import PrefixIndex
+from pdmesh.router.registry import Worker
+from pdmesh.router.route_context import RouteContext
 
 
 def cached_prefix_tokens(index: PrefixIndex, candidates: list[Worker], ctx: RouteContext) -> dict[str, int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from router.registry import Worker
-from router.route_context import RouteContext
+from pdmesh.router.registry import Worker
+from pdmesh.router.route_context import RouteContext
 
 
 class RoundRobin:

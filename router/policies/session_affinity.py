@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
-from router.policies.power_of_two import PowerOfTwo
-from router.registry import Worker
-from router.route_context import RouteContext
+from pdmesh.router.policies.power_of_two import PowerOfTwo
+from pdmesh.router.registry import Worker
+from pdmesh.router.route_context import RouteContext
 
 
 def _weight(session: bytes, worker_id: str) -> bytes:

@@ -11,10 +11,10 @@ import time
 import httpx
 
 from pdmesh.procs import free_port
-from pdmesh.worker_agent import heartbeat_until_stopped
-from router.app import create_app
-from router.config import RouterConfig
-from router.registration import WorkerRegistration
+from pdmesh.router.app import create_app
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.worker.agent import heartbeat_until_stopped
 from tests.servers import ThreadServer
 
 

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
 
-from kvcache.connector_scheduler import ConnectorScheduler, PdParams
-from kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.connector.scheduler import ConnectorScheduler, PdParams
+from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
 
 FP = ModelFingerprint(model="m", block_size=4)
 C = 8  # chunk = 2 blocks of 4 tokens

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
 
-from kernels import bind, get_layout
-from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata, PushSpec
-from kvcache.connector_worker import ConnectorWorker
+from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata, PushSpec
+from pdmesh.connector.worker import ConnectorWorker
+from pdmesh.kernels import bind, get_layout
 
 NB, H, BS, D2, L = 12, 2, 4, 8, 3
 

@@ -14,7 +14,7 @@ import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
-from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
+from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ENGINE_ARGS
 from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
 

@@ -18,8 +18,8 @@ import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
-from pdmesh.tier_process import chunk_nbytes_for_model
-from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
+from pdmesh.worker.tier_process import chunk_nbytes_for_model
+from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from kernels import CPU_ATTN, FLASH_ATTN_HND, FLASH_ATTN_NHD, FLASHINFER_HND, FLASHINFER_NHD, MLA, KVLayout
+from pdmesh.kernels import (
+    CPU_ATTN,
+    FLASH_ATTN_HND,
+    FLASH_ATTN_NHD,
+    FLASHINFER_HND,
+    FLASHINFER_NHD,
+    MLA,
+    KVLayout,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (
+from pdmesh.kernels import (
     CPU_ATTN,
     FLASH_ATTN_HND,
     FLASH_ATTN_NHD,

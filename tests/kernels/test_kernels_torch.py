@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import (
+from pdmesh.kernels import (
     CPU_ATTN,
     FLASH_ATTN_NHD,
     BlockIdError,
@@ -24,7 +24,7 @@ from kernels import (
     unpack,
     vllm_paged_layout,
 )
-from kernels.layouts import cache_geometry
+from pdmesh.kernels.layouts import cache_geometry
 from tests.kernels.kvhelpers import (
     DTYPES,
     LAYOUT_CASES,

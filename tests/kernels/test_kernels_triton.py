@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import (
+from pdmesh.kernels import (
     CPU_ATTN,
     FLASH_ATTN_HND,
     chunk_format,
@@ -22,7 +22,7 @@ from kernels import (
     unpack,
     vllm_paged_layout,
 )
-from kernels.layouts import cache_geometry
+from pdmesh.kernels.layouts import cache_geometry
 from tests.kernels.kvhelpers import LAYOUT_CASES, NB, block_bytes, random_caches, reference_pack, same_bytes
 
 pytestmark = pytest.mark.skipif(not triton_impl.HAVE_TRITON, reason="triton is not installed")
@@ -112,13 +112,13 @@ def test_standard_triton_interpret_env_runs_the_kernel():
     code = textwrap.dedent(
         """
         import torch
-        from kernels import FLASH_ATTN_NHD, pack
-        from kernels import triton_impl
+        from pdmesh.kernels import FLASH_ATTN_NHD, pack
+        from pdmesh.kernels import triton_impl
         k = triton_impl._kernel(False)  # the triton.jit kernel, interpreted because of the env var
         assert type(k).__name__ == "InterpretedFunction", type(k)
         caches = [torch.randn(2, 6, 4, 2, 8) for _ in range(2)]
         ids = torch.tensor([4, 1], dtype=torch.int64)
-        from kernels.layouts import cache_geometry
+        from pdmesh.kernels.layouts import cache_geometry
         geo = cache_geometry(FLASH_ATTN_NHD, caches)
         out = torch.empty(2 * 2 * 2 * 4 * 2 * 8 * 4, dtype=torch.uint8)
         triton_impl._run(True, caches, geo, ids, out, interpreted=False)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kvcache.cache_server import CacheServer
-from kvcache.config import TierConfig
-from kvcache.server import READY_PREFIX, TierServer
+from pdmesh.kvcache.cache_server import CacheServer
+from pdmesh.kvcache.config import TierConfig
+from pdmesh.kvcache.server import READY_PREFIX, TierServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,11 +162,11 @@ def tier_factory():
 
 
 class TierProcess:
-    """``python -m kvcache.cli tier-server`` as a child process; waits for its READY line."""
+    """``python -m pdmesh.kvcache.cli tier-server`` as a child process; waits for its READY line."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvcache.cli", "tier-server", *args],
+            [sys.executable, "-m", "pdmesh.kvcache.cli", "tier-server", *args],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache.config import ConfigError, TierConfig, parse_size
+from pdmesh.kvcache.config import ConfigError, TierConfig, parse_size
 
 
 def test_defaults_are_small():

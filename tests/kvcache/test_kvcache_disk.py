@@ -4,8 +4,8 @@ import subprocess
 import sys
 import time
 
-from kvcache.disk import DiskTier
-from kvcache.record import HEADER_BYTES
+from pdmesh.kvcache.disk import DiskTier
+from pdmesh.kvcache.record import HEADER_BYTES
 
 
 def k(i: int) -> bytes:
@@ -63,7 +63,7 @@ def test_corrupt_files_are_dropped_not_served(tmp_path):
 
 _WRITER = """
 import sys, time
-from kvcache.disk import DiskTier
+from pdmesh.kvcache.disk import DiskTier
 d = DiskTier(sys.argv[1], max_bytes=1 << 30, fsync=True)
 print("go", flush=True)
 for i in range(100000):

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from kvcache.keys import ModelFingerprint, chain_keys, chunk_keys, key_from_hex
-from kvcache.pool import ChunkPool
+from pdmesh.kvcache.keys import ModelFingerprint, chain_keys, chunk_keys, key_from_hex
+from pdmesh.kvcache.pool import ChunkPool
 
 FP = ModelFingerprint("tiny-llama", "r1", "float32", "cpu", 128, 0, 1)
 
@@ -58,7 +58,7 @@ def test_bad_inputs():
 
 _CHILD = """
 import json, sys
-from kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
 fp = ModelFingerprint(**json.loads(sys.argv[1]))
 print(json.dumps([k.hex() for k in chunk_keys(fp, list(range(5, 5 + 64 * 7)), 64)]))
 """

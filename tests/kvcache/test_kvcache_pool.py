@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvcache.pool import ChunkPool, ChunkState, LeaseRegionProvider, PoolFull, attach_segment
+from pdmesh.kvcache.pool import ChunkPool, ChunkState, LeaseRegionProvider, PoolFull, attach_segment
 
 
 @pytest.fixture

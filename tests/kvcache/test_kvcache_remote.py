@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kvcache.remote import (
+from pdmesh.kvcache.remote import (
     CacheServerClient,
     CircuitBreaker,
     GuardedRemote,
@@ -84,7 +84,7 @@ def test_cache_server_concurrent_roundtrip(cache_server):
 
 
 def test_cache_server_lru_bound_auth_and_contains(cache_server):
-    from kvcache.cache_server import CacheServer
+    from pdmesh.kvcache.cache_server import CacheServer
 
     small = CacheServer("127.0.0.1", 0, max_bytes=3 * 4096, token="t")
     small.start()
@@ -107,7 +107,7 @@ def test_cache_server_lru_bound_auth_and_contains(cache_server):
 
 
 def test_cache_server_rejects_bad_checksum(cache_server):
-    from kvcache.wire import recv_frame, send_frame
+    from pdmesh.kvcache.wire import recv_frame, send_frame
 
     s = socket.create_connection(cache_server.address, timeout=5)
     send_frame(s, {"op": "hello", "proto": 1, "token": "cs-token"})
@@ -189,7 +189,7 @@ def test_open_remote_rejects_unknown_scheme():
 
 def test_cache_server_recycles_buffers_safely_under_eviction():
     """A store much smaller than the data: buffers are recycled while readers send them; every hit stays exact."""
-    from kvcache.cache_server import CacheServer
+    from pdmesh.kvcache.cache_server import CacheServer
 
     small = CacheServer("127.0.0.1", 0, max_bytes=6 * CHUNK, token="")
     small.start()

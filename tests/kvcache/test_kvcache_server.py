@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from kvcache.client import TierClient, TierError, TierUnavailable
-from kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.kvcache.client import TierClient, TierError, TierUnavailable
+from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
 
 from .conftest import free_port, tier_config
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from router.app import create_app
-from router.config import RouterConfig
+from pdmesh.router.app import create_app
+from pdmesh.router.config import RouterConfig
 from tests.e2e.oracle import scrape
 from tests.router.fake_worker import FakeWorker
 from tests.servers import ThreadServer

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import ConfigError, load_router_config
+from pdmesh.router.config import ConfigError, load_router_config
 
 
 def test_yaml_env_and_overrides_merge(tmp_path, monkeypatch):

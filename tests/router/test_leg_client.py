@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from router.leg_client import LegClient, LegConnectError, LegDeadline, LegDisconnected, LegTimeout
+from pdmesh.router.leg_client import LegClient, LegConnectError, LegDeadline, LegDisconnected, LegTimeout
 from tests.servers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

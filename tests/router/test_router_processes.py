@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from pdmesh.procs import ManagedProcess, free_port, wait_until
-from router.config import LimitsConfig, RouterConfig
-from router.peers import merge_metrics
-from router.processes import share_of
+from pdmesh.router.config import LimitsConfig, RouterConfig
+from pdmesh.router.peers import merge_metrics
+from pdmesh.router.processes import share_of
 from tests.e2e.oracle import scrape
 from tests.router.fake_worker import FakeWorker
 from tests.servers import ThreadServer
@@ -36,7 +36,9 @@ def _fresh(url: str, method: str, path: str, **kw) -> httpx.Response:
 
 
 def _children(sup: ManagedProcess) -> list[psutil.Process]:
-    return [p for p in psutil.Process(sup.pid).children() if "router.processes" in " ".join(p.cmdline())]
+    return [
+        p for p in psutil.Process(sup.pid).children() if "pdmesh.router.processes" in " ".join(p.cmdline())
+    ]
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pdmesh.procs import free_port
-from router.discovery import Discovery
-from router.registration import WorkerRegistration
-from router.registry import Registry, Worker
-from router.tier_lookup import HttpTierLookup, lookup_all
+from pdmesh.router.discovery import Discovery
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.router.registry import Registry, Worker
+from pdmesh.router.tier_lookup import HttpTierLookup, lookup_all
 from tests.router.conftest import TOKEN
 from tests.router.fake_worker import FakeWorker
 from tests.router.test_router_api import COMPLETION, assert_openai_error, sse_events
@@ -411,8 +411,8 @@ def test_dns_discovery_resolves_replicas(make_harness, fake_servers):
 
 
 def test_dns_refresh_adds_and_removes_replicas(monkeypatch):
-    from router import discovery as disc
-    from router.config import DiscoveryConfig
+    from pdmesh.router import discovery as disc
+    from pdmesh.router.config import DiscoveryConfig
 
     answers = [["10.0.0.1", "10.0.0.2"], ["10.0.0.2"], OSError("NXDOMAIN")]
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from router.breaker import CircuitBreaker
-from router.config import ConfigError, LimitsConfig, load_router_config
-from router.errors import OpenAIError
-from router.limits import Limiter, TokenBucket
-from router.policies import CacheAware, PowerOfTwo, RoundRobin, SessionAffinity, make_policy
-from router.prefix_index import PrefixIndex
-from router.prompt_keys import model_seed, templated_text, text_info, token_info, token_keys
-from router.registration import WorkerRegistration
-from router.registry import BreakerSettings, Registry
-from router.route_context import RouteContext
+from pdmesh.router.breaker import CircuitBreaker
+from pdmesh.router.config import ConfigError, LimitsConfig, load_router_config
+from pdmesh.router.errors import OpenAIError
+from pdmesh.router.limits import Limiter, TokenBucket
+from pdmesh.router.policies import CacheAware, PowerOfTwo, RoundRobin, SessionAffinity, make_policy
+from pdmesh.router.prefix_index import PrefixIndex
+from pdmesh.router.prompt_keys import model_seed, templated_text, text_info, token_info, token_keys
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.router.registry import BreakerSettings, Registry
+from pdmesh.router.route_context import RouteContext
 
 
 class Clock:

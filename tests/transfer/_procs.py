@@ -12,24 +12,24 @@ import numpy as np
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from transfer.errors import TransferError
-from transfer.receiver import Receiver, ReceiverConfig
-from transfer.reference_pool import ReferencePool
-from transfer.sender import Chunk, Sender, SenderConfig
+from pdmesh.transfer.errors import TransferError
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.reference_pool import ReferencePool
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
 
 MiB = 1 << 20
 
 
 def make_backend(name: str, fingerprint: str, token: str = ""):
     if name == "tcp":
-        from transfer.tcp_backend import TcpBackend
+        from pdmesh.transfer.tcp_backend import TcpBackend
 
         return TcpBackend(fingerprint, token)
     if name == "shm":
-        from transfer.shm_backend import ShmBackend
+        from pdmesh.transfer.shm_backend import ShmBackend
 
         return ShmBackend(fingerprint)
-    from transfer.nixl_backend import NixlBackend
+    from pdmesh.transfer.nixl_backend import NixlBackend
 
     return NixlBackend(fingerprint)
 
@@ -121,7 +121,7 @@ def _dying_backend(b):
     """Wrap a sender backend so the process is SIGKILLed in the middle of its first write."""
     real_wait = b.wait
     if b.name == "tcp":
-        from transfer.protocol import send_frame
+        from pdmesh.transfer.protocol import send_frame
 
         def wait(handle, deadline):
             p = b._peers[handle.peer]

@@ -7,7 +7,7 @@ import pytest
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from transfer.nixl_backend import nixl_available
+from pdmesh.transfer.nixl_backend import nixl_available
 
 BACKENDS = [
     "tcp",

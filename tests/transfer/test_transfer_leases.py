@@ -8,17 +8,17 @@ import time
 
 import pytest
 
-from transfer.errors import (
+from pdmesh.transfer.errors import (
     PD_INCOMPATIBLE_PEER,
     PD_TRANSFER_FAILED,
     IncompatiblePeer,
     TransferFailed,
 )
-from transfer.protocol import PROTOCOL_VERSION, connect, request
-from transfer.receiver import Receiver, ReceiverConfig
-from transfer.reference_pool import ReferencePool
-from transfer.sender import Chunk, Sender, SenderConfig
-from transfer.tcp_backend import TcpBackend
+from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.reference_pool import ReferencePool
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
+from pdmesh.transfer.tcp_backend import TcpBackend
 
 FP = "fp-test"
 

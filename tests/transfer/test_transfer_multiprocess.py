@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from pdmesh.transfer.errors import CODES, PD_INCOMPATIBLE_PEER, TransferError
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.reference_pool import ReferencePool
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
 from tests.transfer import _procs
 from tests.transfer.conftest import BACKENDS
-from transfer.errors import CODES, PD_INCOMPATIBLE_PEER, TransferError
-from transfer.receiver import Receiver, ReceiverConfig
-from transfer.reference_pool import ReferencePool
-from transfer.sender import Chunk, Sender, SenderConfig
 
 FP = "model=tiny;dtype=fp32;layout=cpu;bs=32;tp=0/1;fmt=1"
 KiB = 1 << 10

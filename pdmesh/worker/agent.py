@@ -18,24 +18,17 @@ import os
 import signal
 import socket
 import tempfile
-from dataclasses import dataclass
 
 import httpx
 
 from pdmesh.procs import free_port
+from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
-from pdmesh.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model
-from pdmesh.vllm_server import VLLMServer, VLLMServerSpec, detect_device
-from router.registration import WorkerRegistration
+from pdmesh.worker.roles import WorkerRole
+from pdmesh.worker.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model
+from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 
 log = logging.getLogger("pdmesh.worker")
-
-
-@dataclass(frozen=True)
-class WorkerRole:
-    name: str  # "prefill" | "decode"
-    kv_role: str  # vLLM kv_role
-    default_port: int
 
 
 PD_MODES = ("push", "nixl")
@@ -50,7 +43,7 @@ def kv_transfer_config(
 ) -> dict:
     """The vLLM kv-transfer-config of ``role`` in ``pd_mode``.
 
-    ``push``: the pdmesh connector (kvcache/connector.py) talking to this node's tier server at ``tier_socket``:
+    ``push``: the pdmesh connector (``pdmesh.connector``) talking to this node's tier server at ``tier_socket``:
     prompt chunks are saved to the tier (and pushed to the decode node when the router asks), any chunk already
     in the tier is loaded instead of computed. Decoders also save the chunks they generate (multi-turn reuse).
     ``nixl``: stock NixlConnector; the decoder pulls the prompt's blocks from the prefill engine named in the
@@ -64,14 +57,14 @@ def kv_transfer_config(
             extra["chunk_tokens"] = chunk_tokens
         return {
             "kv_connector": "PdmeshConnector",
-            "kv_connector_module_path": "kvcache.connector",
+            "kv_connector_module_path": "pdmesh.connector.vllm_connector",
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": extra,
         }
     if pd_mode != "nixl":
         raise ValueError(f"unsupported pd mode {pd_mode!r}")
-    cfg: dict = {"kv_connector": "NixlConnector", "kv_role": role.kv_role}
+    cfg: dict = {"kv_connector": "NixlConnector", "kv_role": role.nixl_kv_role}
     if device == "cpu":
         cfg["kv_buffer_device"] = "cpu"
     return cfg

@@ -4,7 +4,7 @@ one mechanism.
 Load it with::
 
     --kv-transfer-config '{"kv_connector": "PdmeshConnector",
-                           "kv_connector_module_path": "kvcache.connector",
+                           "kv_connector_module_path": "pdmesh.connector.vllm_connector",
                            "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
                            "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"tier_socket": "/run/pdmesh/tier.sock",
@@ -29,11 +29,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcache.connector_meta import PdmeshConnectorMetadata
-from kvcache.connector_scheduler import ConnectorScheduler
-from kvcache.connector_tier import ConnectorTierClient
-from kvcache.connector_worker import ConnectorWorker
-from kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.connector.metadata import PdmeshConnectorMetadata
+from pdmesh.connector.scheduler import ConnectorScheduler
+from pdmesh.connector.tier_client import ConnectorTierClient
+from pdmesh.connector.worker import ConnectorWorker
+from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -95,7 +95,7 @@ class PdmeshConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.platforms import current_platform
 
-        from kernels import bind, layout_for
+        from pdmesh.kernels import bind, layout_for
 
         first = next(iter(kv_caches.values()))
         if current_platform.is_cpu():

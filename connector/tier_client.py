@@ -1,7 +1,7 @@
 """The connector's view of the local tier server: :class:`kvcache.client.TierClient` shaped for its two halves.
 
-Implements :class:`kvcache.connector_scheduler.TierLookup` and
-:class:`kvcache.connector_worker.TierWorkerClient`. Every call goes over the tier's unix socket with the client's
+Implements :class:`pdmesh.connector.scheduler.TierLookup` and
+:class:`pdmesh.connector.worker.TierWorkerClient`. Every call goes over the tier's unix socket with the client's
 timeout and raises on failure (the halves treat any exception as "tier unavailable": compute instead).
 """
 
@@ -11,9 +11,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kvcache.client import TierClient
-from kvcache.keys import ModelFingerprint
-from kvcache.pool import attach_segment
+from pdmesh.kvcache.client import TierClient
+from pdmesh.kvcache.keys import ModelFingerprint
+from pdmesh.kvcache.pool import attach_segment
 from pdmesh.security import cluster_token_from_env
 
 SOCKET_ENV = "PDMESH_TIER_SOCKET"

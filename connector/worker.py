@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from vllm.logger import init_logger
 
-from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata
+from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
 
 log = init_logger("pdmesh.connector")
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from vllm.logger import init_logger
 
-from kvcache.connector_meta import ChunkOp, PdmeshConnectorMetadata, PushSpec
+from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata, PushSpec
 
 log = init_logger("pdmesh.connector")
 
