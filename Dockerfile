@@ -16,6 +16,7 @@ COPY pdmesh/ /src/pdmesh/
 COPY router/ /src/router/
 COPY prefiller/ /src/prefiller/
 COPY decoder/ /src/decoder/
+COPY connector/ /src/connector/
 COPY kvcache/ /src/kvcache/
 COPY transfer/ /src/transfer/
 COPY kernels/ /src/kernels/

@@ -31,7 +31,8 @@ import numpy as np
 
 from pdmesh.transfer.backend import buffer_address
 from pdmesh.transfer.receiver import Receiver, ReceiverConfig
-from pdmesh.transfer.reference_pool import ReferencePool, attach_segment
+from pdmesh.transfer.reference_pool import ReferencePool
+from pdmesh.transfer.segment import attach_segment
 from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

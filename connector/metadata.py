@@ -3,7 +3,7 @@
 One :class:`PdmeshConnectorMetadata` per step (vLLM binds it on the worker before the forward pass):
 - ``loads``: chunks to copy from the tier's pool into vLLM blocks before the forward pass;
 - ``saves``: chunks whose KV is complete after this step, to copy from vLLM blocks into the tier's pool;
-- a save may carry a :class:`PushSpec`: after saving, the tier server pushes those chunks to a decode node.
+- a save may carry a :class:`pdmesh.prefiller.push.PushSpec`: after saving, the tier server pushes those chunks to a decode node.
 Chunk keys are computed once, on the scheduler side; a chunk covers ``chunk_tokens // block_size`` whole blocks.
 """
 
@@ -13,14 +13,9 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from pdmesh.prefiller.push import PushSpec
 
-@dataclass(frozen=True)
-class PushSpec:
-    """Send the saved chunks to another node's tier (PD push mode)."""
-
-    transfer_id: str
-    peer: str  # "host:port" of the decode node's transfer receiver
-    deadline_s: float  # seconds from now that the push may take
+__all__ = ["ChunkOp", "PdmeshConnectorMetadata", "PushSpec"]
 
 
 @dataclass(frozen=True)

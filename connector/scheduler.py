@@ -7,12 +7,12 @@ Rules (see docs/architecture.md, "Chunks and keys"):
 - A chunk is ``chunk_tokens`` tokens = whole blocks. Only full chunks are stored or loaded. At least the last
   prompt token is always recomputed (vLLM needs logits), so loads stop at ``(len(prompt) - 1) // C`` chunks.
 - Loads start where vLLM's own prefix cache stopped, and only at a chunk boundary.
-- A request that waits for a PD transfer (decode side, ``kv_transfer_params.pdmesh.transfer_id``) is polled
-  (``get_num_new_matched_tokens`` returns None) until its chunks are ready or its deadline passes; then it
-  loads what is ready and computes the rest. Never wrong output, never a hang.
+- PD roles are decided per request from ``kv_transfer_params.pdmesh`` (:mod:`pdmesh.connector.params`): the
+  prefill leg follows :class:`pdmesh.prefiller.push.PushPlan` (what to save and push, to whom), the decode leg
+  :class:`pdmesh.decoder.wait.PushWait` (poll, ``get_num_new_matched_tokens`` -> None, until the pushed chunks
+  are ready or the deadline passes; then load what is ready and compute the rest).
 - Saves: every full chunk whose KV is complete after a step (prompt; and generated tokens when
-  ``save_generated``), once per request. Requests being pushed save all their prompt chunks, including those
-  vLLM had in its prefix cache, because the receiver needs every one of them.
+  ``save_generated``), once per request.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any, Protocol
 
 from vllm.logger import init_logger
 
-from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata, PushSpec
+from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
+from pdmesh.connector.params import PdParams
+from pdmesh.decoder.wait import PushWait
+from pdmesh.prefiller.push import PushPlan
 
 log = init_logger("pdmesh.connector")
 
@@ -38,40 +41,15 @@ class TierLookup(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class PdParams:
-    """The ``pdmesh`` entry of a request's ``kv_transfer_params`` (set by the router only)."""
-
-    transfer_id: str
-    push_to: str | None = None  # prefill side: the decode node's receiver address
-    deadline_s: float = 10.0  # decode side: how long to wait for the pushed chunks
-
-    @classmethod
-    def from_request(cls, kv_transfer_params: dict[str, Any] | None) -> PdParams | None:
-        raw = (kv_transfer_params or {}).get("pdmesh")
-        if not isinstance(raw, dict) or not isinstance(raw.get("transfer_id"), str):
-            return None
-        push_to = raw.get("push_to")
-        deadline_ms = raw.get("deadline_ms", 10_000)
-        try:
-            deadline_s = max(0.0, min(float(deadline_ms) / 1000.0, 600.0))
-        except (TypeError, ValueError):
-            deadline_s = 10.0
-        return cls(raw["transfer_id"], push_to if isinstance(push_to, str) else None, deadline_s)
-
-
 @dataclass
 class _Req:
     request: Any  # vllm.v1.request.Request (live object: all_token_ids grows as tokens are sampled)
-    pd: PdParams | None
-    first_seen: float
+    push: PushPlan | None  # prefill leg of a push PD request
+    wait: PushWait | None  # decode leg of a push PD request
     keys: list[bytes] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
     saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
-    loaded_tokens: int = 0
-    pushes: int = 0
-    fell_back: bool = False  # a PD wait hit its deadline
     done_tokens: int = 0  # tokens whose KV exists after the current step
 
 
@@ -110,8 +88,7 @@ class ConnectorScheduler:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._reqs.get(request.request_id)
         if st is None:
-            st = _Req(request, PdParams.from_request(request.kv_transfer_params), self.clock())
-            self._reqs[request.request_id] = st
+            st = self._track(request)
         prompt = request.prompt_token_ids or []
         limit = (len(prompt) - 1) // self.C
         first = num_computed_tokens // self.C
@@ -126,23 +103,24 @@ class ConnectorScheduler:
             self.stats.lookup_errors += 1
             log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)
             ready = 0
-        if st.pd is not None and st.pd.push_to is None and ready < limit:
-            if self.clock() - st.first_seen < st.pd.deadline_s:
+        if st.wait is not None and not st.wait.fell_back:
+            if st.wait.decide(ready, limit, self.clock()) == "wait":
                 self.stats.pd_waits += 1
                 return None, False  # the pushed chunks are still in flight: ask again next step
-            self.stats.pd_fallbacks += 1
-            st.fell_back = True
-            self._fallbacks.append(request.request_id)
-            log.warning(
-                "PD transfer %s: %d of %d chunks arrived before the deadline; computing the rest",
-                st.pd.transfer_id,
-                ready,
-                limit,
-            )
+            if st.wait.fell_back:
+                self.stats.pd_fallbacks += 1
+                self._fallbacks.append(request.request_id)
+                log.warning(
+                    "PD transfer %s: %d of %d chunks arrived before the deadline; computing the rest",
+                    st.wait.transfer_id,
+                    ready,
+                    limit,
+                )
         if ready <= first:
             return 0, False
         st.load_range = (first, ready)
-        st.loaded_tokens = ready * self.C
+        if st.wait is not None:
+            st.wait.loaded_tokens = ready * self.C
         self.stats.hit_tokens += (ready - first) * self.C
         return (ready - first) * self.C, False
 
@@ -169,7 +147,7 @@ class ConnectorScheduler:
                     ChunkOp(new.req_id, st.keys[a:b], [self._chunk_blocks(st, i) for i in range(a, b)])
                 )
                 st.load_range = None
-                if st.pd is None or st.pd.push_to is None:
+                if st.push is None or not st.push.resave_loaded:
                     st.saved = max(st.saved, b)  # loaded chunks are in the tier already
             scheduled.append(st)
         cached = so.scheduled_cached_reqs
@@ -193,13 +171,8 @@ class ConnectorScheduler:
     def request_finished(self, request: Any) -> dict[str, Any] | None:
         """Forget the request; for PD requests return what the response's ``kv_transfer_params`` reports."""
         st = self._reqs.pop(request.request_id, None)
-        if st is None or st.pd is None:
-            return None
-        report: dict[str, Any] = {"transfer_id": st.pd.transfer_id}
-        if st.pd.push_to is None:
-            report["loaded_tokens"] = st.loaded_tokens
-            report["fallback"] = st.fell_back
-        return {"pdmesh": report}
+        role = None if st is None else (st.push or st.wait)
+        return None if role is None else {"pdmesh": role.report()}
 
     def take_fallbacks(self) -> list[str]:
         out, self._fallbacks = self._fallbacks, []
@@ -209,6 +182,16 @@ class ConnectorScheduler:
         return len(self._reqs)
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _track(self, request: Any) -> _Req:
+        pd = PdParams.from_request(request.kv_transfer_params)
+        push = wait = None
+        if pd is not None and pd.push_to:
+            push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s)
+        elif pd is not None:
+            wait = PushWait(pd.transfer_id, pd.deadline_s, self.clock())
+        st = self._reqs[request.request_id] = _Req(request, push, wait)
+        return st
+
     def _keys(self, st: _Req, n: int) -> list[bytes]:
         if len(st.keys) < n:
             st.keys = self.key_fn(list(st.request.all_token_ids), n)
@@ -227,12 +210,7 @@ class ConnectorScheduler:
             return None
         keys = self._keys(st, limit)
         a, st.saved = st.saved, limit
-        push = None
-        if st.pd is not None and st.pd.push_to:
-            # One transfer per step: chunked prefill saves a long prompt over several steps, and a transfer id
-            # is committed once. The receiver only needs the chunk keys, not the id, to make chunks ready.
-            st.pushes += 1
-            push = PushSpec(f"{st.pd.transfer_id}.{st.pushes}", st.pd.push_to, st.pd.deadline_s)
+        push = st.push.next_push() if st.push is not None else None
         return ChunkOp(
             st.request.request_id, keys[a:limit], [self._chunk_blocks(st, i) for i in range(a, limit)], push
         )

@@ -13,8 +13,8 @@ from typing import Any
 
 from pdmesh.kvcache.client import TierClient
 from pdmesh.kvcache.keys import ModelFingerprint
-from pdmesh.kvcache.pool import attach_segment
 from pdmesh.security import cluster_token_from_env
+from pdmesh.transfer.segment import attach_segment
 
 SOCKET_ENV = "PDMESH_TIER_SOCKET"
 

@@ -1,4 +1,8 @@
-"""pdmesh kernels: pack/unpack of paged KV blocks <-> contiguous chunk buffers (docs/kernels.md).
+"""pdmesh.kernels: pack/unpack of paged KV blocks <-> contiguous chunk buffers (docs/kernels.md).
+
+Folder map: ``layouts`` (where block b of layer l lives, per attention backend), ``chunk`` (the chunk buffer
+format), ``api`` (``pack``/``unpack``/``bind`` and the choice of implementation), ``torch_impl`` (CPU and torch
+path), ``triton_impl`` (one-launch GPU kernels), ``errors`` (``KernelError``, the package's exception root).
 
 Public surface::
 
@@ -11,6 +15,7 @@ Public surface::
 
 from pdmesh.kernels.api import BlockIdError, BoundKVCaches, bind, pack, select_impl, unpack
 from pdmesh.kernels.chunk import ChunkBufferError, ChunkFormat, chunk_format, chunk_nbytes
+from pdmesh.kernels.errors import KernelError
 from pdmesh.kernels.layouts import (
     CPU_ATTN,
     FLASH_ATTN_HND,
@@ -40,6 +45,7 @@ __all__ = [
     "ChunkBufferError",
     "ChunkFormat",
     "KVLayout",
+    "KernelError",
     "LayerGeometry",
     "LayoutError",
     "all_layouts",

@@ -24,6 +24,7 @@ import torch
 
 from pdmesh.kernels import torch_impl, triton_impl
 from pdmesh.kernels.chunk import ChunkBufferError, ChunkFormat
+from pdmesh.kernels.errors import KernelError
 from pdmesh.kernels.layouts import KVLayout, LayerGeometry, cache_geometry
 
 Impl = Literal["auto", "torch", "triton"]
@@ -31,7 +32,7 @@ Caches = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 BlockIds = Sequence[int] | torch.Tensor
 
 
-class BlockIdError(IndexError):
+class BlockIdError(KernelError, IndexError):
     """A block id is out of range, or (unpack) repeated."""
 
 

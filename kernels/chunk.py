@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmesh.kernels.errors import KernelError
 from pdmesh.kernels.layouts import KVLayout, LayerGeometry, LayoutError, cache_geometry, shape_geometry
 
 
-class ChunkBufferError(ValueError):
+class ChunkBufferError(KernelError, ValueError):
     """A chunk buffer has the wrong dtype, size, device or memory layout."""
 
 

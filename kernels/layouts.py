@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmesh.kernels.errors import KernelError
 
-class LayoutError(ValueError):
+
+class LayoutError(KernelError, ValueError):
     """A tensor does not match the layout it was declared with, or no layout fits a (backend, shape)."""
 
 

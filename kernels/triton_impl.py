@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pdmesh.kernels.errors import KernelError
 from pdmesh.kernels.layouts import LayerGeometry
 
 try:  # Triton ships with vLLM (GPU and CPU builds); the torch path works without it.
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     HAVE_TRITON = False
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(KernelError, RuntimeError):
     """Triton is not importable, or cannot run on these tensors."""
 
 

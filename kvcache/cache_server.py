@@ -29,8 +29,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from pdmesh.frames import FrameError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
 from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
-from pdmesh.kvcache.wire import ProtocolError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
 from pdmesh.security import token_matches
 
 log = logging.getLogger("pdmesh.cache_server")
@@ -322,7 +322,7 @@ class CacheServer:
                 msg = recv_frame(conn)
                 if not self._handle(conn, msg):
                     return
-        except (ConnectionError, TimeoutError, OSError, ProtocolError):
+        except (ConnectionError, TimeoutError, OSError, FrameError):
             pass
         finally:
             with self._lock:

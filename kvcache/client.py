@@ -21,16 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pdmesh.kvcache.pool import Allocation, attach_segment
-from pdmesh.kvcache.server import CONTROL_PROTO
-from pdmesh.kvcache.wire import ProtocolError, recv_frame, send_frame
+from pdmesh.frames import FrameError, recv_frame, send_frame
+from pdmesh.kvcache.control_ops import CONTROL_PROTO
+from pdmesh.kvcache.errors import KVCacheError
+from pdmesh.kvcache.pool import Allocation
+from pdmesh.transfer.segment import attach_segment
 
 
-class TierUnavailable(Exception):
+class TierUnavailable(KVCacheError):
     """The tier server cannot be reached or did not answer in time. Fall back to computing."""
 
 
-class TierError(Exception):
+class TierError(KVCacheError):
     """The tier server answered with an error."""
 
     def __init__(self, kind: str, message: str) -> None:
@@ -81,7 +83,7 @@ class TierClient:
                 msg["fingerprint"] = self.fingerprint
             send_frame(s, msg)
             reply = recv_frame(s)
-        except (OSError, ProtocolError) as e:
+        except (OSError, FrameError) as e:
             s.close()
             raise TierUnavailable(f"tier server at {self.socket_path}: {e}") from e
         if not reply.get("ok"):
@@ -102,8 +104,8 @@ class TierClient:
                 send_frame(s, {"id": rid, "op": op, **fields})
                 reply = recv_frame(s)
                 if reply.get("id") != rid:
-                    raise ProtocolError(f"reply id {reply.get('id')} != request id {rid}")
-            except (OSError, ProtocolError) as e:
+                    raise FrameError(f"reply id {reply.get('id')} != request id {rid}")
+            except (OSError, FrameError) as e:
                 self._drop()
                 raise TierUnavailable(f"tier server {op}: {e}") from e
         if not reply.get("ok"):

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from pdmesh.kvcache.errors import KVCacheError
+
 ENV_PREFIX = "PDMESH_TIER_"
 _UNITS = {
     "": 1,
@@ -36,7 +38,7 @@ _UNITS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(KVCacheError, ValueError):
     """Invalid tier configuration (the message names the field or variable)."""
 
 

@@ -1,6 +1,7 @@
 """ChunkPool: the tier's memory pool, fixed-size chunk slots in one shared-memory segment.
 
-The tier server creates the pool; the vLLM process maps the same segment by name (:func:`attach_segment`) and
+The tier server creates the pool; the vLLM process maps the same segment by name
+(:func:`pdmesh.transfer.segment.attach_segment`) and
 reads/writes chunk bytes at the ``(offset, length)`` the tier server hands out. One slot holds one chunk of up to
 ``slot_bytes`` bytes (all chunks of one model have the same size, so a slab allocator wastes nothing).
 
@@ -22,18 +23,21 @@ ALLOCATED state or an ``acquire`` reference.
 from __future__ import annotations
 
 import enum
-import mmap
 import os
 import secrets
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pdmesh.kvcache.errors import KVCacheError
+from pdmesh.transfer.segment import SharedSegment, attach_segment
 
-class PoolError(Exception):
+__all__ = ["Allocation", "ChunkPool", "ChunkState", "PoolError", "PoolFull", "PoolStats", "attach_segment"]
+
+
+class PoolError(KVCacheError):
     """Base class of pool errors."""
 
 
@@ -82,27 +86,6 @@ class _Entry:
     meta: dict = field(default_factory=dict)
 
 
-def _shm_path(name: str) -> str:
-    return os.path.join("/dev/shm", name.lstrip("/"))
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def attach_segment(name: str) -> mmap.mmap:
-    """Map an existing pool segment by name, read/write. The caller closes the mmap (release views first).
-    Raises FileNotFoundError when the segment does not exist (tier server gone)."""
-    fd = os.open(_shm_path(name), os.O_RDWR)
-    try:
-        return mmap.mmap(fd, 0)
-    finally:
-        os.close(fd)
-
-
 class ChunkPool:
     """``num_slots`` slots of ``slot_bytes`` in a new POSIX shared-memory segment, unlinked by :meth:`close`.
     ``prefault=True`` touches every page at creation (slower start, no page faults on the data path)."""
@@ -126,23 +109,8 @@ class ChunkPool:
         self.capacity_bytes = slot_bytes * num_slots
         self.lease_grace_s = lease_grace_s
         self.segment_name = name or f"pdmesh-tier-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(_shm_path(self.segment_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, self.capacity_bytes)
-            self._mmap = mmap.mmap(fd, self.capacity_bytes)
-        except BaseException:
-            os.close(fd)
-            os.unlink(_shm_path(self.segment_name))
-            raise
-        os.close(fd)
-        # unlink the segment when the pool is garbage collected or the process exits without close()
-        self._unlinker = weakref.finalize(self, _unlink_quiet, _shm_path(self.segment_name))
-        self.buffer = memoryview(self._mmap)
-        if prefault:  # touch every page now, so chunk writes never pay first-touch page faults later
-            zeros = bytes(min(self.capacity_bytes, 1 << 22))
-            for off in range(0, self.capacity_bytes, len(zeros)):
-                n = min(len(zeros), self.capacity_bytes - off)
-                self.buffer[off : off + n] = zeros[:n]
+        self._segment = SharedSegment(self.segment_name, self.capacity_bytes, prefault=prefault)
+        self.buffer = self._segment.buffer
         self._clock = clock
         self._lock = threading.Lock()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
@@ -460,44 +428,10 @@ class ChunkPool:
             if self._closed:
                 return
             self._closed = True
-        try:
-            self.buffer.release()
-            self._mmap.close()
-        except BufferError:
-            pass
-        self._unlinker()
+        self._segment.close()
 
     def __enter__(self) -> ChunkPool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class LeaseRegionProvider:
-    """Adapter: a :class:`ChunkPool` as the transfer receiver's ``RegionProvider`` (see transfer/provider.py).
-    ``alloc`` takes the receiver's absolute lease deadline (grace included) and raises the transfer layer's
-    ``PoolExhausted`` when the pool is full."""
-
-    def __init__(self, pool: ChunkPool) -> None:
-        self.pool = pool
-        self.buffer = pool.buffer
-        self.segment_name: str | None = pool.segment_name
-
-    def alloc(self, key: bytes, nbytes: int, lease_deadline: float) -> int | None:
-        try:
-            a = self.pool.alloc_until(key, nbytes, lease_deadline)
-        except PoolFull as e:
-            from pdmesh.transfer.errors import PoolExhausted
-
-            raise PoolExhausted(str(e)) from e
-        return None if a is None else a.offset
-
-    def commit(self, key: bytes) -> None:
-        self.pool.commit(key)
-
-    def abort(self, key: bytes) -> None:
-        self.pool.abort(key)
-
-    def reclaim_expired(self, now: float) -> int:
-        return self.pool.reclaim_expired(now)

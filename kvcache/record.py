@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from pdmesh.kvcache.errors import KVCacheError
+
 MAGIC = b"PDKV"
 RECORD_VERSION = 1
 NO_FINGERPRINT = b"\0" * 16
@@ -21,11 +23,11 @@ _FULL = struct.Struct("<4sHH16s16sQQQ")
 HEADER_BYTES = _FULL.size  # 64
 
 
-class CorruptRecord(Exception):
+class CorruptRecord(KVCacheError):
     """A record failed verification (bad magic/version/key/length/checksum)."""
 
 
-class FingerprintMismatch(Exception):
+class FingerprintMismatch(KVCacheError):
     """A valid record stored under another model fingerprint: a miss for this caller, not corruption."""
 
 

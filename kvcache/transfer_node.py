@@ -1,6 +1,6 @@
 """The tier server's end of PD transfer: a receiver other nodes push into, and a sender for our own pushes.
 
-- The receiver writes straight into this node's pool through :class:`kvcache.pool.LeaseRegionProvider`:
+- The receiver writes straight into this node's pool through :class:`LeaseRegionProvider`:
   pushed chunks are leased regions until COMMIT makes them ready (a late write can never land in reused memory).
 - :meth:`TransferNode.push` pins the chunks it sends for the whole push (they cannot be evicted or reused while
   the peer reads or is written from them), and unpins them afterwards whatever happens. Blocking: the tier
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdmesh.kvcache.pool import ChunkPool, LeaseRegionProvider
+from pdmesh.kvcache.pool import ChunkPool, PoolFull
 from pdmesh.transfer.backend import TransferBackend
-from pdmesh.transfer.errors import TransferError
+from pdmesh.transfer.errors import PoolExhausted, TransferError
 from pdmesh.transfer.receiver import Receiver, ReceiverConfig
 from pdmesh.transfer.sender import Chunk, PushResult, Sender, SenderConfig
 
@@ -55,6 +55,33 @@ def _factories(
 
 
 @dataclass
+class LeaseRegionProvider:
+    """Adapter: a :class:`ChunkPool` as the transfer receiver's ``RegionProvider`` (``pdmesh.transfer.provider``).
+    ``alloc`` takes the receiver's absolute lease deadline (grace included) and raises the transfer layer's
+    ``PoolExhausted`` when the pool is full."""
+
+    def __init__(self, pool: ChunkPool) -> None:
+        self.pool = pool
+        self.buffer = pool.buffer
+        self.segment_name: str | None = pool.segment_name
+
+    def alloc(self, key: bytes, nbytes: int, lease_deadline: float) -> int | None:
+        try:
+            a = self.pool.alloc_until(key, nbytes, lease_deadline)
+        except PoolFull as e:
+            raise PoolExhausted(str(e)) from e
+        return None if a is None else a.offset
+
+    def commit(self, key: bytes) -> None:
+        self.pool.commit(key)
+
+    def abort(self, key: bytes) -> None:
+        self.pool.abort(key)
+
+    def reclaim_expired(self, now: float) -> int:
+        return self.pool.reclaim_expired(now)
+
+
 class PushStats:
     pushes: int = 0
     failures: int = 0

@@ -15,3 +15,36 @@ This folder holds the command and what every layer shares:
   subprocesses), ``frames`` (the length-prefixed msgpack codec of every binary protocol), ``breaker`` (the one
   circuit breaker).
 """
+
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+
+_SUBPACKAGES = ("router", "connector", "prefiller", "decoder", "kvcache", "transfer", "kernels")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _SourceTreeFinder(importlib.abc.MetaPathFinder):
+    """Finds ``pdmesh.<sub>`` in a source checkout, where ``<sub>/`` sits beside ``pdmesh/``.
+
+    Installed only when this package was imported from a checkout (``pyproject.toml`` beside it), first in
+    ``sys.meta_path``: the subpackages then always come from the same tree as ``pdmesh`` itself, whether the
+    checkout is installed editable, installed elsewhere, or not at all. A wheel has no ``pyproject.toml`` beside
+    the package, so installed copies never use it.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, sub = fullname.partition(".")
+        if head != "pdmesh" or sub not in _SUBPACKAGES:
+            return None
+        init = _ROOT / sub / "__init__.py"
+        if not init.is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, init, submodule_search_locations=[str(init.parent)]
+        )
+
+
+if (_ROOT / "pyproject.toml").is_file() and not any(isinstance(f, _SourceTreeFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _SourceTreeFinder())  # subpackages come from the tree this package came from

@@ -112,12 +112,12 @@ class LocalCluster:
 
     def tier_info(self, worker: str) -> dict:
         """The ready line of a push-mode worker's tier server: socket, http, segment, pid, transfer."""
-        import json
+        from pdmesh.worker.tier_process import read_ready_info, tier_log_path
 
-        for line in (self.log_dir / f"pdmesh-{worker}-tier.log").read_text().splitlines():
-            if line.startswith("PDMESH_TIER_READY "):
-                return json.loads(line.split(" ", 1)[1])
-        raise LookupError(f"no tier server ready line for {worker}")
+        info = read_ready_info(tier_log_path(self.log_dir, worker))
+        if info is None:
+            raise LookupError(f"no tier server ready line for {worker}")
+        return info
 
     def add_worker(self, role: str) -> str:
         """Start one more worker of ``role``; returns its name (e.g. ``decode-1``). Does not wait."""

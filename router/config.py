@@ -14,9 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pdmesh.router.errors import RouterError
 from pdmesh.security import cluster_token_from_env
 
-PolicyName = Literal["round_robin", "power_of_two", "cache_aware", "session_affinity"]
 WorkerRole = Literal["prefill", "decode", "both"]
 
 
@@ -27,8 +27,17 @@ class _Section(BaseModel):
 class PoolPolicies(_Section):
     """Which policy picks the worker of each pool."""
 
-    prefill: PolicyName = "round_robin"
-    decode: PolicyName = "round_robin"
+    prefill: str = "round_robin"
+    decode: str = "round_robin"
+
+    @field_validator("prefill", "decode")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from pdmesh.router.policies import POLICIES  # the registry is the one list of names
+
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        return name
 
 
 class CacheAwareConfig(_Section):
@@ -197,7 +206,7 @@ class RouterConfig(BaseModel):
         return getattr(self.model_policies.get(model, self.policies), role)
 
 
-class ConfigError(ValueError):
+class ConfigError(RouterError, ValueError):
     """A configuration file or variable is invalid; the message names the field."""
 
 

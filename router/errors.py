@@ -35,7 +35,11 @@ _TYPES = {
 }
 
 
-class OpenAIError(Exception):
+class RouterError(Exception):
+    """The root of every error the router raises."""
+
+
+class OpenAIError(RouterError):
     """An error with an HTTP status that is rendered as an OpenAI error body.
 
     ``retryable`` tells the router's retry loop whether another worker may succeed (only before the first byte

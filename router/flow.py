@@ -30,7 +30,7 @@ from pdmesh.router.exchange import ClientGone, Exchange
 from pdmesh.router.limits import Limiter, Permit
 from pdmesh.router.metrics import RouterMetrics
 from pdmesh.router.openai_requests import Kind, parse_request
-from pdmesh.router.policies import Policy, make_policy
+from pdmesh.router.policies import Policy, Prefer, make_policy
 from pdmesh.router.policies.cache_aware import cached_prefix_tokens
 from pdmesh.router.prefix_index import PrefixIndex
 from pdmesh.router.prompt_analysis import PromptAnalyzer
@@ -306,7 +306,7 @@ class _Legs:
 
     async def _decode_only(self, target: Worker, reason: str) -> LegResult:
         body = self.ctx.body
-        result = await self._decode(lambda _w: body, pd_push.Prefer(target.id, self.decode_policy))
+        result = await self._decode(lambda _w: body, Prefer(target.id, self.decode_policy))
         self.st.metrics.pd_requests.labels("decode_only").inc()
         self.st.metrics.decode_only.labels(reason).inc()
         return result
@@ -341,7 +341,7 @@ class _Legs:
         def decode_body(w: Worker) -> dict:
             return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body
 
-        decode = await self._decode(decode_body, pd_push.Prefer(target.id, self.decode_policy))
+        decode = await self._decode(decode_body, Prefer(target.id, self.decode_policy))
         st.metrics.pd_requests.labels("push").inc()
         if not body.get("stream"):
             _count_transfer_fallback(st, decode.content, self.request_id)

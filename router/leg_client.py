@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httptools
+
+from pdmesh.router.errors import RouterError
+from pdmesh.router.leg_target import BadTarget, Target, parse_target
 
 _HIGH_WATER = 1 << 20
 _MAX_BODY = 256 << 20  # a non-streamed reply larger than this is refused (a worker gone wrong)
 
 
-class LegError(Exception):
+class LegError(RouterError):
     """A leg failed at the connection or protocol level (never a worker's HTTP error status)."""
 
 
@@ -279,58 +279,6 @@ class LegResponse:
             conn.close()
 
 
-@dataclass(frozen=True)
-class _Target:
-    """A worker base URL, parsed once: where to connect, the Host header, the path prefix, TLS or not."""
-
-    host: str
-    port: int
-    tls: bool
-    netloc: bytes
-    prefix: bytes
-
-    @property
-    def key(self) -> tuple[str, int, bool]:
-        return (self.host, self.port, self.tls)
-
-
-def parse_target(base_url: str) -> _Target:
-    """Parse ``http[s]://host[:port][/prefix]``. Raises LegConnectError (refused) for anything else
-    (credentials, query, fragment, a prefix that is not plain URL path characters, a bad port)."""
-    try:
-        u = urlsplit(base_url)
-        port = u.port
-    except ValueError as e:
-        raise LegConnectError(f"invalid worker URL {base_url!r}: {e}", refused=True) from None
-    prefix = u.path.rstrip("/")
-    if (
-        u.scheme not in ("http", "https")
-        or not u.hostname
-        or u.username is not None
-        or u.password is not None
-        or u.query
-        or u.fragment
-        or not _PATH_OK.fullmatch(prefix)
-    ):
-        raise LegConnectError(
-            f"unsupported worker URL {base_url!r} (http[s]://host[:port][/prefix], no credentials)",
-            refused=True,
-        )
-    tls = u.scheme == "https"
-    port = port or (443 if tls else 80)
-    host = u.hostname
-    shown = f"[{host}]" if ":" in host else host
-    netloc = shown if port == (443 if tls else 80) else f"{shown}:{port}"
-    try:
-        host_header = netloc.encode("ascii") if netloc.isascii() else netloc.encode("idna")
-    except UnicodeError as e:
-        raise LegConnectError(f"invalid worker host in {base_url!r}: {e}", refused=True) from None
-    return _Target(host=host, port=port, tls=tls, netloc=host_header, prefix=prefix.encode())
-
-
-_PATH_OK = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
-
-
 class LegClient:
     """Keep-alive connection pool per worker address. Not thread-safe: one instance per event loop.
 
@@ -355,13 +303,16 @@ class LegClient:
         self.keepalive_s = keepalive_s
         self.max_idle_per_worker = max_idle_per_worker
         self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, Target] = {}
         self._ssl = ssl_context  # for https workers; the system's CA store when None
 
-    def _target(self, base_url: str) -> _Target:
+    def _target(self, base_url: str) -> Target:
         target = self._targets.get(base_url)
         if target is None:
-            target = parse_target(base_url)
+            try:
+                target = parse_target(base_url)
+            except BadTarget as e:
+                raise LegConnectError(str(e), refused=True) from None
             if len(self._targets) > 4096:
                 self._targets.clear()
             self._targets[base_url] = target
@@ -387,7 +338,7 @@ class LegClient:
             conn.close()
         return None
 
-    async def _connect(self, t: _Target, loop: asyncio.AbstractEventLoop) -> _Conn:
+    async def _connect(self, t: Target, loop: asyncio.AbstractEventLoop) -> _Conn:
         host, port = t.host, t.port
         tls: dict = {}
         if t.tls:

@@ -11,7 +11,6 @@ Only the router sets these fields (client-supplied ``kv_transfer_params`` are dr
 from __future__ import annotations
 
 from pdmesh.router.openai_requests import one_token_leg
-from pdmesh.router.registry import Worker
 
 
 def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int) -> dict:
@@ -29,17 +28,3 @@ def decode_request(body: dict, transfer_id: str, deadline_ms: int) -> dict:
         **body,
         "kv_transfer_params": {"pdmesh": {"transfer_id": transfer_id, "deadline_ms": deadline_ms}},
     }
-
-
-class Prefer:
-    """A policy that picks ``worker_id`` when it is a candidate, else defers to ``fallback``."""
-
-    def __init__(self, worker_id: str, fallback) -> None:
-        self.worker_id = worker_id
-        self.fallback = fallback
-
-    def choose(self, candidates: list[Worker], request: dict) -> Worker:
-        for w in candidates:
-            if w.id == self.worker_id:
-                return w
-        return self.fallback.choose(candidates, request)

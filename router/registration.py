@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pdmesh.router.leg_client import LegConnectError, parse_target
+from pdmesh.router.leg_target import BadTarget, parse_target
 
 Role = Literal["prefill", "decode", "both"]
 WORKER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -43,7 +43,7 @@ class WorkerRegistration(BaseModel):
             raise ValueError("url must start with http:// or https://")
         try:
             parse_target(v)
-        except LegConnectError as e:
+        except BadTarget as e:
             raise ValueError(str(e)) from None
         return v.rstrip("/")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdmesh.router.breaker import CircuitBreaker
+from pdmesh.breaker import CircuitBreaker
 from pdmesh.router.registration import WorkerRegistration
 
 Source = Literal["registered", "static", "dns"]

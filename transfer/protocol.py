@@ -1,7 +1,7 @@
-"""Control protocol between tier servers: length-prefixed msgpack frames over one TCP connection.
+"""Control protocol between tier servers: :mod:`pdmesh.frames` frames over one TCP connection.
 
-Frame: 4-byte big-endian length, then a msgpack map with an ``op`` field. Requests and replies alternate on a
-connection (one request in flight per connection; a sender pools connections for concurrency).
+Every frame is a msgpack map with an ``op`` field. Requests and replies alternate on a connection (one request in
+flight per connection; a sender pools connections for concurrency).
 
     hello   {v, token, fingerprint, backends: [name...], host_id}  ->  hello_ok {v, fingerprint, metadata: {name: bytes}}
     alloc   {transfer_id, keys: [bytes], sizes: [int], lease_ms}    ->  alloc_ok {offsets: [int | None], lease_ms}
@@ -10,22 +10,20 @@ connection (one request in flight per connection; a sender pools connections for
     abort   {transfer_id}                                          ->  abort_ok {}                  (idempotent)
     any request                                                     ->  error {code, message, retryable}
 
-Every socket operation has a timeout; socket failures become :class:`PeerUnavailable`, timeouts
-:class:`TransferTimeout`, error frames the typed error they carry.
+Every socket operation has a deadline; socket failures become :class:`PeerUnavailable`, timeouts
+:class:`TransferTimeout`, malformed frames :class:`TransferFailed`, error frames the typed error they carry.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from typing import Any
 
-import msgpack
-
+from pdmesh.frames import FrameError, encode_frame
+from pdmesh.frames import recv_frame as _recv_frame
 from pdmesh.transfer.errors import (
     PeerUnavailable,
-    TransferError,
     TransferFailed,
     TransferTimeout,
     error_from_wire,
@@ -33,31 +31,14 @@ from pdmesh.transfer.errors import (
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 << 20
-_LEN = struct.Struct(">I")
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise PeerUnavailable("connection closed by peer")
-        got += k
-    return bytes(buf)
-
-
-def encode_frame(msg: dict[str, Any]) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True)
-    if len(body) > MAX_FRAME:
-        raise TransferFailed(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _LEN.pack(len(body)) + body
 
 
 def send_frame(sock: socket.socket, msg: dict[str, Any], deadline: float) -> None:
     """Send one frame by ``deadline`` (time.monotonic)."""
-    data = encode_frame(msg)
+    try:
+        data = encode_frame(msg, MAX_FRAME)
+    except FrameError as exc:
+        raise TransferFailed(str(exc)) from exc
     _settimeout(sock, deadline)
     try:
         sock.sendall(data)
@@ -72,19 +53,16 @@ def recv_frame(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
     if deadline is not None:
         _settimeout(sock, deadline)
     try:
-        (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-        if n > MAX_FRAME:
-            raise TransferFailed(f"peer sent a frame of {n} bytes (max {MAX_FRAME})")
-        msg = msgpack.unpackb(_recv_exact(sock, n), raw=False)
+        msg = _recv_frame(sock, MAX_FRAME)
     except TimeoutError as exc:
         raise TransferTimeout("receive timed out") from exc
-    except TransferError:
-        raise
+    except ConnectionError as exc:
+        raise PeerUnavailable(f"connection closed by peer: {exc}") from exc
     except OSError as exc:
         raise PeerUnavailable(f"receive failed: {exc}") from exc
-    except Exception as exc:
+    except FrameError as exc:
         raise TransferFailed(f"bad frame: {exc}") from exc
-    if not isinstance(msg, dict) or "op" not in msg:
+    if "op" not in msg:
         raise TransferFailed("bad frame: not a map with an op")
     return msg
 

@@ -8,13 +8,15 @@ Slot states: free -> leased (alloc) -> ready (commit) -> free (consume); leased 
 
 from __future__ import annotations
 
-import mmap
 import os
+import secrets
 import threading
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 
 from pdmesh.transfer.errors import PoolExhausted
+from pdmesh.transfer.segment import SharedSegment, attach_segment
+
+__all__ = ["PoolStats", "ReferencePool", "attach_segment"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ class ReferencePool:
             raise ValueError("slot_bytes and num_slots must be positive")
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=slot_bytes * num_slots)
-        self.buffer: memoryview = self._shm.buf
-        self.segment_name: str | None = self._shm.name
+        self._segment = SharedSegment(
+            name or f"pdmesh-ref-{os.getpid()}-{secrets.token_hex(4)}", slot_bytes * num_slots
+        )
+        self.buffer: memoryview = self._segment.buffer
+        self.segment_name: str | None = self._segment.name
         self._lock = threading.Lock()
         self._free = list(range(num_slots - 1, -1, -1))
         self._entries: dict[bytes, _Entry] = {}
@@ -109,20 +113,4 @@ class ReferencePool:
 
     def close(self) -> None:
         """Release and unlink the segment. Views handed out by :meth:`get` must be released first."""
-        self.buffer.release()
-        self._shm.close()
-        try:
-            self._shm.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def attach_segment(name: str) -> mmap.mmap:
-    """Map an existing POSIX shared-memory segment by name (read/write), outside multiprocessing's resource
-    tracker (which would otherwise unlink a segment it merely attached to when this process exits).
-    The caller closes the returned mmap. Raises OSError when the segment does not exist."""
-    fd = os.open(os.path.join("/dev/shm", name.lstrip("/")), os.O_RDWR)
-    try:
-        return mmap.mmap(fd, 0)
-    finally:
-        os.close(fd)
+        self._segment.close()

@@ -26,7 +26,7 @@ from pdmesh.transfer.backend import (
     unpack_metadata,
 )
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferTimeout
-from pdmesh.transfer.reference_pool import attach_segment
+from pdmesh.transfer.segment import attach_segment
 
 PIECE = 32 << 20
 

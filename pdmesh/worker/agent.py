@@ -25,7 +25,7 @@ from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
 from pdmesh.worker.roles import WorkerRole
-from pdmesh.worker.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model
+from pdmesh.worker.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model, tier_log_path
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 
 log = logging.getLogger("pdmesh.worker")
@@ -173,9 +173,7 @@ def _start_tier(
     dtype = _flag_value(extra, "--dtype") or ("float32" if device == "cpu" else "auto")
     slot = chunk_nbytes_for_model(model, dtype, chunk_tokens)
     run_dir = os.environ.get("PDMESH_RUN_DIR") or tempfile.gettempdir()
-    log_path = (
-        args.log_file + ".tier" if args.log_file else os.path.join(run_dir, f"pdmesh-{worker_id}-tier.log")
-    )
+    log_path = args.log_file + ".tier" if args.log_file else tier_log_path(run_dir, worker_id)
     settings = TierSettings(
         socket_path=os.path.join(run_dir, f"pdmesh-{worker_id}-{os.getpid()}.sock"),
         pool_bytes=args.tier_pool_bytes,

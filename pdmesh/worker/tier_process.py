@@ -1,7 +1,7 @@
 """The tier server a push-mode worker runs beside its vLLM engine (one per node), and the chunk size it needs.
 
 :class:`TierProcess` owns a ``pdmesh tier-server`` subprocess (a :class:`pdmesh.procs.ManagedProcess`): it waits
-for the server's ``PDMESH_TIER_READY {...}`` line in its log, and :meth:`TierProcess.stop` stops it (the pool's
+for the server's ready line (``pdmesh.kvcache.ready_line``) in its log, and :meth:`TierProcess.stop` stops it (the pool's
 shared-memory segment is unlinked by the server on exit).
 """
 
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdmesh.kvcache.ready_line import parse_ready_line
 from pdmesh.procs import ManagedProcess
 
 log = logging.getLogger("pdmesh.worker")
@@ -40,6 +41,24 @@ def chunk_nbytes_for_model(model_dir: str, dtype: str, chunk_tokens: int) -> int
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     width = _DTYPE_BYTES.get(dtype.removeprefix("torch."), 2)
     return layers * 2 * kv_heads * head_dim * chunk_tokens * width
+
+
+def tier_log_path(run_dir: str | os.PathLike, worker_id: str) -> str:
+    """Where a worker's tier server logs (and prints its ready line) when no log file is given."""
+    return os.path.join(run_dir, f"pdmesh-{worker_id}-tier.log")
+
+
+def read_ready_info(log_path: str | os.PathLike) -> dict | None:
+    """The tier server's ready line info from its log, or None when it is not there (yet)."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        info = parse_ready_line(line)
+        if info is not None:
+            return info
+    return None
 
 
 @dataclass
@@ -80,13 +99,10 @@ class TierProcess:
                 raise RuntimeError(
                     f"tier server exited with code {self.process.poll()} (log: {self.log_path})"
                 )
-            try:
-                for line in Path(self.log_path).read_text(errors="replace").splitlines():
-                    if line.startswith("PDMESH_TIER_READY "):
-                        self.info = json.loads(line.split(" ", 1)[1])
-                        return self.info
-            except (OSError, ValueError):
-                pass
+            info = read_ready_info(self.log_path)
+            if info is not None:
+                self.info = info
+                return info
             time.sleep(0.1)
         raise TimeoutError(f"tier server not ready after {timeout:.0f}s (log: {self.log_path})")
 

@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
 
-from pdmesh.connector.scheduler import ConnectorScheduler, PdParams
+from pdmesh.connector.params import PdParams
+from pdmesh.connector.scheduler import ConnectorScheduler
 from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
 
 FP = ModelFingerprint(model="m", block_size=4)
@@ -194,6 +195,26 @@ def test_pd_params_parsing_is_defensive():
     p = PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad", "push_to": 3}})
     assert p == PdParams("t", None, 10.0)
     assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": 1e12}}).deadline_s == 600.0
+    for bad in ("boom", 7, [1], {"pdmesh": []}, {"pdmesh": {"transfer_id": None}}):
+        assert PdParams.from_request(bad) is None
+    for deadline in (float("nan"), float("inf"), True, "1e400"):
+        got = PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": deadline}})
+        assert got.deadline_s == 10.0, deadline
+    assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": -5}}).deadline_s == 0.0
+
+
+@pytest.mark.parametrize("params", ["boom", 3, ["x"], {"pdmesh": "y"}, {"pdmesh": {"transfer_id": 1}}])
+def test_malformed_kv_transfer_params_run_as_a_plain_request(params):
+    """Connector params reach the engine from outside: malformed ones never raise in vLLM's scheduler."""
+    s, tier, _ = make()
+    prompt = list(range(1, 26))
+    tier.ready = set(chunk_keys(FP, prompt, C)[:1])
+    req = FakeRequest("r", prompt, params)
+    assert s.get_num_new_matched_tokens(req, 0) == (8, False)  # a tier hit, no PD wait
+    s.update_state_after_alloc(req, [1, 2, 3, 4, 5, 6, 7], 8)
+    meta = s.build_meta(new_req_output(req, [1, 2, 3, 4, 5, 6, 7], 0, 25))
+    assert all(op.push is None for op in meta.saves)
+    assert s.request_finished(req) is None
 
 
 def test_finished_pd_request_reports_loaded_tokens_and_fallback():

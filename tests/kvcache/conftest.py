@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -19,7 +18,8 @@ import pytest
 
 from pdmesh.kvcache.cache_server import CacheServer
 from pdmesh.kvcache.config import TierConfig
-from pdmesh.kvcache.server import READY_PREFIX, TierServer
+from pdmesh.kvcache.ready_line import parse_ready_line
+from pdmesh.kvcache.server import TierServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,8 +180,9 @@ class TierProcess:
 
         def read():
             for line in self.proc.stdout:  # type: ignore[union-attr]
-                if line.startswith(READY_PREFIX):
-                    result.update(json.loads(line[len(READY_PREFIX) :]))
+                info = parse_ready_line(line)
+                if info is not None:
+                    result.update(info)
                     return
 
         t = threading.Thread(target=read, daemon=True)

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pdmesh.kvcache.pool import ChunkPool, ChunkState, LeaseRegionProvider, PoolFull, attach_segment
+from pdmesh.kvcache.pool import ChunkPool, ChunkState, PoolFull
+from pdmesh.kvcache.transfer_node import LeaseRegionProvider
+from pdmesh.transfer.segment import attach_segment
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pdmesh.kvcache.remote import (
     RemoteError,
     RemoteUnavailable,
     open_remote,
+    remote_breaker,
 )
 
 from .conftest import free_port
@@ -107,7 +108,7 @@ def test_cache_server_lru_bound_auth_and_contains(cache_server):
 
 
 def test_cache_server_rejects_bad_checksum(cache_server):
-    from pdmesh.kvcache.wire import recv_frame, send_frame
+    from pdmesh.frames import recv_frame, send_frame
 
     s = socket.create_connection(cache_server.address, timeout=5)
     send_frame(s, {"op": "hello", "proto": 1, "token": "cs-token"})
@@ -143,7 +144,7 @@ def test_down_remote_misses_fast_and_breaker_opens(scheme):
     tier = open_remote(_dead_port_url(scheme), timeout_s=0.5, connect_timeout_s=0.2)
     with pytest.raises(RemoteUnavailable):
         tier.contains([k(1)])
-    g = GuardedRemote(tier, CircuitBreaker(failures=2, cooldown_s=60))
+    g = GuardedRemote(tier, remote_breaker(failures=2, cooldown_s=60))
     buf = bytearray(16)
     for _ in range(10):
         assert g.get_into(k(1), buf) is None
@@ -169,14 +170,14 @@ def test_blackholed_remote_is_bounded_by_timeout():
 
 def test_breaker_half_open_recovers():
     now = [0.0]
-    b = CircuitBreaker(failures=1, cooldown_s=5, clock=lambda: now[0])
-    b.failure()
-    assert not b.allow() and b.is_open
+    b = CircuitBreaker(failures=1, open_s=5, max_open_s=5, clock=lambda: now[0])
+    b.record_failure()
+    assert not b.try_acquire() and b.is_open
     now[0] = 6
-    assert b.allow()  # one trial
-    assert not b.allow()
-    b.success()
-    assert b.allow() and not b.is_open
+    assert b.try_acquire()  # one trial
+    assert not b.try_acquire()
+    b.record_success()
+    assert b.try_acquire() and not b.is_open
 
 
 def test_open_remote_rejects_unknown_scheme():

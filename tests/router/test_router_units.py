@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.router.breaker import CircuitBreaker
+from pdmesh.breaker import CircuitBreaker
 from pdmesh.router.config import ConfigError, LimitsConfig, load_router_config
 from pdmesh.router.errors import OpenAIError
 from pdmesh.router.limits import Limiter, TokenBucket

@@ -1,0 +1,155 @@
+"""Client of the pdmesh cache server (``pdmesh://host:port``), a :class:`pdmesh.kvcache.remote.RemoteTier`.
+
+All calls block (network I/O): call them from a thread, never an event loop. Every socket operation is bounded
+(``connect_timeout_s``, ``timeout_s``). The server sends each payload's checksum; the client verifies it, and a bad
+chunk is a miss (counted in ``corrupt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+from collections.abc import Sequence
+
+from pdmesh.frames import FrameError, recv_exact_into, recv_frame, send_frame, tune_tcp
+from pdmesh.kvcache.cache_server import PROTO_VERSION
+from pdmesh.kvcache.errors import RemoteError, RemoteUnavailable
+from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
+
+
+class CacheServerClient:
+    """Client of :mod:`pdmesh.kvcache.cache_server`. Thread-safe: a small pool of connections, one per concurrent call.
+    Any socket error or timeout closes that connection and raises :class:`RemoteUnavailable`."""
+
+    name = "cache_server"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str = "",
+        *,
+        timeout_s: float = 2.0,
+        connect_timeout_s: float = 0.5,
+        max_idle: int = 16,
+    ) -> None:
+        self.address = (host, port)
+        self.token = token
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: queue.LifoQueue[socket.socket] = queue.LifoQueue(max_idle)
+        self.corrupt = 0
+
+    def _connect(self) -> socket.socket:
+        try:
+            s = socket.create_connection(self.address, timeout=self.connect_timeout_s)
+        except OSError as e:
+            raise RemoteUnavailable(f"cache server {self.address[0]}:{self.address[1]}: {e}") from e
+        tune_tcp(s)
+        s.settimeout(self.timeout_s)
+        try:
+            send_frame(s, {"op": "hello", "proto": PROTO_VERSION, "token": self.token})
+            reply = recv_frame(s)
+        except (OSError, FrameError) as e:
+            s.close()
+            raise RemoteUnavailable(f"cache server hello failed: {e}") from e
+        if not reply.get("ok"):
+            s.close()
+            raise RemoteError(f"cache server refused: {reply.get('error')}: {reply.get('message')}")
+        return s
+
+    def _call(self, fn):
+        try:
+            s = self._idle.get_nowait()
+        except queue.Empty:
+            s = self._connect()
+        try:
+            result = fn(s)
+        except (OSError, FrameError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                s.close()
+            if isinstance(e, ValueError):
+                raise
+            raise RemoteUnavailable(f"cache server {self.address[0]}:{self.address[1]}: {e}") from e
+        try:
+            self._idle.put_nowait(s)
+        except queue.Full:
+            s.close()
+        return result
+
+    @staticmethod
+    def _ok(reply: dict) -> dict:
+        if not reply.get("ok"):
+            raise RemoteError(f"cache server error {reply.get('error')}: {reply.get('message')}")
+        return reply
+
+    def put(self, key: bytes, data, fingerprint: bytes | None = None) -> bool:
+        view = memoryview(data).cast("B")
+        msg = {
+            "op": "put",
+            "key": key,
+            "fp": fingerprint or NO_FINGERPRINT,
+            "n": len(view),
+            "csum": checksum(view),
+        }
+
+        def op(s: socket.socket) -> bool:
+            send_frame(s, msg, view)
+            return bool(self._ok(recv_frame(s)).get("stored"))
+
+        return self._call(op)
+
+    def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
+        dst = memoryview(out).cast("B")
+
+        def op(s: socket.socket) -> int | None:
+            send_frame(s, {"op": "get", "key": key, "fp": fingerprint})
+            reply = self._ok(recv_frame(s))
+            if not reply.get("hit"):
+                return None
+            n = reply["n"]
+            if n > len(dst):
+                raise ValueError(f"chunk is {n} bytes, buffer only {len(dst)}")  # closes the connection
+            recv_exact_into(s, dst[:n])
+            if checksum(dst[:n]) != reply.get("csum"):
+                self.corrupt += 1
+                return None
+            return n
+
+        return self._call(op)
+
+    def get(self, key: bytes, fingerprint: bytes | None = None, max_bytes: int = 1 << 28) -> bytes | None:
+        buf = bytearray(max_bytes)
+        n = self.get_into(key, buf, fingerprint)
+        return None if n is None else bytes(memoryview(buf)[:n])
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        def op(s: socket.socket) -> int:
+            send_frame(s, {"op": "contains", "keys": list(keys)})
+            return int(self._ok(recv_frame(s))["n"])
+
+        return self._call(op)
+
+    def _simple(self, msg: dict) -> dict:
+        def op(s: socket.socket) -> dict:
+            send_frame(s, msg)
+            return self._ok(recv_frame(s))
+
+        return self._call(op)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return int(self._simple({"op": "delete", "keys": list(keys)})["n"])
+
+    def clear(self) -> int:
+        return int(self._simple({"op": "clear"})["n"])
+
+    def stats(self) -> dict:
+        return self._simple({"op": "stats"})["stats"]
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return

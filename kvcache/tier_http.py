@@ -1,0 +1,121 @@
+"""The tier server's HTTP API, for operators and the router.
+
+- ``GET /health`` (no token): ``{status, segment, remote_up}``.
+- ``GET /metrics`` (no token): Prometheus text (:mod:`pdmesh.kvcache.metrics`).
+- ``GET /stats``: the tier's counters (:meth:`pdmesh.kvcache.tier.Tier.stats`).
+- ``POST /lookup``: ``{"keys": [hex]}`` or ``{"token_ids": [...], "fingerprint"?: {...}, "chunk_tokens"?: int,
+  "remote"?: bool}`` -> ``{chunks, tokens, total_chunks, tiers}``: how much of a prompt the tier holds (the
+  router's cache-aware choice uses it).
+- ``POST /clear``: ``{"tiers": ["memory", "disk", "remote"]}`` -> ``{cleared}``.
+
+``/stats``, ``/lookup`` and ``/clear`` need the cluster token in ``X-PDMesh-Token``. The token is checked before
+the body is read, and a body is read only up to :data:`MAX_BODY_BYTES` (413 past it), so an unauthenticated
+client costs a header parse and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pdmesh.kvcache.keys import ModelFingerprint, chain_keys, key_from_hex
+from pdmesh.kvcache.metrics import render
+from pdmesh.security import TOKEN_HEADER, token_matches
+
+if TYPE_CHECKING:
+    from pdmesh.kvcache.tier import Tier
+
+MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as JSON token ids is ~1 MB
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+async def _authed_body(tier: Tier, request: Request) -> dict[str, Any]:
+    """Check the token, then read and parse a bounded JSON object body ({} when empty)."""
+    if not token_matches(request.headers.get(TOKEN_HEADER), tier.token):
+        raise _HTTPError(401, "missing or bad cluster token")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise _HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    buf = bytearray()
+    async for part in request.stream():
+        buf += part
+        if len(buf) > MAX_BODY_BYTES:
+            raise _HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    if not buf:
+        return {}
+    try:
+        body = json.loads(buf)
+    except (ValueError, RecursionError) as e:
+        raise _HTTPError(400, f"body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _HTTPError(400, "body must be a JSON object")
+    return body
+
+
+def make_app(tier: Tier) -> FastAPI:
+    app = FastAPI(title="pdmesh tier server", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(_HTTPError)
+    async def _error(request: Request, exc: _HTTPError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "segment": tier.pool.segment_name,
+            "remote_up": None if tier.remote is None else tier.remote.available,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(tier.registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict:
+        if not token_matches(request.headers.get(TOKEN_HEADER), tier.token):
+            raise _HTTPError(401, "missing or bad cluster token")
+        return tier.stats()
+
+    @app.post("/lookup")
+    async def lookup(request: Request) -> dict:
+        body = await _authed_body(tier, request)
+        try:
+            chunk_tokens = int(body.get("chunk_tokens") or tier.config.chunk_tokens)
+            if chunk_tokens <= 0:
+                raise ValueError("chunk_tokens must be positive")
+            if "keys" in body:
+                keys = [key_from_hex(k) for k in body["keys"]]
+            elif "token_ids" in body:
+                fp = body.get("fingerprint")
+                if fp is not None:
+                    seed = ModelFingerprint.from_dict(fp).digest()
+                elif tier.fingerprint is not None:
+                    seed = tier.fingerprint.digest()
+                else:
+                    raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
+                keys = chain_keys(seed, body["token_ids"], chunk_tokens)
+            else:
+                raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
+        except (ValueError, TypeError, AttributeError) as e:
+            raise _HTTPError(422, str(e)) from e
+        n, tiers = await tier.lookup(keys, bool(body.get("remote", True)))
+        return {"chunks": n, "tokens": n * chunk_tokens, "total_chunks": len(keys), "tiers": tiers}
+
+    @app.post("/clear")
+    async def clear(request: Request) -> dict:
+        body = await _authed_body(tier, request)
+        tiers = body.get("tiers") or ["memory", "disk"]
+        if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+            raise _HTTPError(422, "tiers must be a list of tier names")
+        return {"cleared": await tier.clear_async(tiers)}
+
+    return app

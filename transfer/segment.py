@@ -1,0 +1,71 @@
+"""POSIX shared-memory segments: the memory chunk bytes live in on a node, and the one place that makes or maps
+them. The tier's pool (``pdmesh.kvcache.pool``) and the transfer layer's reference pool are built on a
+:class:`SharedSegment`; the vLLM process and the shm transfer backend map one by name with :func:`attach_segment`.
+
+:class:`SharedSegment` creates ``/dev/shm/<name>`` (mode 0600, ``O_EXCL``), maps it, and unlinks it on
+:meth:`SharedSegment.close` or, failing that, when the object is garbage collected or the process exits.
+:func:`attach_segment` maps an existing segment by name for a client.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+
+
+def segment_path(name: str) -> str:
+    return os.path.join("/dev/shm", name.lstrip("/"))
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def attach_segment(name: str) -> mmap.mmap:
+    """Map an existing pool segment by name, read/write. The caller closes the mmap (release views first).
+    Raises FileNotFoundError when the segment does not exist (tier server gone)."""
+    fd = os.open(segment_path(name), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+
+
+class SharedSegment:
+    """A new segment of ``nbytes`` named ``name``; ``buffer`` is a writable view of all of it.
+    ``prefault=True`` touches every page at creation (slower start, no page faults on the data path)."""
+
+    def __init__(self, name: str, nbytes: int, *, prefault: bool = False) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        path = segment_path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            self._mmap = mmap.mmap(fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        self._unlinker = weakref.finalize(self, _unlink_quiet, path)
+        self.buffer = memoryview(self._mmap)
+        if prefault:
+            zeros = bytes(min(nbytes, 1 << 22))
+            for off in range(0, nbytes, len(zeros)):
+                n = min(len(zeros), nbytes - off)
+                self.buffer[off : off + n] = zeros[:n]
+
+    def close(self) -> None:
+        """Unmap and unlink. Views handed out must be released first (else the mapping stays until they are
+        garbage collected; the name is unlinked regardless)."""
+        try:
+            self.buffer.release()
+            self._mmap.close()
+        except BufferError:
+            pass
+        self._unlinker()
