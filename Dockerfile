@@ -26,6 +26,9 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG PIP_EXTRA_INDEX_URL=""
 # Optional local wheel mirror/dir URL (pip --find-links), e.g. a host serving torch-2.13.0+cpu: build-time only.
 ARG PIP_FIND_LINKS=""
+# pip ignores plain-http find-links/indexes on any host but localhost unless trusted: name that host here
+# (build-time only, like PIP_FIND_LINKS: build args are in the environment of the RUN steps, not the image).
+ARG PIP_TRUSTED_HOST=""
 ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PDMESH_HOME=/var/lib/pdmesh
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc g++ libnuma1 libgomp1 curl \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -165,8 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args for every worker after --")
     s.set_defaults(func=_cmd_up)
 
+    s = sub.add_parser("status", help="the cluster's workers, their health and tier stats, from the router")
+    s.add_argument("--router", default=os.environ.get("PDMESH_ROUTER_URL", "http://127.0.0.1:8000"))
+    s.add_argument("--token", default=None, help="cluster token (default: $PDMESH_CLUSTER_TOKEN)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--timeout", type=float, default=3.0, help="seconds per call")
+    s.set_defaults(func=_cmd_status)
+
     _add_optional_subcommands(sub)
     return p
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pdmesh import status
+    from pdmesh.security import cluster_token_from_env
+
+    token = args.token if args.token is not None else cluster_token_from_env()
+    return status.main(args.router, token, as_json=args.json, timeout_s=args.timeout)
 
 
 def _add_optional_subcommands(sub) -> None:

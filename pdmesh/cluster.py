@@ -126,6 +126,7 @@ class LocalCluster:
         port = free_port(self.spec.host)
         cmd = "prefiller" if role == "prefill" else "decoder"
         argv = [cmd, "--router", self.url, "--host", self.spec.host, "--port", str(port), "--worker-id", name]
+        argv += ["--tier-http-port", str(free_port(self.spec.host))]
         argv += ["--pd-mode", self.spec.pd_mode]
         if self.spec.model:
             argv += ["--model", self.spec.model]

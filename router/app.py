@@ -243,7 +243,7 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
             )
         return RegistrationReply(
             worker_id=info.worker_id,
-            heartbeat_interval_s=max(0.5, config.heartbeat_ttl_s / 4),
+            heartbeat_interval_s=st.registry.heartbeat_interval_s,
             ttl_s=config.heartbeat_ttl_s,
         )
 

@@ -146,7 +146,9 @@ class RouterConfig(BaseModel):
     heartbeat_ttl_s: float = Field(10.0, gt=0)
     # A worker whose breaker opened is skipped for this long (the breaker's first open interval).
     failure_cooldown_s: float = Field(5.0, ge=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
+    # Inside a cluster a connect takes well under a millisecond: a worker that does not accept within this is
+    # gone (a killed container), and the leg is retried on another worker.
+    connect_timeout_s: float = Field(1.0, gt=0)
     # Upper bound for one upstream leg (prefill, or the whole decode stream).
     request_timeout_s: float = Field(600.0, gt=0)
     # CA bundle (PEM) that verifies https workers; unset: the system's CA store.

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pdmesh.router import pd_nixl, pd_push
 from pdmesh.router.auth import api_key_of
 from pdmesh.router.config import RouterConfig
@@ -223,7 +225,6 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     ctx.prompt = await st.analyzer.analyze(
         ctx.model, ctx.body, prefillers or st.registry.candidates("decode", ctx.model)
     )
-    st.metrics.prompt_tokens.inc(ctx.prompt.n_tokens)
     if cfg.cache_aware.tier_lookup and ctx.prompt.token_ids is not None and prefill_policy.needs_prompt:
         ctx.tier_cached = await lookup_all(st.tier_lookup, prefillers, ctx.prompt.token_ids)
 
@@ -283,6 +284,7 @@ class _Legs:
             ctx=self.ctx,
         )
         self.st.metrics.prefill.observe(time.perf_counter() - t0)
+        self.st.metrics.prompt_tokens.inc(_usage_prompt_tokens(result.content))
         _record(self.st, self.ctx, result.worker)
         if self.ctx.prompt is not None:
             cached = cached_prefix_tokens(self.st.index, [result.worker], self.ctx)
@@ -307,6 +309,10 @@ class _Legs:
     async def _decode_only(self, target: Worker, reason: str) -> LegResult:
         body = self.ctx.body
         result = await self._decode(lambda _w: body, Prefer(target.id, self.decode_policy))
+        if self.ctx.prompt is not None:
+            self.st.metrics.prompt_tokens.inc(self.ctx.prompt.n_tokens)
+        elif not result.stream:
+            self.st.metrics.prompt_tokens.inc(_usage_prompt_tokens(result.content))
         self.st.metrics.pd_requests.labels("decode_only").inc()
         self.st.metrics.decode_only.labels(reason).inc()
         return result
@@ -367,6 +373,25 @@ class _Legs:
         decode = await self._decode(lambda _w: decode_body, self.decode_policy)
         st.metrics.pd_requests.labels("nixl").inc()
         return decode
+
+
+def _usage_prompt_tokens(content: bytes | None) -> int:
+    """``usage.prompt_tokens`` of a JSON completion body; 0 when absent or unparsable."""
+    if not content:
+        return 0
+    try:
+        n = msgspec.json.decode(content, type=_UsageOnly).usage.prompt_tokens
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    return n if n > 0 else 0
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: _Usage = msgspec.field(default_factory=_Usage)
 
 
 def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:

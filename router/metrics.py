@@ -73,7 +73,19 @@ class RouterMetrics:
         )
         self.prompt_tokens = Counter(
             "pdmesh_router_prompt_tokens",
-            "Prompt tokens of analyzed requests (estimated when tokenization is off)",
+            "Prompt tokens of completed requests: the prefill leg's usage (PD), else the router's analysis",
+            registry=r,
+        )
+        self.worker_legs = Counter(
+            "pdmesh_router_worker_legs",
+            "Leg attempts sent to each worker, by leg (prefill, decode, ...)",
+            ["worker", "leg"],
+            registry=r,
+        )
+        self.worker_leg_failures = Counter(
+            "pdmesh_router_worker_leg_failures",
+            "Leg attempts that failed on each worker (connect, timeout, 5xx, broken response)",
+            ["worker", "leg"],
             registry=r,
         )
         self.cached_tokens = Counter(

@@ -1,8 +1,9 @@
 """Validation of client requests at the edge: OpenAI completions and chat completions.
 
-Only what the router must rely on is checked; every other field passes through to vLLM unchanged (vLLM
-validates the rest and its 4xx errors are relayed). Internal fields a client must never set
-(``kv_transfer_params``) are removed.
+Only what the router must rely on is checked, strictly (``"stream": "false"`` or ``"max_tokens": true`` is a 400,
+not a guess); every other field passes through to vLLM unchanged (vLLM validates the rest and its 4xx errors are
+relayed). Internal fields a client must never set (``kv_transfer_params``, also inside ``vllm_xargs``) are
+removed. A body that is not UTF-8, not JSON or nested too deep is a 400, never a 500.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from pdmesh.router.errors import OpenAIError
 
@@ -21,9 +22,9 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="allow", strict=False)
 
     model: str = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1, description="n > 1 is not supported through PD")
+    stream: StrictBool = False
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    n: StrictInt = Field(default=1, ge=1, le=1, description="n > 1 is not supported through PD")
 
 
 class CompletionRequest(_Base):
@@ -47,7 +48,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Base):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
 Kind = Literal["completions", "chat"]
@@ -60,7 +61,7 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
     """
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
@@ -76,6 +77,9 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
         ) from None
     for name in INTERNAL_FIELDS:
         obj.pop(name, None)
+        xargs = obj.get("vllm_xargs")
+        if isinstance(xargs, dict):
+            xargs.pop(name, None)
     return obj
 
 

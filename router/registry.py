@@ -157,12 +157,29 @@ class Registry:
         """Live workers that serve ``role`` (and ``model``) whose breaker allows an attempt, in insertion order.
 
         Panic mode: when every live worker of the role has its breaker open, they are all returned,
-        soonest-to-recover first, rather than failing the request without trying.
+        soonest-to-recover first, rather than failing the request without trying. Workers whose breaker is not
+        closed and that missed two heartbeats are left out of both (while any other worker is left).
         """
         now = self._clock()
         live = [w for w in self._workers.values() if w.serves(role, model) and self._live(w, now)]
-        allowed = [w for w in live if w.breaker.allows()]
-        return allowed or sorted(live, key=lambda w: w.breaker.opened_until)
+        # A worker that fails and stopped heartbeating is gone, not slow: no trials or panic attempts for it
+        # before its TTL ends (unless nothing else is left).
+        pool = [w for w in live if not self._silent_and_failing(w, now)] or live
+        allowed = [w for w in pool if w.breaker.allows()]
+        return allowed or sorted(pool, key=lambda w: w.breaker.opened_until)
+
+    def _silent_and_failing(self, w: Worker, now: float) -> bool:
+        """A registered worker whose breaker is not closed and that missed two heartbeats (TTL / 4 apart)."""
+        return (
+            w.source == "registered"
+            and w.breaker.state != "closed"
+            and now - w.last_seen > self.heartbeat_interval_s * 2
+        )
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The interval the router asks registered workers to heartbeat at."""
+        return max(0.5, self.ttl_s / 4)
 
     def healthy_count(self, role: str) -> int:
         """Workers of ``role`` that are live and whose breaker is not open."""

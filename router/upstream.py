@@ -120,6 +120,7 @@ class Upstream:
 
     def _failed(self, leg: str, worker: Worker, reason: str, hard: bool) -> None:
         self.metrics.upstream_errors.labels(leg, reason).inc()
+        self.metrics.worker_leg_failures.labels(worker.id, leg).inc()
         self.registry.mark_failed(worker, hard=hard)
 
     async def call(
@@ -171,6 +172,7 @@ class Upstream:
             if attempts:
                 self.metrics.retries.labels(leg).inc()
             attempts += 1
+            self.metrics.worker_legs.labels(worker.id, leg).inc()
             data = msgspec.json.encode(body_for(worker))
             worker.in_flight += 1
             owned = False  # True once the LegResult (and its in-flight count) goes to the caller

@@ -25,7 +25,13 @@ from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
 from pdmesh.worker.roles import WorkerRole
-from pdmesh.worker.tier_process import TierProcess, TierSettings, chunk_nbytes_for_model, tier_log_path
+from pdmesh.worker.tier_process import (
+    TierProcess,
+    TierSettings,
+    chunk_nbytes_for_model,
+    tier_http_port,
+    tier_log_path,
+)
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 
 log = logging.getLogger("pdmesh.worker")
@@ -86,6 +92,13 @@ def add_worker_args(p: argparse.ArgumentParser, role: WorkerRole) -> None:
     )
     p.add_argument("--pd-mode", default=os.environ.get("PDMESH_PD_MODE", "push"), choices=PD_MODES)
     p.add_argument("--tier-pool-bytes", default=os.environ.get("PDMESH_TIER_POOL_BYTES", "256MiB"))
+    p.add_argument(
+        "--tier-http-port",
+        type=int,
+        default=int(os.environ.get("PDMESH_TIER_HTTP_PORT", "-1")),
+        help="port of the tier server's HTTP API (default: --port + 1000, e.g. 9100 for a prefiller on 8100; "
+        "0: any free port). It is listed in the router's GET /internal/workers and by `pdmesh status`",
+    )
     p.add_argument(
         "--chunk-tokens", type=int, default=None, help="tokens per KV chunk (default: the block size)"
     )
@@ -177,6 +190,7 @@ def _start_tier(
     settings = TierSettings(
         socket_path=os.path.join(run_dir, f"pdmesh-{worker_id}-{os.getpid()}.sock"),
         pool_bytes=args.tier_pool_bytes,
+        http_port=tier_http_port(args.tier_http_port, args.port),
         slot_bytes=slot,
         transfer_host=args.host,
         advertise_host=host,

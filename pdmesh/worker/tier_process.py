@@ -43,6 +43,15 @@ def chunk_nbytes_for_model(model_dir: str, dtype: str, chunk_tokens: int) -> int
     return layers * 2 * kv_heads * head_dim * chunk_tokens * width
 
 
+def tier_http_port(requested: int, vllm_port: int) -> int:
+    """The tier HTTP port: ``requested`` when >= 0 (0 = any free port), else the vLLM port + 1000 (0 when that
+    is not a valid port)."""
+    if requested >= 0:
+        return requested
+    port = vllm_port + 1000
+    return port if 0 < port < 65536 else 0
+
+
 def tier_log_path(run_dir: str | os.PathLike, worker_id: str) -> str:
     """Where a worker's tier server logs (and prints its ready line) when no log file is given."""
     return os.path.join(run_dir, f"pdmesh-{worker_id}-tier.log")
@@ -69,6 +78,7 @@ class TierSettings:
     transfer_host: str = "127.0.0.1"
     advertise_host: str = "127.0.0.1"
     http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0: any free port
 
 
 class TierProcess:
@@ -79,7 +89,7 @@ class TierProcess:
             sys.executable, "-m", "pdmesh.cli", "tier-server",
             "--socket", settings.socket_path,
             "--host", settings.http_host,
-            "--http-port", "0",
+            "--http-port", str(settings.http_port),
             "--pool-bytes", settings.pool_bytes,
             "--transfer-port", "0",
             "--transfer-host", settings.transfer_host,

@@ -95,3 +95,13 @@ def test_agent_stops_when_vllm_dies(monkeypatch):
         assert _workers(router.url) == []
     finally:
         router.stop()
+
+
+def test_tier_http_port_defaults_to_the_vllm_port_plus_1000():
+    from pdmesh.worker.tier_process import tier_http_port
+
+    assert tier_http_port(-1, 8100) == 9100  # prefiller default
+    assert tier_http_port(-1, 8200) == 9200  # decoder default
+    assert tier_http_port(0, 8100) == 0  # any free port
+    assert tier_http_port(7000, 8100) == 7000
+    assert tier_http_port(-1, 65000) == 0  # no valid port above: any free port

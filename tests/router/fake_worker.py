@@ -104,6 +104,7 @@ class FakeWorker:
                 out = {
                     "id": "p",
                     "choices": [{"index": 0, "text": "x"}],
+                    "usage": {"prompt_tokens": me._prompt_len(body), "completion_tokens": 1},
                     "kv_transfer_params": {
                         "remote_engine_id": me.name,
                         "remote_block_ids": [1, 2],
@@ -123,7 +124,14 @@ class FakeWorker:
                     else {"index": 0, "text": text}
                 )
                 return JSONResponse(
-                    {"id": "d", "object": "x", "model": body["model"], "worker": me.name, "choices": [choice]}
+                    {
+                        "id": "d",
+                        "object": "x",
+                        "model": body["model"],
+                        "worker": me.name,
+                        "choices": [choice],
+                        "usage": {"prompt_tokens": me._prompt_len(body), "completion_tokens": n},
+                    }
                 )
 
             async def gen():

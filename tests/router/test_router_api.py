@@ -89,6 +89,11 @@ def test_chat_stream_relayed_with_done(harness):
         (json.dumps({**COMPLETION, "max_tokens": -5}).encode(), "max_tokens"),
         (json.dumps({**COMPLETION, "stream": "yes please"}).encode(), "stream"),
         (json.dumps({**COMPLETION, "prompt": []}).encode(), "prompt"),
+        (json.dumps({**COMPLETION, "stream": "false"}).encode(), "stream"),  # truthy, would have streamed
+        (json.dumps({**COMPLETION, "max_tokens": True}).encode(), "max_tokens"),
+        (json.dumps({**COMPLETION, "n": 1.0}).encode(), "n"),
+        (b'{"model": "m", "prompt": "\xff\xfe"}', None),  # not UTF-8
+        (b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # 100k-deep JSON
     ],
 )
 def test_bad_completion_input_is_400(harness, payload, param):
@@ -99,6 +104,19 @@ def test_bad_completion_input_is_400(harness, payload, param):
     if param:
         assert err["param"] == param
     assert err["type"] == "invalid_request_error"
+
+
+def test_internal_fields_never_reach_a_worker_even_inside_vllm_xargs(harness):
+    harness.add("prefill")
+    d = harness.add("decode")
+    body = {**COMPLETION, "kv_transfer_params": {"pdmesh": {"push_to": "evil:1"}}}
+    body["vllm_xargs"] = {"kv_transfer_params": "boom", "keep": 1}
+    r = harness.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    sent = d.requests[-1]
+    assert "kv_transfer_params" not in (sent.get("vllm_xargs") or {})
+    assert sent["vllm_xargs"] == {"keep": 1}
+    assert "evil" not in json.dumps(sent)
 
 
 def test_bad_chat_input_is_400(harness):

@@ -1,0 +1,112 @@
+"""What the router tells its operator and how fast it leaves a dead worker (issue: compose/operator friction)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pdmesh.breaker import CircuitBreaker
+from pdmesh.cli import main
+from pdmesh.procs import free_port
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.registration import WorkerRegistration
+from pdmesh.router.registry import Registry
+from tests.router.conftest import TOKEN
+from tests.servers import ThreadServer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _reg(wid: str) -> WorkerRegistration:
+    return WorkerRegistration(worker_id=wid, role="decode", url=f"http://127.0.0.1:1/{wid}", models=["m"])
+
+
+def test_per_worker_leg_counts_and_prompt_tokens_are_on_metrics(harness):
+    harness.add("prefill", "p0")
+    harness.add("decode", "d0")
+    harness.add("decode", "d1")
+    prompt = "one two three four"
+    for _ in range(4):
+        r = harness.client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200
+    assert harness.metric("pdmesh_router_worker_legs_total", worker="p0", leg="prefill") == 4
+    d0 = harness.metric("pdmesh_router_worker_legs_total", worker="d0", leg="decode")
+    d1 = harness.metric("pdmesh_router_worker_legs_total", worker="d1", leg="decode")
+    assert d0 + d1 == 4 and d0 > 0 and d1 > 0  # round robin spreads the decode legs
+    fw = harness.workers[0][0]
+    per_request = fw._prompt_len({"model": "m", "prompt": prompt})
+    assert per_request > 0
+    # counted from the prefill leg's usage, without any policy analysing the prompt
+    assert harness.metric("pdmesh_router_prompt_tokens_total") == 4 * per_request
+
+
+def test_failed_legs_are_counted_per_worker(harness):
+    harness.add("prefill", "p0")
+    bad = harness.add("decode", "d-bad")
+    harness.add("decode", "d-ok")
+    bad.fail_status = 500
+    for _ in range(3):
+        r = harness.client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 200
+    assert harness.metric("pdmesh_router_worker_leg_failures_total", worker="d-bad", leg="decode") >= 1
+    assert harness.metric("pdmesh_router_worker_leg_failures_total", worker="d-ok", leg="decode") == 0
+
+
+def test_panic_mode_skips_workers_that_fail_and_stopped_heartbeating():
+    clock = Clock()
+    reg = Registry(ttl_s=10.0, failure_cooldown_s=5.0, clock=clock)
+    reg.upsert(_reg("gone"))
+    reg.upsert(_reg("slow"))
+    gone, slow = reg.get("gone"), reg.get("slow")
+    assert isinstance(gone.breaker, CircuitBreaker)
+    reg.mark_failed(gone, hard=True)
+    reg.mark_failed(slow, hard=True)
+    clock.t += 1.0
+    # both failing, both heartbeating recently: panic mode tries both
+    assert {w.id for w in reg.candidates("decode", "m")} == {"gone", "slow"}
+    clock.t += 5.0  # 6 s since gone's last heartbeat (> 2 intervals of 2.5 s), still < the 10 s TTL
+    reg.upsert(_reg("slow"))  # slow still heartbeats
+    reg.mark_failed(reg.get("slow"), hard=True)
+    assert [w.id for w in reg.candidates("decode", "m")] == ["slow"]
+    # if every failing worker is silent, they are still tried rather than failing without trying
+    clock.t += 6.0
+    assert {w.id for w in reg.candidates("decode", "m")} <= {"gone", "slow"}
+    assert reg.candidates("decode", "m")
+
+
+def test_worker_connect_timeout_default_is_short():
+    assert RouterConfig().connect_timeout_s <= 1.0
+
+
+def test_pdmesh_status_lists_workers_with_their_tier_stats(harness, capsys):
+    tier = FastAPI()
+
+    @tier.get("/stats")
+    async def stats(request: Request):
+        if request.headers.get("X-PDMesh-Token") != TOKEN:
+            return JSONResponse({"detail": "token"}, 401)
+        return {
+            "memory": {"used_bytes": 3 << 20, "capacity_bytes": 64 << 20, "ready": 3, "hits": 7},
+            "transfer": {"push": {"pushes": 2, "failures": 0}, "receive": {"committed": 0}},
+        }
+
+    srv = ThreadServer(tier).start()
+    try:
+        harness.add("prefill", "p0", tier_url=srv.url)
+        harness.add("decode", "d0", tier_url=f"http://127.0.0.1:{free_port()}")  # a tier that is down
+        assert main(["status", "--router", harness.url, "--token", TOKEN]) == 0
+        out = capsys.readouterr().out
+        p0 = next(ln for ln in out.splitlines() if ln.startswith("p0"))
+        assert "prefill" in p0 and srv.url in p0 and "3/64 MiB" in p0 and "hits 7" in p0 and "pushes 2" in p0
+        d0 = next(ln for ln in out.splitlines() if ln.startswith("d0"))
+        assert "down" in d0
+        assert main(["status", "--router", harness.url, "--token", "wrong"]) == 1
+        assert "refused the cluster token" in capsys.readouterr().err
+    finally:
+        srv.stop()
