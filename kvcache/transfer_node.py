@@ -54,7 +54,6 @@ def _factories(
     return out
 
 
-@dataclass
 class LeaseRegionProvider:
     """Adapter: a :class:`ChunkPool` as the transfer receiver's ``RegionProvider`` (``pdmesh.transfer.provider``).
     ``alloc`` takes the receiver's absolute lease deadline (grace included) and raises the transfer layer's
@@ -82,6 +81,7 @@ class LeaseRegionProvider:
         return self.pool.reclaim_expired(now)
 
 
+@dataclass
 class PushStats:
     pushes: int = 0
     failures: int = 0

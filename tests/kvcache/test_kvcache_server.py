@@ -109,6 +109,37 @@ def test_http_api(tmp_path, tier_factory):
     c.close()
 
 
+def test_http_stats_with_a_transfer_endpoint(tmp_path, tier_factory):
+    t = tier_factory(tier_config(tmp_path, transfer={"enabled": True}))
+    with httpx.Client(base_url=t.http, timeout=5) as h:
+        stats = h.get("/stats", headers=TOK)
+        assert stats.status_code == 200, stats.text
+        assert stats.json()["transfer"]["push"]["pushes"] == 0
+
+
+def test_http_api_authenticates_before_reading_and_bounds_bodies(tmp_path, tier_factory):
+    """An unauthenticated client costs a header parse: 401 without the body being read; bodies are bounded."""
+    from pdmesh.kvcache.tier_http import MAX_BODY_BYTES
+
+    t = tier_factory(tier_config(tmp_path, fingerprint=FP.to_dict(), chunk_tokens=32))
+    big = b'{"keys": ["' + b"0" * (MAX_BODY_BYTES + 10) + b'"]}'
+    with httpx.Client(base_url=t.http, timeout=10) as h:
+        r = h.post("/lookup", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 401
+        assert h.post("/lookup", content=big, headers=TOK).status_code == 413
+
+        def chunks():  # no Content-Length: the limit holds while reading too
+            for _ in range(MAX_BODY_BYTES // 65536 + 2):
+                yield b"0" * 65536
+
+        assert h.post("/lookup", content=chunks(), headers=TOK).status_code == 413
+        assert h.post("/lookup", content=b"\xff{", headers=TOK).status_code == 400
+        assert h.post("/lookup", content=b"[1]", headers=TOK).status_code == 400
+        assert h.post("/lookup", json={"token_ids": [1], "chunk_tokens": -5}, headers=TOK).status_code == 422
+        assert h.post("/clear", json={"tiers": "memory"}, headers=TOK).status_code == 422
+        assert h.get("/health").status_code == 200  # still serving
+
+
 def test_eviction_spills_to_disk_and_loads_back(tmp_path, tier_factory):
     cfg = tier_config(tmp_path, pool_bytes=4 * SLOT, disk__enabled=True, disk__path=str(tmp_path / "disk"))
     t = tier_factory(cfg)
