@@ -118,7 +118,7 @@ class TierConfig(_Strict):
     lease_grace_s: float = Field(1.0, ge=0)
     reap_interval_s: float = Field(0.5, gt=0)
     inflight_wait_s: float = Field(0.5, ge=0)  # a load waits this long for a chunk still being written
-    segment_name: str | None = None  # shared-memory segment name; default generated
+    segment_name: str | None = None  # shared-memory segment name (pdmesh-...); default generated
     fingerprint: dict[str, Any] | None = None  # ModelFingerprint fields, for /lookup by token ids
     disk: DiskConfig = DiskConfig()
     remote: RemoteConfig = RemoteConfig()

@@ -1,16 +1,21 @@
 """Cluster-internal authentication shared by every pdmesh service.
 
-Internal endpoints (worker registration, tier servers, transfer handshakes, cache server) require the cluster
-token in the ``X-PDMesh-Token`` header (or the ``token`` field of a binary protocol's hello frame). The token comes
-from ``PDMESH_CLUSTER_TOKEN`` or a service's config. An empty expected token means "auth disabled" and is only
-accepted when the service is bound to a loopback address (callers check that with :func:`is_loopback`).
+Internal HTTP endpoints (worker registration, tier servers) require the cluster token in the ``X-PDMesh-Token``
+header; the tier's local control socket and the cache server take it in their hello frame. Transfer peers, which
+connect to addresses that travel in requests, never send it: both sides prove they know it with
+:func:`auth_proof` over fresh nonces (challenge-response, HMAC-SHA256), so a fake peer learns nothing it can use.
+The token comes from ``PDMESH_CLUSTER_TOKEN`` or a service's config. An empty expected token means "auth disabled"
+and is only accepted when the service is bound to a loopback address (callers check that with
+:func:`is_loopback`; ``""`` binds every interface, so it is not loopback).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
+import secrets
 import socket
 
 TOKEN_HEADER = "X-PDMesh-Token"
@@ -31,10 +36,35 @@ def token_matches(provided: str | None, expected: str) -> bool:
     return hmac.compare_digest(provided.encode(), expected.encode())
 
 
+NONCE_BYTES = 32
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def auth_proof(token: str, label: str, *parts: bytes) -> bytes:
+    """HMAC-SHA256 of ``label`` and ``parts`` keyed by the cluster token: a proof of knowing it that reveals
+    nothing about it. Each side of a handshake uses its own ``label``, so one side's proof is never the other's."""
+    mac = hmac.new(token.encode(), label.encode() + b"\0", hashlib.sha256)
+    for p in parts:
+        mac.update(len(p).to_bytes(4, "big") + p)
+    return mac.digest()
+
+
+def proof_matches(proof: object, token: str, label: str, *parts: bytes) -> bool:
+    """Constant-time check of a peer's :func:`auth_proof` (False for anything that is not bytes)."""
+    if not isinstance(proof, bytes):
+        return False
+    return hmac.compare_digest(proof, auth_proof(token, label, *parts))
+
+
 def is_loopback(host: str) -> bool:
-    """True when ``host`` (name or address) resolves only to loopback addresses."""
-    if host in ("localhost", ""):
+    """True when ``host`` (name or address) resolves only to loopback addresses ("" is every interface)."""
+    if host == "localhost":
         return True
+    if host in ("", "*"):
+        return False
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

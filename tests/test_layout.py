@@ -4,6 +4,7 @@ storage tier free of vLLM and torch, no module over the size limit."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -136,24 +137,25 @@ def test_every_package_says_what_it_holds():
 
 def test_the_wheel_installs_one_top_level_package(tmp_path: Path):
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools in this environment")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            ".",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and egg-info next to the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("pdmesh", *FOLDERS.values()):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        ".",
+    ]
+    out = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("pdmesh-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

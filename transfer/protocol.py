@@ -3,7 +3,9 @@
 Every frame is a msgpack map with an ``op`` field. Requests and replies alternate on a connection (one request in
 flight per connection; a sender pools connections for concurrency).
 
-    hello   {v, token, fingerprint, backends: [name...], host_id}  ->  hello_ok {v, fingerprint, metadata: {name: bytes}}
+    hello   {v, nonce, fingerprint, backends: [name...]}           ->  challenge {nonce, proof}
+    auth    {proof}                                                ->  hello_ok {v, fingerprint, metadata: {name: bytes}}
+            (mutual challenge-response, :mod:`pdmesh.transfer.peer_auth`: the token never goes on the wire)
     alloc   {transfer_id, keys: [bytes], sizes: [int], lease_ms}    ->  alloc_ok {offsets: [int | None], lease_ms}
             (None = key already present or in flight: skip it)
     commit  {transfer_id}                                          ->  commit_ok {committed: int}   (idempotent)
@@ -29,8 +31,10 @@ from pdmesh.transfer.errors import (
     error_from_wire,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: challenge-response handshake (peer_auth); the token never goes on the wire
 MAX_FRAME = 16 << 20
+PRE_AUTH_MAX_FRAME = 16 << 10  # hello/auth frames: an unauthenticated peer cannot make us buffer more
+HELLO_TIMEOUT_S = 5.0  # an unauthenticated peer gets this long to complete the handshake
 
 
 def send_frame(sock: socket.socket, msg: dict[str, Any], deadline: float) -> None:
@@ -48,12 +52,13 @@ def send_frame(sock: socket.socket, msg: dict[str, Any], deadline: float) -> Non
         raise PeerUnavailable(f"send failed: {exc}") from exc
 
 
-def recv_frame(sock: socket.socket, deadline: float | None) -> dict[str, Any]:
-    """Receive one frame by ``deadline`` (None = the socket's current timeout)."""
+def recv_frame(sock: socket.socket, deadline: float | None, max_frame: int = MAX_FRAME) -> dict[str, Any]:
+    """Receive one frame by ``deadline`` (None = the socket's current timeout). Before a peer is authenticated
+    pass ``max_frame=PRE_AUTH_MAX_FRAME``: the length is checked before the body is read."""
     if deadline is not None:
         _settimeout(sock, deadline)
     try:
-        msg = _recv_frame(sock, MAX_FRAME)
+        msg = _recv_frame(sock, max_frame)
     except TimeoutError as exc:
         raise TransferTimeout("receive timed out") from exc
     except ConnectionError as exc:

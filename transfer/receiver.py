@@ -1,7 +1,7 @@
 """Receiver: the transfer endpoint inside a decode node's tier server.
 
-Serves the control protocol (:mod:`transfer.protocol`) on ``(host, port)`` with one thread per connection,
-allocates regions from a :class:`RegionProvider` under leases, commits and aborts them, and reaps expired leases.
+Serves the control protocol (:mod:`pdmesh.transfer.protocol`) on ``(host, port)`` with one thread per
+connection, at most ``max_connections`` at once (more are closed at accept), allocates regions from a :class:`RegionProvider` under leases, commits and aborts them, and reaps expired leases.
 
 Lease rules (design.md, "Leases and failure rules"):
 
@@ -13,14 +13,21 @@ Lease rules (design.md, "Leases and failure rules"):
   (that write is itself bounded by the lease deadline). So a late write cannot land in reused memory.
 * The reaper thread runs every ``reap_interval_s`` and also calls ``provider.reclaim_expired``.
 
+Peers are authenticated both ways before any ALLOC (:mod:`pdmesh.transfer.peer_auth`): an unauthenticated
+connection costs at most two frames of ``PRE_AUTH_MAX_FRAME`` bytes and ``HELLO_TIMEOUT_S`` seconds. Numbers from
+the wire are checked (a non-finite ``lease_ms`` is refused).
+
 Threads: accept loop, one per control connection, the reaper, and a notification poller (backs off to 20 ms
-when idle; it also progresses NIXL/UCX). Provider calls happen under one lock.
+when idle; it also progresses NIXL/UCX). Provider calls happen under one lock. The accept loop survives errors
+(e.g. no thread can be started: that connection is closed and counted in ``refused``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import socket
 import threading
 import time
@@ -28,9 +35,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdmesh.security import require_token_for_bind, token_matches
-from pdmesh.transfer.backend import TransferBackend, host_id
+from pdmesh.security import require_token_for_bind
+from pdmesh.transfer.backend import TransferBackend
 from pdmesh.transfer.errors import IncompatiblePeer, TransferError, TransferFailed
+from pdmesh.transfer.peer_auth import server_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
 from pdmesh.transfer.provider import RegionProvider
 
@@ -49,6 +57,7 @@ class ReceiverConfig:
     idle_timeout_s: float = 600.0
     io_timeout_s: float = 30.0
     committed_memory: int = 4096  # transfer ids remembered for idempotent COMMIT
+    max_connections: int = 256  # control connections at once (each is a thread); more are closed at accept
 
 
 @dataclass
@@ -70,6 +79,7 @@ class ReceiverStats:
     aborted: int
     reaped: int
     notifs: int
+    refused: int = 0  # connections closed at accept (cap reached, no thread) or failed authentication
 
 
 class Receiver:
@@ -86,7 +96,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
         self._committed: OrderedDict[str, int] = OrderedDict()
-        self._counts = {"committed": 0, "aborted": 0, "reaped": 0, "notifs": 0}
+        self._counts = {"committed": 0, "aborted": 0, "reaped": 0, "notifs": 0, "refused": 0}
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._conns: dict[int, socket.socket] = {}
@@ -169,20 +179,49 @@ class Receiver:
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed
+                log.warning("transfer receiver: accept failed (%s); still serving", exc)
+                time.sleep(0.05)  # e.g. EMFILE: let connections close
+                continue
             with self._lock:
-                cid = self._next_conn
-                self._next_conn += 1
-                self._conns[cid] = conn
-            threading.Thread(target=self._serve, args=(conn, cid), name="pdmesh-rx-conn", daemon=True).start()
+                full = len(self._conns) >= self.config.max_connections
+                if not full:
+                    cid = self._next_conn
+                    self._next_conn += 1
+                    self._conns[cid] = conn
+            if full:
+                self._refuse(conn, "connection cap reached")
+                continue
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(
+                    target=self._serve, args=(conn, cid), name="pdmesh-rx-conn", daemon=True
+                ).start()
+            except (OSError, RuntimeError) as exc:  # RuntimeError: can't start new thread
+                with self._lock:
+                    self._conns.pop(cid, None)
+                self._refuse(conn, f"cannot serve it: {exc}")
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        with self._lock:
+            self._counts["refused"] += 1
+            n = self._counts["refused"]
+        if n == 1 or n % 1000 == 0:
+            log.warning("transfer receiver: closed a connection (%s; %d so far)", why, n)
+        conn.close()
 
     def _serve(self, conn: socket.socket, cid: int) -> None:
         cfg = self.config
         try:
-            hello = recv_frame(conn, time.monotonic() + cfg.io_timeout_s)
-            send_frame(conn, self._hello(hello), time.monotonic() + cfg.io_timeout_s)
+            try:
+                hello = server_handshake(conn, cfg.token, self._check_hello)
+            except TransferError:
+                with self._lock:
+                    self._counts["refused"] += 1
+                raise
+            send_frame(conn, self._hello_ok(hello), time.monotonic() + cfg.io_timeout_s)
             while not self._stop.is_set():
                 msg = recv_frame(conn, time.monotonic() + cfg.idle_timeout_s)
                 try:
@@ -199,34 +238,42 @@ class Receiver:
             conn.close()
             self._connection_lost(cid)
 
-    def _hello(self, msg: dict) -> dict:
+    def _check_hello(self, msg: dict) -> None:
         if msg.get("op") != "hello" or msg.get("v") != PROTOCOL_VERSION:
             raise IncompatiblePeer(f"expected hello v{PROTOCOL_VERSION}, got {msg.get('op')} v{msg.get('v')}")
-        if not token_matches(msg.get("token"), self.config.token):
-            raise IncompatiblePeer("bad cluster token")
         if msg.get("fingerprint") != self.config.fingerprint:
             raise IncompatiblePeer(
                 f"fingerprint mismatch: peer {msg.get('fingerprint')!r} != {self.config.fingerprint!r}"
             )
-        wanted = [b for b in msg.get("backends", []) if b in self._metadata]
-        if not wanted:
+        if not self._wanted(msg):
             raise IncompatiblePeer(
                 f"no common backend (peer {msg.get('backends')}, here {list(self._metadata)})"
             )
+
+    def _wanted(self, msg: dict) -> list[str]:
+        backends = msg.get("backends")
+        return [b for b in backends if b in self._metadata] if isinstance(backends, list) else []
+
+    def _hello_ok(self, msg: dict) -> dict:
+        """Sent only to an authenticated peer: the backends' metadata (segment names, data ports)."""
         return {
             "op": "hello_ok",
             "v": PROTOCOL_VERSION,
             "fingerprint": self.config.fingerprint,
-            "host_id": host_id(),
-            "metadata": {b: self._metadata[b] for b in wanted},
+            "metadata": {b: self._metadata[b] for b in self._wanted(msg)},
         }
 
     def _handle(self, msg: dict, cid: int) -> dict:
         op = msg.get("op")
         if op == "alloc":
-            return self._alloc(
-                str(msg["transfer_id"]), msg["keys"], msg["sizes"], float(msg["lease_ms"]), cid
-            )
+            lease_ms = msg["lease_ms"]
+            if (
+                isinstance(lease_ms, bool)
+                or not isinstance(lease_ms, (int, float))
+                or not math.isfinite(lease_ms)
+            ):
+                raise TransferFailed(f"lease_ms must be a finite number, not {lease_ms!r}")
+            return self._alloc(str(msg["transfer_id"]), msg["keys"], msg["sizes"], float(lease_ms), cid)
         if op == "commit":
             return self._commit(str(msg["transfer_id"]))
         if op == "abort":
@@ -235,8 +282,12 @@ class Receiver:
         raise TransferFailed(f"unknown op {op!r}")
 
     def _alloc(self, tid: str, keys: list, sizes: list, lease_ms: float, cid: int) -> dict:
-        if len(keys) != len(sizes):
-            raise TransferFailed("keys and sizes differ in length")
+        if not isinstance(keys, list) or not isinstance(sizes, list) or len(keys) != len(sizes):
+            raise TransferFailed("keys and sizes must be lists of the same length")
+        if not all(isinstance(k, bytes) for k in keys) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+        ):
+            raise TransferFailed("keys must be bytes and sizes positive integers")
         lease_s = min(max(lease_ms, 0.0) / 1000.0, self.config.max_lease_s)
         now = time.monotonic()
         with self._lock:

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import weakref
+
+# Names pdmesh gives segments (``pdmesh-tier-<pid>-<hex>``, ``pdmesh-ref-<pid>-<hex>``, or a configured name with
+# the same prefix): never a path. A name from a peer is mapped only when it matches.
+SEGMENT_NAME = re.compile(r"pdmesh-[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}")
 
 
 def segment_path(name: str) -> str:
-    return os.path.join("/dev/shm", name.lstrip("/"))
+    """``/dev/shm/<name>`` for a valid pdmesh segment name; ValueError for anything else (a path, ``..``)."""
+    if not SEGMENT_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"invalid shared-memory segment name {name!r} (pdmesh-..., no path)")
+    return os.path.join("/dev/shm", name)
 
 
 def _unlink_quiet(path: str) -> None:

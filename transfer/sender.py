@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pdmesh.transfer.backend import Segment, TransferBackend, host_id
+from pdmesh.transfer.backend import Segment, TransferBackend
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
+from pdmesh.transfer.peer_auth import client_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
 
 Address = tuple[str, int]
@@ -186,17 +187,16 @@ class Sender:
         sock = connect(address, deadline)
         try:
             wanted = [b for b in self.config.backends if b in self._factories]
-            hello = request(
+            hello = client_handshake(
                 sock,
                 {
                     "op": "hello",
                     "v": PROTOCOL_VERSION,
-                    "token": self.config.token,
                     "fingerprint": self.config.fingerprint,
                     "backends": wanted,
-                    "host_id": host_id(),
                 },
                 "hello_ok",
+                self.config.token,
                 deadline,
             )
             if hello.get("v") != PROTOCOL_VERSION or hello.get("fingerprint") != self.config.fingerprint:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from pdmesh.transfer.backend import (
     unpack_metadata,
 )
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferTimeout
-from pdmesh.transfer.segment import attach_segment
+from pdmesh.transfer.segment import SEGMENT_NAME, attach_segment, segment_path
 
 PIECE = 32 << 20
 
@@ -64,17 +65,36 @@ class ShmBackend(TransferBackend):
     def local_metadata(self) -> bytes:
         if self._buf is None or not self._segment:
             raise IncompatiblePeer("shm backend needs a named shared-memory segment")
+        try:
+            st = os.stat(segment_path(self._segment))
+        except (OSError, ValueError) as exc:
+            raise IncompatiblePeer(f"shm backend: segment {self._segment} not usable: {exc}") from exc
         return pack_metadata(
             self.name,
             self.fingerprint,
-            {"segment": self._segment, "size": self._buf.nbytes, "host": host_id()},
+            {
+                "segment": self._segment,
+                "size": self._buf.nbytes,
+                "host": host_id(),
+                # the segment file's identity: a peer on another host (another /dev/shm) cannot match it by
+                # echoing our host id; it is checked against the file the sender itself finds under that name
+                "file": [st.st_dev, st.st_ino],
+            },
         )
 
     def connect(self, peer_metadata: bytes) -> str:
         md = unpack_metadata(peer_metadata, self.name, self.fingerprint)
-        if md["host"] != host_id():
+        seg = md.get("segment")
+        if not isinstance(seg, str) or not SEGMENT_NAME.fullmatch(seg) or ".." in seg:
+            raise IncompatiblePeer(f"shm peer named an invalid segment {seg!r}")
+        if md.get("host") != host_id():
             raise IncompatiblePeer("shm peer is on another host")
-        seg = str(md["segment"])
+        try:
+            st = os.stat(segment_path(seg))
+        except OSError:
+            raise IncompatiblePeer("shm peer's segment is not on this host") from None
+        if md.get("file") != [st.st_dev, st.st_ino]:
+            raise IncompatiblePeer("shm peer did not prove it shares this host's /dev/shm")
         with self._lock:
             m = self._peers.get(seg)
             if m is None:

@@ -1,8 +1,10 @@
 """Plain TCP data path: needs nothing but Python; bytes go straight from/to pool memory.
 
-Receiver: a listener thread plus one thread per data connection. A connection starts with
-``data_hello {fingerprint, token}``; then each batch is a ``write {notif, segs: [[remote_offset, length], ...]}``
-frame (see :mod:`transfer.protocol`) followed by the raw bytes of all segments in order, received with
+Receiver: a listener thread plus one thread per data connection (at most ``MAX_DATA_CONNECTIONS``; more are
+closed at accept). A connection starts with the mutual challenge-response of :mod:`pdmesh.transfer.peer_auth`
+(``data_hello {fingerprint, nonce}`` -> ``challenge`` -> ``auth`` -> ``data_hello_ok``: the token never goes on
+the wire); then each batch is a ``write {notif, segs: [[remote_offset, length], ...]}``
+frame (see :mod:`pdmesh.transfer.protocol`) followed by the raw bytes of all segments in order, received with
 ``recv_into`` straight into slices of the pool buffer (no intermediate bytes objects); the receiver answers
 ``write_ok`` (or ``error``) once all bytes are in. Before receiving, the write guard (the Receiver's lease table)
 must admit the batch: it returns the deadline by which the bytes must arrive, so a late write can never land
@@ -15,6 +17,7 @@ Sender: one data socket per ``connect`` (the sender pools connections), one batc
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -23,7 +26,6 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdmesh.security import token_matches
 from pdmesh.transfer.backend import (
     Segment,
     TransferBackend,
@@ -40,11 +42,13 @@ from pdmesh.transfer.errors import (
     TransferTimeout,
     error_from_wire,
 )
+from pdmesh.transfer.peer_auth import client_handshake, server_handshake
 from pdmesh.transfer.protocol import connect as tcp_connect
 from pdmesh.transfer.protocol import recv_frame, send_frame
 
 SOCK_BUF = 8 << 20
 IO_TIMEOUT_S = 30.0
+MAX_DATA_CONNECTIONS = 256
 MAX_NOTIFS = 4096
 
 
@@ -126,12 +130,13 @@ class TcpBackend(TransferBackend):
         sock = tcp_connect((str(md["host"]), int(md["port"])), deadline)
         try:
             _tune(sock)
-            send_frame(
-                sock, {"op": "data_hello", "fingerprint": self.fingerprint, "token": self.token}, deadline
+            client_handshake(
+                sock,
+                {"op": "data_hello", "fingerprint": self.fingerprint},
+                "data_hello_ok",
+                self.token,
+                deadline,
             )
-            reply = recv_frame(sock, deadline)
-            if reply["op"] == "error":
-                raise error_from_wire(reply)
         except BaseException:
             sock.close()
             raise
@@ -217,22 +222,38 @@ class TcpBackend(TransferBackend):
         while not self._closed.is_set():
             try:
                 conn, addr = ls.accept()
-            except OSError:
-                return
-            _tune(conn)
+            except OSError as exc:
+                if self._closed.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: let connections close, keep serving
+                continue
             with self._lock:
-                self._conns.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"), name="pdmesh-tcp-data", daemon=True
-            ).start()
+                full = len(self._conns) >= MAX_DATA_CONNECTIONS
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                conn.close()
+                continue
+            try:
+                _tune(conn)
+                threading.Thread(
+                    target=self._serve,
+                    args=(conn, f"{addr[0]}:{addr[1]}"),
+                    name="pdmesh-tcp-data",
+                    daemon=True,
+                ).start()
+            except (OSError, RuntimeError):  # RuntimeError: can't start new thread
+                with self._lock:
+                    self._conns.discard(conn)
+                conn.close()
+
+    def _check_data_hello(self, hello: dict) -> None:
+        if hello.get("op") != "data_hello" or hello.get("fingerprint") != self.fingerprint:
+            raise IncompatiblePeer("data connection: fingerprint mismatch or bad hello")
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
-            hello = recv_frame(conn, time.monotonic() + IO_TIMEOUT_S)
-            if hello.get("op") != "data_hello" or hello.get("fingerprint") != self.fingerprint:
-                raise IncompatiblePeer("data connection: fingerprint mismatch or bad hello")
-            if not token_matches(hello.get("token"), self.token):
-                raise IncompatiblePeer("data connection: bad cluster token")
+            server_handshake(conn, self.token, self._check_data_hello)
             send_frame(conn, {"op": "data_hello_ok"}, time.monotonic() + IO_TIMEOUT_S)
             while not self._closed.is_set():
                 conn.settimeout(None)  # idle between batches: wait for the next header or close

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -12,8 +13,10 @@ from pdmesh.transfer.errors import (
     PD_INCOMPATIBLE_PEER,
     PD_TRANSFER_FAILED,
     IncompatiblePeer,
+    PeerUnavailable,
     TransferFailed,
 )
+from pdmesh.transfer.peer_auth import client_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
 from pdmesh.transfer.receiver import Receiver, ReceiverConfig
 from pdmesh.transfer.reference_pool import ReferencePool
@@ -41,14 +44,8 @@ def rx():
 def _control(r: Receiver, token="s3cret", fingerprint=FP) -> socket.socket:
     deadline = time.monotonic() + 5
     s = connect(r.address, deadline)
-    hello = {
-        "op": "hello",
-        "v": PROTOCOL_VERSION,
-        "token": token,
-        "fingerprint": fingerprint,
-        "backends": ["tcp"],
-    }
-    request(s, hello, "hello_ok", deadline)
+    hello = {"op": "hello", "v": PROTOCOL_VERSION, "fingerprint": fingerprint, "backends": ["tcp"]}
+    client_handshake(s, hello, "hello_ok", token, deadline)
     return s
 
 
@@ -193,3 +190,173 @@ def test_receiver_bound_to_wildcard_advertises_the_reachable_host():
         sender.close()
         r.close()
         pool.close()
+
+
+class FakeReceiver:
+    """A hostile peer named by ``push_to``: accepts, records every frame, answers what it is told to."""
+
+    def __init__(self, answer) -> None:
+        self.frames: list[dict] = []
+        self.raw = bytearray()
+        self._answer = answer
+        self._ls = socket.create_server(("127.0.0.1", 0))
+        self.address = self._ls.getsockname()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        from pdmesh.transfer.protocol import recv_frame, send_frame
+
+        try:
+            conn, _ = self._ls.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                while True:
+                    msg = recv_frame(conn, time.monotonic() + 5)
+                    self.frames.append(msg)
+                    reply = self._answer(msg)
+                    if reply is None:
+                        return
+                    send_frame(conn, reply, time.monotonic() + 5)
+            except Exception:
+                return
+
+    def close(self) -> None:
+        self._ls.close()
+        self._t.join(5)
+
+
+def _push_to(address, token="s3cret") -> None:
+    pool = ReferencePool(4096, 2)
+    try:
+        tx = Sender(
+            pool.buffer,
+            SenderConfig(fingerprint=FP, token=token, backends=("shm", "tcp")),
+            {
+                "tcp": lambda: TcpBackend(FP, token),
+            },
+            segment_name=pool.segment_name,
+        )
+        with pytest.raises(IncompatiblePeer):
+            tx.push(address, "t1", [Chunk(b"k" * 16, 0, 100)], time.monotonic() + 3)
+        tx.close()
+    finally:
+        pool.close()
+
+
+def test_a_fake_receiver_never_gets_the_token_nor_any_data():
+    """The sender proves nothing and sends nothing until the peer proves the token (it cannot)."""
+    from pdmesh.security import NONCE_BYTES
+
+    fake = FakeReceiver(lambda m: {"op": "challenge", "nonce": os.urandom(NONCE_BYTES), "proof": b"x" * 32})
+    try:
+        _push_to(fake.address)
+    finally:
+        fake.close()
+    assert [f["op"] for f in fake.frames] == ["hello"]  # no auth frame, no alloc
+    hello = fake.frames[0]
+    assert "token" not in hello and "host_id" not in hello
+    assert b"s3cret" not in repr(fake.frames).encode()
+
+
+def test_a_fake_receiver_echoing_hello_ok_is_refused():
+    """A peer that skips the challenge (the old protocol's trust-what-answers) is refused."""
+    fake = FakeReceiver(
+        lambda m: {"op": "hello_ok", "v": PROTOCOL_VERSION, "fingerprint": FP, "metadata": {}}
+    )
+    try:
+        _push_to(fake.address)
+    finally:
+        fake.close()
+    assert len(fake.frames) == 1
+
+
+def test_receiver_refuses_a_sender_without_the_token_before_any_alloc(rx):
+    r, _ = rx
+    with pytest.raises(IncompatiblePeer):
+        _control(r, token="wrong")
+    assert r.stats().leases == 0 and r.stats().refused >= 1
+
+
+def test_receiver_bounds_pre_auth_frames_and_time(rx):
+    from pdmesh.transfer.protocol import HELLO_TIMEOUT_S, PRE_AUTH_MAX_FRAME
+
+    r, _ = rx
+    s = socket.create_connection(r.address, timeout=HELLO_TIMEOUT_S + 5)
+    s.sendall((PRE_AUTH_MAX_FRAME + 1).to_bytes(4, "big"))  # announce a frame larger than pre-auth allows
+    t0 = time.monotonic()
+    assert (
+        s.recv(1 << 16) is not None
+    )  # the receiver answers an error or closes, without waiting for the body
+    assert time.monotonic() - t0 < 2
+    s.close()
+    idle = socket.create_connection(r.address, timeout=HELLO_TIMEOUT_S + 5)  # slowloris: says nothing
+    t0 = time.monotonic()
+    while idle.recv(1 << 16):
+        pass
+    assert time.monotonic() - t0 <= HELLO_TIMEOUT_S + 2  # closed at the hello deadline
+    idle.close()
+
+
+def test_receiver_caps_connections_and_keeps_serving(rx):
+    r, _ = rx
+    r.config.max_connections = 4
+    held = [socket.create_connection(r.address, timeout=5) for _ in range(4)]
+    time.sleep(0.3)
+    extra = socket.create_connection(r.address, timeout=5)
+    assert extra.recv(1) == b""  # closed at once: the cap holds without a thread for it
+    extra.close()
+    for s in held:
+        s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # slots free up as the held connections close
+        try:
+            _control(r).close()
+            break
+        except (PeerUnavailable, IncompatiblePeer):
+            time.sleep(0.1)
+    else:
+        raise AssertionError("receiver did not serve again after connections closed")
+    assert r.stats().refused >= 1
+
+
+def test_receiver_refuses_non_finite_lease(rx):
+    r, _ = rx
+    s = _control(r)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(TransferFailed):
+            _req(
+                s,
+                {"op": "alloc", "transfer_id": f"n{bad}", "keys": [b"k"], "sizes": [10], "lease_ms": bad},
+                "alloc_ok",
+            )
+    assert r.stats().leases == 0
+    s.close()
+
+
+def test_shm_backend_maps_only_pdmesh_segments_on_this_host(tmp_path):
+    from pdmesh.transfer.backend import host_id, pack_metadata
+    from pdmesh.transfer.shm_backend import ShmBackend
+
+    target = tmp_path / "victim"
+    target.write_bytes(b"\0" * 4096)
+    b = ShmBackend(FP)
+    for seg in ("../../" + str(target).lstrip("/"), "/etc/passwd", "pdmesh-../../x", "psm_123"):
+        md = pack_metadata("shm", FP, {"segment": seg, "size": 4096, "host": host_id()})
+        with pytest.raises(IncompatiblePeer):
+            b.connect(md)
+    pool = ReferencePool(4096, 1)
+    try:  # a real segment, but the peer only echoes our host id: no proof it shares /dev/shm
+        md = pack_metadata("shm", FP, {"segment": pool.segment_name, "size": 4096, "host": host_id()})
+        with pytest.raises(IncompatiblePeer):
+            b.connect(md)
+        real = ShmBackend(FP)
+        real.register_memory(pool.buffer, pool.segment_name)
+        assert b.connect(real.local_metadata()) == pool.segment_name
+        b.disconnect(pool.segment_name)
+    finally:
+        b.close()
+        pool.close()
+    assert target.read_bytes() == b"\0" * 4096
