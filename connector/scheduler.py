@@ -71,6 +71,7 @@ class ConnectorScheduler:
         block_size: int,
         save_generated: bool,
         clock: Callable[[], float] = time.monotonic,
+        token: str = "",
     ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the block size {block_size}")
@@ -80,6 +81,7 @@ class ConnectorScheduler:
         self.blocks_per_chunk = chunk_tokens // block_size
         self.save_generated = save_generated
         self.clock = clock
+        self.token = token  # the cluster token: verifies the router's signature on push targets
         self.stats = SchedulerStats()
         self._reqs: dict[str, _Req] = {}
         self._fallbacks: list[str] = []
@@ -183,7 +185,7 @@ class ConnectorScheduler:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _track(self, request: Any) -> _Req:
-        pd = PdParams.from_request(request.kv_transfer_params)
+        pd = PdParams.from_request(request.kv_transfer_params, self.token)
         push = wait = None
         if pd is not None and pd.push_to:
             push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s)

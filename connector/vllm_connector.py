@@ -34,6 +34,7 @@ from pdmesh.connector.scheduler import ConnectorScheduler
 from pdmesh.connector.tier_client import ConnectorTierClient
 from pdmesh.connector.worker import ConnectorWorker
 from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.security import cluster_token_from_env
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -86,6 +87,7 @@ class PdmeshConnector(KVConnectorBase_V1):
                 C,
                 self.block_size,
                 save_generated=bool(extra.get("save_generated", False)),
+                token=cluster_token_from_env(),
             )
         log.info(
             "pdmesh connector (%s): chunk %d tokens, tier %s", role.name, self.chunk_tokens, self.tier.address

@@ -59,6 +59,33 @@ def proof_matches(proof: object, token: str, label: str, *parts: bytes) -> bool:
     return hmac.compare_digest(proof, auth_proof(token, label, *parts))
 
 
+def worker_api_key(token: str) -> str:
+    """The API key every worker's vLLM server requires (``VLLM_API_KEY``), derived from the cluster token: the
+    router (which holds the token) can call workers, a client that reaches a worker's port directly gets 401.
+    Empty when the token is (loopback-only deployments)."""
+    return auth_proof(token, "vllm-api-key").hex() if token else ""
+
+
+def sign_push_target(token: str, transfer_id: str, push_to: str, deadline_ms: int) -> str:
+    """The router's grant for one push: a prefill worker pushes only to an address signed for that transfer."""
+    return auth_proof(
+        token, "push-target", transfer_id.encode(), push_to.encode(), str(deadline_ms).encode()
+    ).hex()
+
+
+def push_target_signed(
+    signature: object, token: str, transfer_id: str, push_to: str, deadline_ms: object
+) -> bool:
+    if not isinstance(signature, str) or isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int):
+        return False
+    try:
+        proof = bytes.fromhex(signature)
+    except ValueError:
+        return False
+    parts = (transfer_id.encode(), push_to.encode(), str(deadline_ms).encode())
+    return proof_matches(proof, token, "push-target", *parts)
+
+
 def is_loopback(host: str) -> bool:
     """True when ``host`` (name or address) resolves only to loopback addresses ("" is every interface)."""
     if host == "localhost":

@@ -39,6 +39,7 @@ from pdmesh.router.registration import WORKER_ID_PATTERN, RegistrationReply, Wor
 from pdmesh.router.registry import BreakerSettings, Registry
 from pdmesh.router.tier_lookup import HttpTierLookup
 from pdmesh.router.upstream import Upstream
+from pdmesh.security import worker_api_key
 
 log = logging.getLogger("pdmesh.router")
 
@@ -57,8 +58,14 @@ def _make_client(cfg: RouterConfig) -> httpx.AsyncClient:
     """Client for the side calls (health checks, /tokenize, tier /lookup); each call passes its own timeout."""
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=30)
+    key = worker_api_key(cfg.cluster_token)
     return httpx.AsyncClient(
-        timeout=timeout, limits=limits, http2=False, trust_env=False, verify=_worker_tls(cfg)
+        timeout=timeout,
+        limits=limits,
+        http2=False,
+        trust_env=False,
+        verify=_worker_tls(cfg),
+        headers={"Authorization": f"Bearer {key}"} if key else None,
     )
 
 
@@ -120,6 +127,7 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
                 config.max_attempts,
                 config.retry.backoff_s,
                 config.retry.backoff_max_s,
+                worker_key=worker_api_key(config.cluster_token),
             ),
             limiter=Limiter(config.limits),
             policies=PolicySet(config, index),

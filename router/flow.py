@@ -332,7 +332,11 @@ class _Legs:
         transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
         push_to = target.info.transfer_address
         try:
-            await self._prefill(lambda _w: pd_push.prefill_request(body, transfer_id, push_to, deadline_ms))
+            await self._prefill(
+                lambda _w: pd_push.prefill_request(
+                    body, transfer_id, push_to, deadline_ms, st.config.cluster_token
+                )
+            )
         except OpenAIError as e:
             if e.status < 500:
                 raise

@@ -11,13 +11,17 @@ Only the router sets these fields (client-supplied ``kv_transfer_params`` are dr
 from __future__ import annotations
 
 from pdmesh.router.openai_requests import one_token_leg
+from pdmesh.security import sign_push_target
 
 
-def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int) -> dict:
-    """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``."""
+def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int, token: str) -> dict:
+    """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``, which the router
+    vouches for with ``sig`` (HMAC of ``{transfer_id, push_to, deadline_ms}`` keyed by the cluster token): the
+    prefill worker's connector pushes nowhere else."""
     leg = one_token_leg(body)
+    sig = sign_push_target(token, transfer_id, push_to, deadline_ms)
     leg["kv_transfer_params"] = {
-        "pdmesh": {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms}
+        "pdmesh": {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms, "sig": sig}
     }
     return leg
 

@@ -102,8 +102,11 @@ class Upstream:
         max_attempts: int,
         backoff_s: float = 0.0,
         backoff_max_s: float = 0.0,
+        worker_key: str = "",
     ):
         self.client = client
+        # every leg proves the router to the worker's vLLM server (its VLLM_API_KEY)
+        self.auth_header = b"Authorization: Bearer %s\r\n" % worker_key.encode() if worker_key else b""
         self.registry = registry
         self.metrics = metrics
         self.max_attempts = max_attempts
@@ -179,7 +182,10 @@ class Upstream:
             try:
                 try:
                     resp = await self.client.post(
-                        worker.url, path, data, b"X-Request-Id: %s\r\n" % request_id.encode()
+                        worker.url,
+                        path,
+                        data,
+                        b"X-Request-Id: %s\r\n%s" % (request_id.encode(), self.auth_header),
                     )
                 except LegError as e:
                     reason = _reason(e)

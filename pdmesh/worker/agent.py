@@ -23,7 +23,7 @@ import httpx
 
 from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
-from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
+from pdmesh.security import TOKEN_HEADER, cluster_token_from_env, worker_api_key
 from pdmesh.worker.roles import WorkerRole
 from pdmesh.worker.tier_process import (
     TierProcess,
@@ -151,7 +151,13 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
             served_model_name=served,
             kv_transfer_config=kv_transfer_config(role, args.pd_mode, device, tier_socket, chunk_tokens),
             extra_args=extra,
-            env={"VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)},
+            env={
+                "VLLM_NIXL_SIDE_CHANNEL_HOST": host,
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port),
+                # vLLM's OpenAI routes need the key the router derives from the cluster token (in the environment,
+                # not on the command line where every local user could read it)
+                **({"VLLM_API_KEY": worker_api_key(token)} if (token := cluster_token_from_env()) else {}),
+            },
             device=device,
         )
         server = VLLMServer(spec, log_path=args.log_file)

@@ -92,7 +92,9 @@ class VLLMServer:
     def wait_healthy(self, timeout: float) -> dict:
         """Block until ``GET /health`` is 200; return the served model card. Raises on exit or timeout."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
+        key = self.spec.env.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY")
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(timeout=2.0, trust_env=False, headers=auth) as client:
             while time.monotonic() < deadline:
                 if not self.process.alive():
                     raise RuntimeError(f"vLLM exited with code {self.process.poll()} before becoming healthy")

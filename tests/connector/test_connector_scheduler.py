@@ -12,8 +12,10 @@ pytest.importorskip("vllm", reason="the connector imports vLLM's connector base 
 from pdmesh.connector.params import PdParams
 from pdmesh.connector.scheduler import ConnectorScheduler
 from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.security import sign_push_target
 
 FP = ModelFingerprint(model="m", block_size=4)
+TOKEN = "cluster-token"
 C = 8  # chunk = 2 blocks of 4 tokens
 
 
@@ -58,7 +60,7 @@ class Clock:
 def make(save_generated=False):
     tier, clock = FakeTier(), Clock()
     s = ConnectorScheduler(
-        tier, lambda toks, n: chunk_keys(FP, toks[: n * C], C), C, 4, save_generated, clock
+        tier, lambda toks, n: chunk_keys(FP, toks[: n * C], C), C, 4, save_generated, clock, token=TOKEN
     )
     return s, tier, clock
 
@@ -162,7 +164,8 @@ def test_pd_decode_deadline_falls_back_to_partial_compute():
 def test_pd_prefill_pushes_every_prompt_chunk_including_prefix_cached_ones():
     s, _tier, _ = make()
     prompt = list(range(1, 26))
-    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t9", "push_to": "10.0.0.2:7000"}})
+    params = {"transfer_id": "t9", "push_to": "10.0.0.2:7000", "deadline_ms": 5000}
+    req = FakeRequest("r", prompt, {"pdmesh": {**params, "sig": sign_push_target(TOKEN, *params.values())}})
     assert s.get_num_new_matched_tokens(req, 8) == (0, False)  # vLLM had chunk 0 locally
     blocks = [5, 6, 7, 8, 9, 10, 11]
     s.update_state_after_alloc(req, blocks, 0)
@@ -192,8 +195,10 @@ def test_pd_params_parsing_is_defensive():
     assert PdParams.from_request(None) is None
     assert PdParams.from_request({"pdmesh": "x"}) is None
     assert PdParams.from_request({"pdmesh": {"transfer_id": 5}}) is None
-    p = PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad", "push_to": 3}})
-    assert p == PdParams("t", None, 10.0)
+    assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad", "push_to": 3}}) is None
+    assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": "bad"}}) == PdParams(
+        "t", None, 10.0
+    )
     assert PdParams.from_request({"pdmesh": {"transfer_id": "t", "deadline_ms": 1e12}}).deadline_s == 600.0
     for bad in ("boom", 7, [1], {"pdmesh": []}, {"pdmesh": {"transfer_id": None}}):
         assert PdParams.from_request(bad) is None
@@ -235,10 +240,37 @@ def test_finished_pd_request_reports_loaded_tokens_and_fallback():
 def test_chunked_prefill_pushes_each_step_under_its_own_transfer_id():
     s, _, _ = make()
     prompt = list(range(1, 34))  # 4 full chunks
-    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t", "push_to": "h:1"}})
+    params = {"transfer_id": "t", "push_to": "h:1", "deadline_ms": 10000}
+    req = FakeRequest("r", prompt, {"pdmesh": {**params, "sig": sign_push_target(TOKEN, *params.values())}})
     s.get_num_new_matched_tokens(req, 0)
     s.update_state_after_alloc(req, list(range(9)), 0)
     first = s.build_meta(new_req_output(req, list(range(9)), 0, 16)).saves
     second = s.build_meta(cached_output(req, [], 16, 17)).saves
     assert [op.push.transfer_id for op in first + second] == ["t.1", "t.2"]
     assert first[0].keys + second[0].keys == chunk_keys(FP, prompt, C)
+
+
+def test_a_push_target_the_router_did_not_sign_is_never_pushed_to():
+    """A client reaching the engine directly cannot make the prefill worker push anywhere."""
+    s, _tier, _ = make()
+    prompt = list(range(1, 26))
+    good = {"transfer_id": "t", "push_to": "10.0.0.2:7000", "deadline_ms": 5000}
+    sig = sign_push_target(TOKEN, *good.values())
+    forged = [
+        {**good},  # no signature
+        {**good, "sig": sign_push_target("another-token", *good.values())},
+        {**good, "push_to": "6.6.6.6:1", "sig": sig},  # a signature for another address
+        {**good, "deadline_ms": 60000, "sig": sig},
+        {**good, "sig": "zz"},
+    ]
+    for i, params in enumerate(forged):
+        req = FakeRequest(f"r{i}", prompt, {"pdmesh": params})
+        s.get_num_new_matched_tokens(req, 0)
+        s.update_state_after_alloc(req, [1, 2, 3, 4, 5, 6, 7], 0)
+        meta = s.build_meta(new_req_output(req, [1, 2, 3, 4, 5, 6, 7], 0, 25))
+        assert meta.saves and all(op.push is None for op in meta.saves), params
+    req = FakeRequest("ok", prompt, {"pdmesh": {**good, "sig": sig}})
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, [1, 2, 3, 4, 5, 6, 7], 0)
+    (save,) = s.build_meta(new_req_output(req, [1, 2, 3, 4, 5, 6, 7], 0, 25)).saves
+    assert save.push is not None and save.push.peer == "10.0.0.2:7000"

@@ -14,6 +14,7 @@ import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
+from pdmesh.security import TOKEN_HEADER, worker_api_key
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ENGINE_ARGS
 from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
@@ -57,9 +58,14 @@ def cluster(request, expected, tiny_model, tmp_path_factory):
         vllm_args=ENGINE_ARGS,
         log_dir=str(tmp_path_factory.mktemp(f"cluster-{request.param}")),
         startup_timeout=300,
+        # a cluster secret as in production: workers' engines need the key derived from it, push targets are signed
+        env={"PDMESH_CLUSTER_TOKEN": TOKEN},
     )
     with LocalCluster(spec) as c:
         yield c
+
+
+TOKEN = "e2e-cluster-secret"
 
 
 def _non_streaming(body: dict) -> dict:
@@ -67,7 +73,7 @@ def _non_streaming(body: dict) -> dict:
 
 
 def _worker_url(cluster: LocalCluster, role: str) -> str:
-    with httpx.Client(timeout=10, trust_env=False) as c:
+    with httpx.Client(timeout=10, trust_env=False, headers={TOKEN_HEADER: TOKEN}) as c:
         workers = c.get(cluster.url + "/internal/workers").json()
     return next(w["url"] for w in workers if w["role"] == role and w["healthy"])
 
@@ -157,6 +163,37 @@ def test_bad_input_against_real_workers(cluster):
             headers={"content-type": "application/json"},
         )
         assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_workers_engines_refuse_direct_clients_and_survive_hostile_params(cluster):
+    """Clients reach only the router: a worker's vLLM needs the key the router derives from the cluster token,
+    and connector params that reach an engine anyway (from anyone holding the key) never crash it."""
+    decode_url = _worker_url(cluster, "decode")
+    prefill_url = _worker_url(cluster, "prefill")
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": 2}
+    key = {"Authorization": f"Bearer {worker_api_key(TOKEN)}"}
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        for url in (decode_url, prefill_url):
+            assert c.post(url + "/v1/completions", json=body).status_code == 401
+            assert (
+                c.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer x"}).status_code
+                == 401
+            )
+        if cluster.spec.pd_mode == "push":
+            hostile = [
+                {"kv_transfer_params": "boom"},
+                {"vllm_xargs": {"kv_transfer_params": "boom"}},
+                {
+                    "kv_transfer_params": {"pdmesh": {"transfer_id": "t", "push_to": "127.0.0.1:1"}}
+                },  # unsigned
+                {"kv_transfer_params": {"pdmesh": {"transfer_id": 7, "deadline_ms": "nan"}}},
+            ]
+            for extra in hostile:
+                r = c.post(prefill_url + "/v1/completions", json={**body, **extra}, headers=key)
+                assert r.status_code in (200, 400), (extra, r.status_code, r.text[:200])
+        # the engines still serve, through the router, with exact PD
+        r = c.post(cluster.url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
 def test_decoder_killed_mid_stream_then_replaced(cluster):

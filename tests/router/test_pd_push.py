@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pdmesh.security import push_target_signed
 from tests.router.conftest import TOKEN
 from tests.router.fake_worker import FakeWorker
 from tests.servers import ThreadServer
@@ -32,6 +33,9 @@ def test_push_legs_carry_transfer_fields(make_harness):
     assert pre["max_tokens"] == 1 and pre["stream"] is False
     params = pre["kv_transfer_params"]["pdmesh"]
     assert params["push_to"] == "10.2.2.2:7002" and params["deadline_ms"] == 1234
+    # the router vouches for the target: the connector checks this with the cluster token
+    assert push_target_signed(params["sig"], TOKEN, params["transfer_id"], "10.2.2.2:7002", 1234)
+    assert not push_target_signed(params["sig"], TOKEN, params["transfer_id"], "evil:1", 1234)
     (dec,) = d.requests
     assert dec["kv_transfer_params"] == {
         "pdmesh": {"transfer_id": params["transfer_id"], "deadline_ms": 1234}

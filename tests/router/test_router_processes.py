@@ -36,9 +36,14 @@ def _fresh(url: str, method: str, path: str, **kw) -> httpx.Response:
 
 
 def _children(sup: ManagedProcess) -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process(sup.pid).children() if "pdmesh.router.processes" in " ".join(p.cmdline())
-    ]
+    out = []
+    for p in psutil.Process(sup.pid).children():
+        try:  # a killed child is a zombie until the supervisor reaps it: not a router process any more
+            if p.status() != psutil.STATUS_ZOMBIE and "pdmesh.router.processes" in " ".join(p.cmdline()):
+                out.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return out
 
 
 @pytest.fixture
