@@ -8,7 +8,7 @@ Folder map:
 - ``segment`` (the shared-memory segment) and ``pool`` (``ChunkPool``: slots, leases, pins, LRU eviction).
 - ``disk`` (the disk tier), ``remote`` (``RemoteTier``, the guard with its breaker, ``open_remote``),
   ``remote_redis`` and ``remote_cache_server`` (the two remote clients), ``cache_server`` (the shared cache
-  server process).
+  server process) and ``cache_store`` (its byte-bounded LRU).
 - The tier server, one per worker node: ``tier`` (the core: lookups, loads, write-back, pushes), ``control_ops``
   (the unix control socket the connector speaks; the op table), ``tier_http`` (the HTTP API), ``server``
   (listeners and lifecycle), ``ready_line`` (how it says it serves), ``transfer_node`` (its transfer endpoint,

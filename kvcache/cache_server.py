@@ -1,9 +1,12 @@
 """The pdmesh cache server: a standalone shared remote tier (the role of ``lmcache_server``).
 
-Protocol (TCP, :mod:`kvcache.wire` frames, one request at a time per connection, replies in order):
+Protocol (TCP, :mod:`pdmesh.frames` frames, one request at a time per connection, replies in order):
 
-* ``{"op": "hello", "proto": 1, "token": str}`` must come first -> ``{"ok": true, "proto": 1}``; a wrong token or
-  protocol version gets an error reply and the connection is closed.
+* ``{"op": "hello", "proto": 1, "token": str}`` must come first, within ``HELLO_TIMEOUT_S`` and in at most
+  ``PRE_AUTH_MAX_FRAME`` bytes -> ``{"ok": true, "proto": 1}``; a wrong token or protocol version gets an error
+  reply and the connection is closed. (The token is sent: the client only ever connects to the operator-configured
+  ``remote.url``, never to an address from a request.) Malformed fields after the hello get a ``bad_request``
+  reply; the connection and the server live on.
 * ``{"op": "put", "key": bytes16, "fp": bytes16, "n": int, "csum": int}`` + ``n`` payload bytes ->
   ``{"ok": true, "stored": bool}``. The server verifies the xxh3-64 checksum before storing; a mismatch is an
   error reply (``corrupt``) and nothing is stored.
@@ -26,195 +29,20 @@ import contextlib
 import logging
 import socket
 import threading
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from pdmesh.frames import FrameError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
+from pdmesh.kvcache.cache_store import CacheStats, CacheStore
 from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
 from pdmesh.security import token_matches
 
 log = logging.getLogger("pdmesh.cache_server")
 
 PROTO_VERSION = 1
-
-
-@dataclass
-class _Item:
-    fp: bytes
-    csum: int
-    buf: bytearray  # capacity rounded up to a page; the payload is buf[:n]
-    n: int
-    refs: int = 0  # readers currently sending it
-    dead: bool = False  # removed from the index; recycle buf when refs drop to 0
-
-    @property
-    def data(self) -> memoryview:
-        return memoryview(self.buf)[: self.n]
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    items: int
-    used_bytes: int
-    max_bytes: int
-    hits: int
-    misses: int
-    puts: int
-    evictions: int
-    corrupt: int
-    connections: int
-    buffer_bytes: int = 0
-
-
-def _capacity(n: int) -> int:
-    return max(_PAGE, -(-n // _PAGE) * _PAGE)
-
-
-_PAGE = 4096
-
-
-class CacheStore:
-    """Byte-bounded LRU of verified chunk payloads. Thread-safe.
-
-    Memory: payload buffers are recycled (free lists per page-rounded size) instead of freed, so a full cache
-    that keeps evicting never page-faults new memory (first-touch faults dominate put cost on VMs). All buffers,
-    live, reserved and free, stay within ``max_bytes``. A buffer being sent by a reader (``acquire``) is never
-    recycled before ``release``."""
-
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._items: OrderedDict[bytes, _Item] = OrderedDict()
-        self._used = 0  # capacity of live items' buffers
-        self._buffers = 0  # capacity of every buffer we hold (live, reserved, free, dead-in-use)
-        self._free: dict[int, list[bytearray]] = {}
-        self.hits = self.misses = self.puts = self.evictions = self.corrupt = 0
-
-    # ------------------------------------------------------------------ buffers (lock held)
-    def _kill(self, key: bytes) -> None:
-        item = self._items.pop(key)
-        self._used -= len(item.buf)
-        item.dead = True
-        if item.refs == 0:
-            self._free.setdefault(len(item.buf), []).append(item.buf)
-
-    def _drop_free(self, need: int) -> None:
-        for cap in list(self._free):
-            lst = self._free[cap]
-            while lst and self._buffers + need > self.max_bytes:
-                lst.pop()
-                self._buffers -= cap
-            if not lst:
-                del self._free[cap]
-
-    def reserve(self, n: int) -> bytearray | None:
-        """A buffer of at least ``n`` bytes for an incoming payload (evicting LRU items if needed), or None when
-        ``n`` cannot fit. Give it back with :meth:`insert` or :meth:`unreserve`."""
-        cap = _capacity(n)
-        if cap > self.max_bytes:
-            return None
-        with self._lock:
-            while True:
-                lst = self._free.get(cap)
-                if lst:
-                    buf = lst.pop()
-                    if not lst:
-                        del self._free[cap]
-                    return buf
-                self._drop_free(cap)
-                if self._buffers + cap <= self.max_bytes:
-                    self._buffers += cap
-                    break
-                if not self._items:
-                    return None  # everything is reserved or being sent
-                self._kill(next(iter(self._items)))
-                self.evictions += 1
-        return bytearray(cap)
-
-    def unreserve(self, buf: bytearray) -> None:
-        with self._lock:
-            self._free.setdefault(len(buf), []).append(buf)
-
-    def insert(self, key: bytes, fp: bytes, csum: int, buf: bytearray, n: int) -> bool:
-        """Index a received, verified payload. False (buffer recycled) if the key is already present."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self._free.setdefault(len(buf), []).append(buf)
-                return False
-            self._items[key] = _Item(fp, csum, buf, n)
-            self._used += len(buf)
-            self.puts += 1
-            return True
-
-    def put(self, key: bytes, data, fp: bytes = NO_FINGERPRINT) -> bool:
-        """Copy ``data`` in (for in-process use and tests)."""
-        view = memoryview(data).cast("B")
-        buf = self.reserve(len(view))
-        if buf is None:
-            return False
-        buf[: len(view)] = view
-        return self.insert(key, fp, checksum(view), buf, len(view))
-
-    def acquire(self, key: bytes, fp: bytes | None) -> _Item | None:
-        """The item for ``key`` with a reader reference (call :meth:`release`), or None (counted as a miss)."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is None or (fp is not None and item.fp != fp):
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            item.refs += 1
-            return item
-
-    def release(self, item: _Item) -> None:
-        with self._lock:
-            item.refs -= 1
-            if item.dead and item.refs == 0:
-                self._free.setdefault(len(item.buf), []).append(item.buf)
-
-    def contains(self, keys: list[bytes]) -> int:
-        n = 0
-        with self._lock:
-            for k in keys:
-                if k not in self._items:
-                    break
-                n += 1
-        return n
-
-    def delete(self, keys: list[bytes]) -> int:
-        n = 0
-        with self._lock:
-            for k in keys:
-                if k in self._items:
-                    self._kill(k)
-                    n += 1
-        return n
-
-    def clear(self) -> int:
-        with self._lock:
-            keys = list(self._items)
-            for k in keys:
-                self._kill(k)
-            return len(keys)
-
-    def stats(self, connections: int = 0) -> CacheStats:
-        with self._lock:
-            return CacheStats(
-                len(self._items),
-                self._used,
-                self.max_bytes,
-                self.hits,
-                self.misses,
-                self.puts,
-                self.evictions,
-                self.corrupt,
-                connections,
-                self._buffers,
-            )
+HELLO_TIMEOUT_S = 5.0  # pre-auth: the hello must arrive within this
+PRE_AUTH_MAX_FRAME = (
+    16 << 10
+)  # pre-auth: the hello frame is small; a larger announced length closes the socket
 
 
 class CacheServer:
@@ -303,14 +131,20 @@ class CacheServer:
                 self._conns.add(conn)
                 self._threads = [t for t in self._threads if t.is_alive()]
             t = threading.Thread(target=self._serve, args=(conn,), name="cache-conn", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # can't start new thread: drop this connection, keep accepting
+                with self._lock:
+                    self._conns.discard(conn)
+                conn.close()
+                continue
             self._threads.append(t)
-            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(self.idle_timeout_s)
+        conn.settimeout(HELLO_TIMEOUT_S)  # an unauthenticated peer gets a few seconds and one small frame
         tune_tcp(conn)
         try:
-            hello = recv_frame(conn)
+            hello = recv_frame(conn, PRE_AUTH_MAX_FRAME)
             if hello.get("op") != "hello" or hello.get("proto") != PROTO_VERSION:
                 send_frame(conn, _err("protocol", f"expected hello with proto {PROTO_VERSION}"))
                 return
@@ -318,9 +152,15 @@ class CacheServer:
                 send_frame(conn, _err("unauthorized", "bad cluster token"))
                 return
             send_frame(conn, {"ok": True, "proto": PROTO_VERSION})
+            conn.settimeout(self.idle_timeout_s)
             while not self._stopping.is_set():
                 msg = recv_frame(conn)
-                if not self._handle(conn, msg):
+                try:
+                    keep = self._handle(conn, msg)
+                except _BadRequest as e:
+                    send_frame(conn, _err("bad_request", str(e)))
+                    keep = True
+                if not keep:
                     return
         except (ConnectionError, TimeoutError, OSError, FrameError):
             pass
@@ -357,10 +197,10 @@ class CacheServer:
                 self.store.corrupt += 1
                 send_frame(conn, _err("corrupt", "payload checksum mismatch"))
                 return True
-            stored = self.store.insert(key, msg.get("fp") or NO_FINGERPRINT, msg["csum"], buf, n)
+            stored = self.store.insert(key, _fp(msg.get("fp")) or NO_FINGERPRINT, msg["csum"], buf, n)
             send_frame(conn, {"ok": True, "stored": stored})
         elif op == "get":
-            item = self.store.acquire(msg.get("key"), msg.get("fp"))
+            item = self.store.acquire(_key(msg.get("key")), _fp(msg.get("fp")))
             if item is None:
                 send_frame(conn, {"ok": True, "hit": False})
             else:
@@ -373,9 +213,9 @@ class CacheServer:
                 finally:
                     self.store.release(item)
         elif op == "contains":
-            send_frame(conn, {"ok": True, "n": self.store.contains(list(msg.get("keys") or []))})
+            send_frame(conn, {"ok": True, "n": self.store.contains(_keys(msg.get("keys")))})
         elif op == "delete":
-            send_frame(conn, {"ok": True, "n": self.store.delete(list(msg.get("keys") or []))})
+            send_frame(conn, {"ok": True, "n": self.store.delete(_keys(msg.get("keys")))})
         elif op == "clear":
             send_frame(conn, {"ok": True, "n": self.store.clear()})
         elif op == "stats":
@@ -383,6 +223,30 @@ class CacheServer:
         else:
             send_frame(conn, _err("bad_request", f"unknown op {op!r}"))
         return True
+
+
+class _BadRequest(Exception):
+    """A malformed field in an authenticated request: an error reply, the connection stays."""
+
+
+def _key(v: object) -> bytes:
+    if not isinstance(v, bytes) or len(v) != 16:
+        raise _BadRequest("key must be 16 bytes")
+    return v
+
+
+def _fp(v: object) -> bytes | None:
+    if v is not None and not isinstance(v, bytes):
+        raise _BadRequest("fp must be bytes")
+    return v
+
+
+def _keys(v: object) -> list[bytes]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _BadRequest("keys must be a list of 16-byte keys")
+    return [_key(k) for k in v]
 
 
 def _err(kind: str, message: str) -> dict:

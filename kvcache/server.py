@@ -18,6 +18,7 @@ import signal
 import socket
 from typing import Any
 
+from pdmesh.http_guard import guarded_protocol
 from pdmesh.kvcache.config import TierConfig
 from pdmesh.kvcache.control_ops import serve_control
 from pdmesh.kvcache.ready_line import format_ready_line
@@ -67,7 +68,13 @@ class TierServer(Tier):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.http_port))
         self.http_port = sock.getsockname()[1]
-        cfg = uvicorn.Config(make_app(self), log_level="warning", lifespan="off", access_log=False)
+        cfg = uvicorn.Config(
+            make_app(self),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=guarded_protocol(header_timeout_s=5.0, max_connections=512),
+        )
         self._http = uvicorn.Server(cfg)
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._tasks.append(asyncio.create_task(self._http.serve(sockets=[sock]), name="tier-http"))

@@ -13,7 +13,7 @@ This folder holds the command and what every layer shares:
   model), ``worker/`` (the shared launch of a worker node).
 - Foundation, imported by every layer and importing none: ``security`` (the cluster token), ``procs`` (owned
   subprocesses), ``frames`` (the length-prefixed msgpack codec of every binary protocol), ``breaker`` (the one
-  circuit breaker).
+  circuit breaker), ``http_guard`` (header timeout and connection cap of every HTTP listener).
 """
 
 import importlib.abc

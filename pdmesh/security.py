@@ -31,7 +31,7 @@ def token_matches(provided: str | None, expected: str) -> bool:
     """Constant-time comparison. With no expected token every caller matches (loopback-only deployments)."""
     if not expected:
         return True
-    if provided is None:
+    if not isinstance(provided, str):
         return False
     return hmac.compare_digest(provided.encode(), expected.encode())
 

@@ -155,6 +155,10 @@ class RouterConfig(BaseModel):
     worker_ca_file: str | None = None
     # The client must send its whole request body within this long (408 otherwise).
     body_timeout_s: float = Field(30.0, gt=0)
+    # A client connection must send a complete request head within this long (slowloris: closed after it).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Open client connections per router process; one more is closed at once.
+    max_connections: int = Field(4096, ge=1)
     # Whole-request deadline (all legs, retries and the stream); 504 before the first byte, an error event after.
     request_deadline_s: float = Field(600.0, gt=0)
     # Attempts per leg before the first byte reached the client (other workers first).

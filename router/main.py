@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from pdmesh.http_guard import guarded_protocol
 from pdmesh.router.app import create_app
 from pdmesh.router.config import RouterConfig
 from pdmesh.router.log_format import setup_logging
@@ -32,4 +33,5 @@ def run_router(config: RouterConfig) -> None:
         timeout_graceful_shutdown=5,
         proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
         server_header=False,
+        http=guarded_protocol(config.header_timeout_s, config.max_connections),
     )

@@ -30,6 +30,7 @@ import time
 
 import uvicorn
 
+from pdmesh.http_guard import guarded_protocol
 from pdmesh.procs import ManagedProcess
 from pdmesh.router.config import ConfigError, RouterConfig
 from pdmesh.router.log_format import setup_logging
@@ -201,6 +202,7 @@ def run_child(index: int, workdir: str, copy_registry: bool = False) -> None:
             timeout_graceful_shutdown=5,
             proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
             server_header=False,
+            http=guarded_protocol(config.header_timeout_s, config.max_connections),
         )
     )
     server.run(sockets=[tcp, uds])

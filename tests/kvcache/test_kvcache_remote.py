@@ -121,6 +121,43 @@ def test_cache_server_rejects_bad_checksum(cache_server):
     s.close()
 
 
+def test_cache_server_survives_malformed_requests_and_bounds_pre_auth(cache_server):
+    """Wrong types from the wire get an error reply; unauthenticated peers get a small frame and a few seconds."""
+    from pdmesh.frames import recv_frame, send_frame
+    from pdmesh.kvcache.cache_server import HELLO_TIMEOUT_S, PRE_AUTH_MAX_FRAME
+
+    for bad_token in (5, ["cs-token"], None, b"cs-token"):
+        s = socket.create_connection(cache_server.address, timeout=5)
+        send_frame(s, {"op": "hello", "proto": 1, "token": bad_token})
+        assert recv_frame(s)["error"] == "unauthorized"
+        s.close()
+    s = socket.create_connection(cache_server.address, timeout=5)
+    send_frame(s, {"op": "hello", "proto": 1, "token": "cs-token"})
+    assert recv_frame(s)["ok"]
+    for bad in (
+        {"op": "get", "key": [1, 2]},
+        {"op": "get", "key": k(1), "fp": 7},
+        {"op": "contains", "keys": 5},
+        {"op": "contains", "keys": [1, 2]},
+        {"op": "delete", "keys": "x"},
+    ):
+        send_frame(s, bad)
+        reply = recv_frame(s)
+        assert reply["ok"] is False and reply["error"] == "bad_request", bad
+    send_frame(s, {"op": "contains", "keys": [k(1)]})
+    assert recv_frame(s) == {"ok": True, "n": 0}  # the same connection still serves
+    s.close()
+    big = socket.create_connection(cache_server.address, timeout=HELLO_TIMEOUT_S + 5)
+    big.sendall((PRE_AUTH_MAX_FRAME + 1).to_bytes(4, "big"))
+    assert big.recv(1) == b""  # closed without reading a body it would have to buffer
+    big.close()
+    idle = socket.create_connection(cache_server.address, timeout=HELLO_TIMEOUT_S + 5)
+    t0 = time.monotonic()
+    assert idle.recv(1) == b""  # a silent peer is dropped at the hello deadline, not after the idle timeout
+    assert time.monotonic() - t0 < HELLO_TIMEOUT_S + 2
+    idle.close()
+
+
 @pytest.mark.redis
 def test_redis_concurrent_roundtrip(redis_url):
     _concurrent_roundtrip(lambda: RedisTier(redis_url))

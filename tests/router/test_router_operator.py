@@ -110,3 +110,33 @@ def test_pdmesh_status_lists_workers_with_their_tier_stats(harness, capsys):
         assert "refused the cluster token" in capsys.readouterr().err
     finally:
         srv.stop()
+
+
+def test_router_edge_closes_slowloris_and_caps_connections():
+    """Before a request exists a client costs bounded time and one connection slot, never more."""
+    import socket
+    import time
+
+    from pdmesh.http_guard import guarded_protocol
+    from pdmesh.router.app import create_app
+
+    app = create_app(RouterConfig(cluster_token=TOKEN))
+    srv = ThreadServer(app, http=guarded_protocol(header_timeout_s=1.0, max_connections=3)).start()
+    port = int(srv.url.rsplit(":", 1)[1])
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head that never completes
+        time.sleep(0.2)
+        extra = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        assert extra[-1].recv(1) == b""  # over the cap of 3: closed at once
+        t0 = time.monotonic()
+        assert silent.recv(1) == b"" and slow.recv(1) == b""  # both closed at the header deadline
+        assert time.monotonic() - t0 < 3
+        ok = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ok.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ok.recv(64).startswith(b"HTTP/1.1 ")  # complete heads are served
+        for s in (silent, slow, ok, *extra):
+            s.close()
+    finally:
+        srv.stop()
