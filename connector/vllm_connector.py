@@ -142,6 +142,19 @@ class PdmeshConnector(KVConnectorBase_V1):
         self.tier.close()
 
     # ---------------------------------------------------------------- scheduler side
+    def on_new_request(self, request: Request) -> None:
+        """Untrusted input guard: vLLM's own scheduler reads ``request.kv_transfer_params`` as a dict right after
+        this hook (``.get("do_remote_prefill")``); anything else (e.g. a string smuggled in through
+        ``vllm_xargs``) would raise there and kill the engine. It is dropped here, with a log line."""
+        params = request.kv_transfer_params
+        if params is not None and not isinstance(params, dict):
+            log.warning(
+                "request %s: ignoring kv_transfer_params of type %s (not an object)",
+                request.request_id,
+                type(params).__name__,
+            )
+            request.kv_transfer_params = None
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:

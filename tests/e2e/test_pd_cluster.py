@@ -189,8 +189,12 @@ def test_workers_engines_refuse_direct_clients_and_survive_hostile_params(cluste
                 {"kv_transfer_params": {"pdmesh": {"transfer_id": 7, "deadline_ms": "nan"}}},
             ]
             for extra in hostile:
+                # vLLM may refuse one of these itself (its API process reads vllm_xargs' kv_transfer_params as
+                # an object: a 500 for that request); what matters is that the engine survives it
                 r = c.post(prefill_url + "/v1/completions", json={**body, **extra}, headers=key)
-                assert r.status_code in (200, 400), (extra, r.status_code, r.text[:200])
+                assert r.status_code in (200, 400, 500), (extra, r.status_code, r.text[:200])
+                again = c.post(prefill_url + "/v1/completions", json=body, headers=key)
+                assert again.status_code == 200, (extra, again.text[:200])
         # the engines still serve, through the router, with exact PD
         r = c.post(cluster.url + "/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None

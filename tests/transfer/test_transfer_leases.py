@@ -274,9 +274,22 @@ def test_a_fake_receiver_echoing_hello_ok_is_refused():
 
 
 def test_receiver_refuses_a_sender_without_the_token_before_any_alloc(rx):
+    from pdmesh.security import NONCE_BYTES
+    from pdmesh.transfer.protocol import recv_frame, send_frame
+
     r, _ = rx
-    with pytest.raises(IncompatiblePeer):
+    with pytest.raises(IncompatiblePeer):  # a real sender with the wrong token stops at the receiver's proof
         _control(r, token="wrong")
+    s = connect(r.address, time.monotonic() + 5)  # a client that answers the challenge with a guess
+    hello = {"op": "hello", "v": PROTOCOL_VERSION, "fingerprint": FP, "backends": ["tcp"]}
+    send_frame(s, {**hello, "nonce": os.urandom(NONCE_BYTES)}, time.monotonic() + 5)
+    assert recv_frame(s, time.monotonic() + 5)["op"] == "challenge"
+    send_frame(s, {"op": "auth", "proof": os.urandom(32)}, time.monotonic() + 5)
+    reply = recv_frame(s, time.monotonic() + 5)
+    assert reply["op"] == "error" and reply["code"] == PD_INCOMPATIBLE_PEER
+    s.settimeout(5)
+    assert s.recv(1) == b""  # and the connection is closed: nothing more is served on it
+    s.close()
     assert r.stats().leases == 0 and r.stats().refused >= 1
 
 
