@@ -60,10 +60,13 @@ class CacheServerClient:
         return s
 
     def _call(self, fn):
+        """Run ``fn(sock)`` on a pooled connection (or a new one). When a pooled connection fails, the server may
+        have restarted and every pooled connection is stale: they are all dropped and ``fn`` runs once more on a
+        fresh connection, so a restarted server serves the very next call."""
         try:
-            s = self._idle.get_nowait()
+            s, pooled = self._idle.get_nowait(), True
         except queue.Empty:
-            s = self._connect()
+            s, pooled = self._connect(), False
         try:
             result = fn(s)
         except (OSError, FrameError, ValueError) as e:
@@ -71,12 +74,30 @@ class CacheServerClient:
                 s.close()
             if isinstance(e, ValueError):
                 raise
-            raise RemoteUnavailable(f"cache server {self.address[0]}:{self.address[1]}: {e}") from e
+            if not pooled:
+                raise RemoteUnavailable(f"cache server {self.address[0]}:{self.address[1]}: {e}") from e
+            self._drop_idle()
+            s = self._connect()
+            try:
+                result = fn(s)
+            except (OSError, FrameError, ValueError) as e2:
+                with contextlib.suppress(OSError):
+                    s.close()
+                if isinstance(e2, ValueError):
+                    raise
+                raise RemoteUnavailable(f"cache server {self.address[0]}:{self.address[1]}: {e2}") from e2
         try:
             self._idle.put_nowait(s)
         except queue.Full:
             s.close()
         return result
+
+    def _drop_idle(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
     @staticmethod
     def _ok(reply: dict) -> dict:
@@ -148,8 +169,4 @@ class CacheServerClient:
         return self._simple({"op": "stats"})["stats"]
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        self._drop_idle()

@@ -267,3 +267,29 @@ def _concurrent_roundtrip_lossy(make_client, writers: int = 4, readers: int = 4,
     assert not bad
     for c in clients:
         c.close()
+
+
+def test_client_serves_the_first_call_after_a_cache_server_restart():
+    """Pooled sockets to a restarted server are all stale: the first failure drops them and retries once on a
+    fresh connection, so service is back on the next call (not one dead socket per call behind a breaker)."""
+    from pdmesh.kvcache.cache_server import CacheServer
+
+    first = CacheServer("127.0.0.1", 0, max_bytes=64 << 20, token="t")
+    first.start()
+    port = first.port
+    c = CacheServerClient("127.0.0.1", port, "t", timeout_s=2, connect_timeout_s=0.5, max_idle=8)
+    g = GuardedRemote(c)
+    with ThreadPoolExecutor(8) as ex:  # fill the pool with several idle connections
+        assert all(ex.map(lambda i: g.put(k(i), chunk(i, 4096)), range(16)))
+    assert c._idle.qsize() > 1
+    first.close()
+    second = CacheServer("127.0.0.1", port, max_bytes=64 << 20, token="t")
+    second.start()
+    try:
+        t0 = time.monotonic()
+        assert g.put(k(99), chunk(99, 4096)) is True  # the very next call succeeds
+        assert time.monotonic() - t0 < 1.0
+        assert g.contains([k(99)]) == 1 and g.stats.errors == 0
+    finally:
+        c.close()
+        second.close()
