@@ -80,6 +80,7 @@ class RemoteConfig(_Strict):
     breaker_cooldown_s: float = Field(2.0, gt=0)
     write_through: bool = True  # committed chunks are also put to the remote (in the background)
     lookup: bool = True  # /lookup and control lookups also ask the remote for the prefix
+    ttl_s: int | None = Field(None, ge=1)  # Redis: chunks expire after this many seconds (None: never)
 
     @model_validator(mode="after")
     def _check_url(self) -> RemoteConfig:

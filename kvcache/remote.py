@@ -65,33 +65,44 @@ def remote_breaker(failures: int = 3, cooldown_s: float = 2.0) -> CircuitBreaker
 
 
 class GuardedRemote:
-    """A :class:`RemoteTier` behind a circuit breaker. Never raises for remote failures: reads miss, writes
-    return False, ``contains`` returns 0. (ValueError for a too-small buffer still propagates.)"""
+    """A :class:`RemoteTier` behind two circuit breakers, one for reads (``get_into``, ``contains``) and one for
+    writes (``put``, ``clear``): a remote that refuses writes (a full Redis with ``noeviction``) still serves the
+    chunks it holds. Never raises for remote failures: reads miss, writes return False, ``contains`` returns 0.
+    (ValueError for a too-small buffer still propagates.)"""
 
-    def __init__(self, tier: RemoteTier, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self,
+        tier: RemoteTier,
+        breaker: CircuitBreaker | None = None,
+        write_breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.tier = tier
         self.name = tier.name
-        self.breaker = breaker or remote_breaker()
+        self.breaker = breaker or remote_breaker()  # reads
+        self.write_breaker = write_breaker or CircuitBreaker(
+            self.breaker.failures, self.breaker.open_s, self.breaker.max_open_s, clock=self.breaker.clock
+        )
         self.stats = RemoteStats()
 
-    def _run(self, fn, default):
-        if not self.breaker.try_acquire():
+    def _run(self, fn, default, breaker: CircuitBreaker | None = None):
+        breaker = breaker or self.breaker
+        if not breaker.try_acquire():
             self.stats.short_circuited += 1
             return default
         try:
             result = fn()
         except (RemoteError, OSError):
-            self.breaker.record_failure()
+            breaker.record_failure()
             self.stats.errors += 1
             return default
         except BaseException:
-            self.breaker.release_trial()
+            breaker.release_trial()
             raise
-        self.breaker.record_success()
+        breaker.record_success()
         return result
 
     def put(self, key: bytes, data, fingerprint: bytes | None = None) -> bool:
-        ok = self._run(lambda: self.tier.put(key, data, fingerprint), False)
+        ok = self._run(lambda: self.tier.put(key, data, fingerprint), False, self.write_breaker)
         if ok:
             self.stats.puts += 1
             self.stats.bytes_written += len(memoryview(data).cast("B"))
@@ -110,23 +121,33 @@ class GuardedRemote:
         return self._run(lambda: self.tier.contains(keys), 0)
 
     def clear(self) -> int:
-        return self._run(self.tier.clear, 0)
+        return self._run(self.tier.clear, 0, self.write_breaker)
 
     @property
     def available(self) -> bool:
+        """Reads are served (writes may be refused: see ``writable``)."""
         return not self.breaker.is_open
+
+    @property
+    def writable(self) -> bool:
+        return not self.write_breaker.is_open
 
     def close(self) -> None:
         self.tier.close()
 
 
 def open_remote(
-    url: str, token: str = "", *, timeout_s: float = 2.0, connect_timeout_s: float = 0.5
+    url: str,
+    token: str = "",
+    *,
+    timeout_s: float = 2.0,
+    connect_timeout_s: float = 0.5,
+    ttl_s: int | None = None,
 ) -> RemoteTier:
     """``redis://host:port/db`` (also ``rediss://``, ``unix://``) or ``pdmesh://host:port``. ValueError otherwise."""
     u = urlparse(url)
     if u.scheme in ("redis", "rediss", "unix"):
-        return RedisTier(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        return RedisTier(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ttl_s=ttl_s)
     if u.scheme == "pdmesh":
         if not u.hostname or not u.port:
             raise ValueError(f"remote URL {url!r}: pdmesh:// needs host:port")

@@ -51,7 +51,11 @@ class Tier:
             if config.remote.url:
                 r = config.remote
                 tier = open_remote(
-                    r.url, self.token, timeout_s=r.timeout_s, connect_timeout_s=r.connect_timeout_s
+                    r.url,
+                    self.token,
+                    timeout_s=r.timeout_s,
+                    connect_timeout_s=r.connect_timeout_s,
+                    ttl_s=r.ttl_s,
                 )
                 self.remote = GuardedRemote(tier, remote_breaker(r.breaker_failures, r.breaker_cooldown_s))
         except BaseException:
@@ -267,6 +271,7 @@ class Tier:
             out["remote"] = {
                 "name": self.remote.name,
                 "up": self.remote.available,
+                "writable": self.remote.writable,
                 **asdict(self.remote.stats),
             }
         out["writeback_queue"] = self._writeback.qsize()

@@ -181,13 +181,16 @@ def test_down_remote_misses_fast_and_breaker_opens(scheme):
     tier = open_remote(_dead_port_url(scheme), timeout_s=0.5, connect_timeout_s=0.2)
     with pytest.raises(RemoteUnavailable):
         tier.contains([k(1)])
-    g = GuardedRemote(tier, remote_breaker(failures=2, cooldown_s=60))
+    g = GuardedRemote(
+        tier, remote_breaker(failures=2, cooldown_s=60), remote_breaker(failures=2, cooldown_s=60)
+    )
     buf = bytearray(16)
     for _ in range(10):
         assert g.get_into(k(1), buf) is None
         assert g.contains([k(1)]) == 0
         assert g.put(k(1), b"x") is False
-    assert g.stats.errors == 2 and g.stats.short_circuited == 28 and not g.available
+    # reads and writes have a breaker each: two errors open each one, everything after is short-circuited
+    assert g.stats.errors == 4 and g.stats.short_circuited == 26 and not g.available and not g.writable
     g.close()
 
 
@@ -293,3 +296,31 @@ def test_client_serves_the_first_call_after_a_cache_server_restart():
     finally:
         c.close()
         second.close()
+
+
+@pytest.mark.redis
+def test_a_full_redis_still_serves_reads(redis_url):
+    """Redis at maxmemory with noeviction refuses writes (OOM): the write breaker opens, reads go on hitting."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.flushdb()
+    tier = open_remote(redis_url, timeout_s=2, connect_timeout_s=0.5, ttl_s=600)
+    g = GuardedRemote(tier)
+    try:
+        assert g.put(k(1), chunk(1, 64 << 10)) is True
+        assert 0 < admin.ttl(tier._k(k(1))) <= 600  # ttl_s reaches Redis
+        used = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", used + (256 << 10))
+        results = [g.put(k(i), chunk(i, 64 << 10)) for i in range(2, 40)]
+        assert not all(results)  # Redis filled up and refused
+        assert not g.writable and g.available  # only the write breaker opened
+        buf = bytearray(64 << 10)
+        assert g.get_into(k(1), buf) == 64 << 10 and bytes(buf) == chunk(1, 64 << 10)
+        assert g.contains([k(1)]) == 1
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.flushdb()
+        g.close()
+        admin.close()
