@@ -13,6 +13,8 @@ event loop. Thread-safe (a lock guards the index; file I/O runs outside it).
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import secrets
 import threading
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdmesh.kvcache.record import HEADER_BYTES, CorruptRecord, FingerprintMismatch, RecordHeader
+
+log = logging.getLogger("pdmesh.tier.disk")
 
 _LAYOUT = "v1"
 
@@ -36,6 +40,7 @@ class DiskStats:
     writes: int
     evictions: int
     corrupt: int
+    disk_full: int = 0  # writes that met ENOSPC/EDQUOT (the tier evicted to make room and went on)
 
 
 class DiskTier:
@@ -50,7 +55,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, oldest first
         self._used = 0
-        self._hits = self._misses = self._writes = self._evictions = self._corrupt = 0
+        self._hits = self._misses = self._writes = self._evictions = self._corrupt = self._disk_full = 0
         self._rebuild()
 
     # ------------------------------------------------------------------ paths and index
@@ -131,8 +136,30 @@ class DiskTier:
             return False
         header = RecordHeader.for_payload(key, payload, fingerprint or b"").pack()
         final = self._path(key)
-        final.parent.mkdir(exist_ok=True)
         tmp = self._tmp / f"{key.hex()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        for attempt in (0, 1):
+            try:
+                final.parent.mkdir(exist_ok=True)
+                self._write_tmp(tmp, header, payload)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._make_room(size, e)
+                if attempt:
+                    return False
+        os.replace(tmp, final)
+        with self._lock:
+            if key not in self._index:
+                self._index[key] = size
+                self._used += size
+            self._writes += 1
+            victims = self._evict_locked()
+        self._unlink(victims)
+        return True
+
+    def _write_tmp(self, tmp: Path, header: bytes, payload: memoryview) -> None:
+        """Write (and fsync) a temp file; removed again on any error."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             bufs = [memoryview(header), payload]
@@ -151,15 +178,30 @@ class DiskTier:
                 os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+
+    def _make_room(self, need: int, err: OSError) -> None:
+        """The filesystem is fuller than ``max_bytes`` assumed (other users, a small volume): count, say so once,
+        and evict the least recently used chunks (at least ``2 * need`` bytes, or a tenth of what is held)."""
         with self._lock:
-            if key not in self._index:
-                self._index[key] = size
-                self._used += size
-            self._writes += 1
-            victims = self._evict_locked()
+            self._disk_full += 1
+            first = self._disk_full == 1
+            goal = max(2 * need, self._used // 10)
+            victims, freed = [], 0
+            while freed < goal and self._index:
+                key, size = self._index.popitem(last=False)
+                self._used -= size
+                self._evictions += 1
+                freed += size
+                victims.append(key)
+        if first or self._disk_full % 1000 == 0:
+            log.warning(
+                "disk tier %s is full (%s; %d times so far): evicting %d chunks to make room",
+                self.root,
+                err.strerror,
+                self._disk_full,
+                len(victims),
+            )
         self._unlink(victims)
-        return True
 
     def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
         """Read a verified chunk into ``out`` (writable buffer, at least the chunk's length); returns the length,
@@ -239,4 +281,5 @@ class DiskTier:
                 writes=self._writes,
                 evictions=self._evictions,
                 corrupt=self._corrupt,
+                disk_full=self._disk_full,
             )

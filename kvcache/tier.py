@@ -316,6 +316,8 @@ class Tier:
             "pool_in_use_chunks": ps.in_use,
             "pool_in_flight_chunks": ps.in_flight,
         }
+        if self.disk is not None:
+            extra["disk_full_total"] = ds.disk_full
         if self.remote is not None:
             rs = self.remote.stats
             tiers["remote"] = {

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pdmesh.kvcache.disk import DiskTier
 from pdmesh.kvcache.record import HEADER_BYTES
 
@@ -93,3 +95,30 @@ def test_kill9_during_writes_never_serves_corrupt_chunks(tmp_path):
             served += 1
     assert served == n  # every indexed file verifies: torn writes can only be left in tmp/
     assert not list((d.root / "tmp").iterdir())
+
+
+def test_a_full_filesystem_is_counted_evicted_and_survived(tmp_path):
+    """ENOSPC from a volume smaller than max_bytes: logged once, counted, LRU chunks evicted, writes go on."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        d = DiskTier(mnt, max_bytes=64 << 20, fsync=False)  # believes it has 64 MiB; the volume has 1 MiB
+        payload = b"x" * (100 << 10)
+        results = [d.put(bytes([i]) * 16, payload) for i in range(40)]  # 4 MB into 1 MiB
+        st = d.stats()
+        assert st.disk_full >= 1 and st.evictions >= 1
+        assert results[-1] is True  # still writing after the volume filled up
+        assert d.get(bytes([39]) * 16) == payload  # the latest chunk is readable
+        assert st.files == len(list((mnt).rglob("*.kv")))  # the index matches what is on disk
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
