@@ -14,6 +14,7 @@ import sys
 def _tier_server(args: argparse.Namespace) -> int:
     from pdmesh.kvcache.config import ConfigError, TierConfig
     from pdmesh.kvcache.server import run_tier_server
+    from pdmesh.transfer.segment import SegmentSpaceError
 
     overrides = {
         "host": args.host,
@@ -37,7 +38,11 @@ def _tier_server(args: argparse.Namespace) -> int:
         print(f"pdmesh tier-server: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_tier_server(cfg)
+    try:
+        run_tier_server(cfg)
+    except SegmentSpaceError as e:
+        print(f"pdmesh tier-server: {e.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

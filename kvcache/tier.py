@@ -25,6 +25,7 @@ from pdmesh.kvcache.pool import ChunkPool, PoolFull
 from pdmesh.kvcache.remote import GuardedRemote, open_remote, remote_breaker
 from pdmesh.kvcache.transfer_node import TransferNode
 from pdmesh.transfer.errors import TransferError
+from pdmesh.transfer.segment import sweep_stale_segments
 
 log = logging.getLogger("pdmesh.tier")
 
@@ -35,6 +36,7 @@ class Tier:
     def __init__(self, config: TierConfig) -> None:
         self.config = config
         self.token = config.resolved_token()
+        sweep_stale_segments()  # pools of tier servers that were SIGKILLed
         self.pool = ChunkPool(
             config.slot_bytes,
             config.num_slots,

@@ -373,3 +373,40 @@ def test_shm_backend_maps_only_pdmesh_segments_on_this_host(tmp_path):
         b.close()
         pool.close()
     assert target.read_bytes() == b"\0" * 4096
+
+
+def test_segments_reserve_their_memory_and_dead_processes_segments_are_swept(tmp_path, monkeypatch):
+    """/dev/shm too small fails at creation with the sizes and the setting to change (not SIGBUS later); a
+    SIGKILLed owner's segment is removed by the next sweep, a live owner's is kept."""
+    import shutil
+    import subprocess
+
+    from pdmesh.transfer import segment
+
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(segment, "SHM_DIR", str(mnt))
+        with pytest.raises(segment.SegmentSpaceError) as e:
+            segment.SharedSegment("pdmesh-tier-1-00000000", 8 << 20)
+        assert "shm_size" in str(e.value.strerror) and "8 MiB" in e.value.strerror
+        assert not any(mnt.iterdir())  # nothing left behind
+        ok = segment.SharedSegment("pdmesh-tier-2-00000000", 256 << 10)
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # a pid that no longer exists
+        stale = mnt / f"pdmesh-tier-{dead.pid}-deadbeef"
+        stale.write_bytes(b"x")
+        live = mnt / f"pdmesh-tier-{os.getppid()}-0badcafe"
+        live.write_bytes(b"x")
+        assert segment.sweep_stale_segments() == [stale.name]
+        assert live.exists() and not stale.exists()
+        ok.close()
+        live.unlink()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
