@@ -99,14 +99,17 @@ class ConnectorScheduler:
             return 0, False
         keys = self._keys(st, limit)
         self.stats.lookups += 1
+        tier_down = False
         try:
             ready = min(self.tier.lookup(keys[:limit]), limit)
         except Exception as e:  # the tier is an optimisation: unreachable => compute
             self.stats.lookup_errors += 1
             log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)
-            ready = 0
+            ready, tier_down = 0, True
         if st.wait is not None and not st.wait.fell_back:
-            if st.wait.decide(ready, limit, self.clock()) == "wait":
+            # pushed chunks land in the local tier: with the tier down there is nothing to wait for
+            now = self.clock() if not tier_down else st.wait.started_at + st.wait.deadline_s
+            if st.wait.decide(ready, limit, now) == "wait":
                 self.stats.pd_waits += 1
                 return None, False  # the pushed chunks are still in flight: ask again next step
             if st.wait.fell_back:

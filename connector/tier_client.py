@@ -11,7 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from pdmesh.kvcache.client import TierClient
+from pdmesh.breaker import CircuitBreaker
+from pdmesh.kvcache.client import TierClient, TierUnavailable
 from pdmesh.kvcache.keys import ModelFingerprint
 from pdmesh.security import cluster_token_from_env
 from pdmesh.transfer.segment import attach_segment
@@ -33,6 +34,7 @@ class ConnectorTierClient:
         self._mapped_name: str | None = None
         self._view: memoryview | None = None
         self._client = TierClient(socket_path, token, timeout_s=timeout_s, fingerprint=fingerprint.to_dict())
+        self._breaker = CircuitBreaker(failures=1, open_s=1.0, max_open_s=5.0)
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any], fingerprint: ModelFingerprint) -> ConnectorTierClient:
@@ -50,7 +52,19 @@ class ConnectorTierClient:
 
     # TierLookup
     def lookup(self, keys: Sequence[bytes]) -> int:
-        return self._client.lookup(keys).n if keys else 0
+        """Raises at once while the lookup breaker is open: a dead or hung tier costs vLLM's scheduler thread one
+        bounded call per cooldown, not one per request (and a decode leg then falls back at once)."""
+        if not keys:
+            return 0
+        if not self._breaker.try_acquire():
+            raise TierUnavailable("tier server unavailable (breaker open)")
+        try:
+            n = self._client.lookup(keys).n
+        except BaseException:
+            self._breaker.record_failure()
+            raise
+        self._breaker.record_success()
+        return n
 
     # TierWorkerClient
     def pool_view(self) -> memoryview:

@@ -26,9 +26,11 @@ the lock under a reader reference, so a concurrent eviction cannot recycle a buf
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
+import time
 from dataclasses import asdict
 
 from pdmesh.frames import FrameError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
@@ -122,8 +124,12 @@ class CacheServer:
                 conn, _ = self._lsock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as exc:
+                if self._stopping.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                log.warning("cache server: accept failed (%s); still serving", exc)
+                time.sleep(0.05)  # e.g. EMFILE: let connections close
+                continue
             with self._lock:
                 if len(self._conns) >= self.max_connections:
                     conn.close()
@@ -141,10 +147,10 @@ class CacheServer:
             self._threads.append(t)
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(HELLO_TIMEOUT_S)  # an unauthenticated peer gets a few seconds and one small frame
         tune_tcp(conn)
         try:
-            hello = recv_frame(conn, PRE_AUTH_MAX_FRAME)
+            # an unauthenticated peer gets a few seconds in all (not per read) and one small frame
+            hello = recv_frame(conn, PRE_AUTH_MAX_FRAME, time.monotonic() + HELLO_TIMEOUT_S)
             if hello.get("op") != "hello" or hello.get("proto") != PROTO_VERSION:
                 send_frame(conn, _err("protocol", f"expected hello with proto {PROTO_VERSION}"))
                 return
@@ -176,8 +182,18 @@ class CacheServer:
         if op == "put":
             n = msg.get("n")
             key = msg.get("key")
-            if not isinstance(n, int) or n < 0 or not isinstance(key, bytes) or len(key) != 16:
-                send_frame(conn, _err("bad_request", "put needs key (16 bytes) and n"))
+            csum = msg.get("csum")
+            if (
+                not isinstance(n, int)
+                or n < 0
+                or not isinstance(key, bytes)
+                or len(key) != 16
+                or not isinstance(csum, int)
+                or (msg.get("fp") is not None and not isinstance(msg.get("fp"), bytes))
+            ):
+                send_frame(
+                    conn, _err("bad_request", "put needs key (16 bytes), n, csum (int) and fp (bytes)")
+                )
                 return False
             buf = self.store.reserve(n)
             if buf is None:

@@ -162,10 +162,7 @@ async def _lookup(tier: Tier, conn: Conn, msg: dict) -> dict:
 
 
 async def _load(tier: Tier, conn: Conn, msg: dict) -> dict:
-    keys = parse_keys(msg)
-    locs = await tier.load(keys, conn.fp)
-    for k in keys[: len(locs)]:
-        conn.refs[k] += 1
+    locs = await tier.load(parse_keys(msg), conn.fp, conn.refs)
     return {"n": len(locs), "locs": [list(x) for x in locs]}
 
 

@@ -94,7 +94,8 @@ class Tier:
         for t in self._tasks:
             if t.get_name() != "tier-http":
                 t.cancel()
-        await asyncio.wait(self._tasks, timeout=5)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         for t in list(self._pushes):
             t.cancel()
         if self.transfer is not None:
@@ -226,9 +227,12 @@ class Tier:
                 return False
             await asyncio.sleep(0.002)
 
-    async def load(self, keys: list[bytes], fp: bytes | None = None) -> list[tuple[int, int]]:
+    async def load(
+        self, keys: list[bytes], fp: bytes | None = None, refs: Counter | None = None
+    ) -> list[tuple[int, int]]:
         """Bring the longest available prefix into the pool; returns locations with in-use refs taken (one per
-        returned key: the caller owns them and must ``pool.release`` each)."""
+        returned key: the caller owns them and must ``pool.release`` each). Each ref is recorded in ``refs`` the
+        moment it is taken, so a load cut short (an error, a cancellation) leaves no ref its owner cannot see."""
         locs: list[tuple[int, int]] = []
         for k in keys:
             got = self.pool.acquire_many([k])
@@ -247,6 +251,8 @@ class Tier:
             else:
                 self.counters["memory"]["hits"] += 1
                 self.counters["memory"]["bytes_read"] += got[0].length
+            if refs is not None:
+                refs[k] += 1
             locs.append((got[0].offset, got[0].length))
         return locs
 

@@ -105,7 +105,7 @@ def make_app(tier: Tier) -> FastAPI:
                 keys = chain_keys(seed, body["token_ids"], chunk_tokens)
             else:
                 raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
-        except (ValueError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError, AttributeError, OverflowError) as e:
             raise _HTTPError(422, str(e)) from e
         n, tiers = await tier.lookup(keys, bool(body.get("remote", True)))
         return {"chunks": n, "tokens": n * chunk_tokens, "total_chunks": len(keys), "tiers": tiers}

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from typing import Any
 
 import msgpack
@@ -54,21 +55,33 @@ def _check_length(head: bytes, max_frame: int) -> int:
     return length
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the socket (no intermediate copies). ConnectionError when the peer closes."""
+def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` from the socket (no intermediate copies). ConnectionError when the peer closes.
+
+    With ``deadline`` (``time.monotonic()``) the whole read must finish by then (TimeoutError): the socket timeout
+    is set to the time left before every ``recv_into``, so a peer trickling one byte at a time cannot stretch it.
+    Without, each ``recv_into`` gets the socket's own timeout."""
     got, total = 0, len(view)
     while got < total:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("read deadline passed")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:], total - got)
         if n == 0:
             raise ConnectionError("peer closed the connection")
         got += n
 
 
-def recv_frame(sock: socket.socket, max_frame: int = MAX_FRAME) -> dict[str, Any]:
+def recv_frame(
+    sock: socket.socket, max_frame: int = MAX_FRAME, deadline: float | None = None
+) -> dict[str, Any]:
+    """One frame; with ``deadline`` the whole frame must arrive by then (see :func:`recv_exact_into`)."""
     head = bytearray(_LEN.size)
-    recv_exact_into(sock, memoryview(head))
+    recv_exact_into(sock, memoryview(head), deadline)
     body = bytearray(_check_length(bytes(head), max_frame))
-    recv_exact_into(sock, memoryview(body))
+    recv_exact_into(sock, memoryview(body), deadline)
     return decode_body(bytes(body))
 
 

@@ -80,9 +80,9 @@ def push_target_signed(
         return False
     try:
         proof = bytes.fromhex(signature)
-    except ValueError:
+        parts = (transfer_id.encode(), push_to.encode(), str(deadline_ms).encode())
+    except ValueError:  # also UnicodeEncodeError (a lone surrogate): never raise inside vLLM's scheduler
         return False
-    parts = (transfer_id.encode(), push_to.encode(), str(deadline_ms).encode())
     return proof_matches(proof, token, "push-target", *parts)
 
 

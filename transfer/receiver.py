@@ -239,20 +239,22 @@ class Receiver:
             self._connection_lost(cid)
 
     def _check_hello(self, msg: dict) -> None:
+        """Refuse before authentication; the reply says why in general terms only (the peer is not trusted with
+        this node's fingerprint or backends), the log has the detail."""
         if msg.get("op") != "hello" or msg.get("v") != PROTOCOL_VERSION:
-            raise IncompatiblePeer(f"expected hello v{PROTOCOL_VERSION}, got {msg.get('op')} v{msg.get('v')}")
+            raise IncompatiblePeer(f"expected hello v{PROTOCOL_VERSION}")
         if msg.get("fingerprint") != self.config.fingerprint:
-            raise IncompatiblePeer(
-                f"fingerprint mismatch: peer {msg.get('fingerprint')!r} != {self.config.fingerprint!r}"
-            )
+            log.warning("transfer peer refused: fingerprint %.200r != ours", msg.get("fingerprint"))
+            raise IncompatiblePeer("fingerprint mismatch")
         if not self._wanted(msg):
-            raise IncompatiblePeer(
-                f"no common backend (peer {msg.get('backends')}, here {list(self._metadata)})"
-            )
+            log.warning("transfer peer refused: no common backend in %.200r", msg.get("backends"))
+            raise IncompatiblePeer("no common backend")
 
     def _wanted(self, msg: dict) -> list[str]:
         backends = msg.get("backends")
-        return [b for b in backends if b in self._metadata] if isinstance(backends, list) else []
+        if not isinstance(backends, list):
+            return []
+        return [b for b in backends if isinstance(b, str) and b in self._metadata]
 
     def _hello_ok(self, msg: dict) -> dict:
         """Sent only to an authenticated peer: the backends' metadata (segment names, data ports)."""

@@ -274,3 +274,13 @@ def test_a_push_target_the_router_did_not_sign_is_never_pushed_to():
     s.update_state_after_alloc(req, [1, 2, 3, 4, 5, 6, 7], 0)
     (save,) = s.build_meta(new_req_output(req, [1, 2, 3, 4, 5, 6, 7], 0, 25)).saves
     assert save.push is not None and save.push.peer == "10.0.0.2:7000"
+
+
+def test_pd_decode_with_its_tier_down_computes_at_once():
+    """Pushed chunks land in the local tier: when it does not answer there is nothing to wait for."""
+    s, tier, _ = make()
+    tier.down = True
+    req = FakeRequest("r", list(range(1, 26)), {"pdmesh": {"transfer_id": "t1", "deadline_ms": 5000}})
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # no None: no wait for the 5 s deadline
+    assert s.stats.pd_fallbacks == 1 and s.stats.pd_waits == 0
+    assert s.request_finished(req) == {"pdmesh": {"transfer_id": "t1", "loaded_tokens": 0, "fallback": True}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -136,6 +138,24 @@ def test_router_edge_closes_slowloris_and_caps_connections():
         ok = socket.create_connection(("127.0.0.1", port), timeout=10)
         ok.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert ok.recv(64).startswith(b"HTTP/1.1 ")  # complete heads are served
+        # answered before its body (too large: 413): the connection closes instead of waiting for the body
+        early = socket.create_connection(("127.0.0.1", port), timeout=10)
+        early.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n{")
+        got = b""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8:
+            try:
+                chunk = early.recv(4096)
+            except ConnectionResetError:  # closed with our unread body bytes in its buffer
+                break
+            if not chunk:
+                break
+            got += chunk
+            with contextlib.suppress(OSError):  # trickle the rest of the body (until the server closes)
+                early.sendall(b" ")
+            time.sleep(0.2)
+        assert got.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 3
+        early.close()
         for s in (silent, slow, ok, *extra):
             s.close()
     finally:

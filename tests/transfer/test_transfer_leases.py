@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -305,6 +306,15 @@ def test_receiver_bounds_pre_auth_frames_and_time(rx):
     )  # the receiver answers an error or closes, without waiting for the body
     assert time.monotonic() - t0 < 2
     s.close()
+    trickle = socket.create_connection(r.address, timeout=HELLO_TIMEOUT_S + 5)  # one byte at a time
+    trickle.sendall((100).to_bytes(4, "big"))
+    t0 = time.monotonic()
+    with contextlib.suppress(OSError):
+        while time.monotonic() - t0 < HELLO_TIMEOUT_S + 5:
+            trickle.sendall(b"x")  # each read is quick; the whole frame still has only HELLO_TIMEOUT_S
+            time.sleep(0.5)
+    assert time.monotonic() - t0 <= HELLO_TIMEOUT_S + 2
+    trickle.close()
     idle = socket.create_connection(r.address, timeout=HELLO_TIMEOUT_S + 5)  # slowloris: says nothing
     t0 = time.monotonic()
     while idle.recv(1 << 16):
