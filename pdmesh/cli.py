@@ -81,9 +81,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"pdmesh ready: {cluster.url}/v1  (OpenAI API; Ctrl-C stops everything)", flush=True)
         if args.demo:
             return _demo_request(cluster.url)
-        while True:
+        while True:  # a child that exits is restarted; a crash loop stops everything, saying why
             time.sleep(1)
-            cluster._check_alive()
+            for name in cluster.supervise():
+                print(
+                    f"pdmesh: {name} exited; restarted it (log: {cluster.log_dir / (name + '.log')})",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print("pdmesh: stopping", flush=True)
         return 0

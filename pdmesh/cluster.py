@@ -2,7 +2,8 @@
 
 :class:`LocalCluster` owns every process it starts; :meth:`LocalCluster.stop` (idempotent, also run by the
 context manager) stops them all, workers first so they deregister. Children also die with this process
-(PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of the owner.
+(PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of the owner. :meth:`LocalCluster.supervise` restarts
+a child that exited, with its command, port and log, and gives up (RuntimeError) on a crash loop.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class ClusterSpec:
     router_processes: int = 1  # router processes sharing the port (router ``processes``)
 
 
+MAX_RESTARTS = 5  # exits of one child within RESTART_WINDOW_S before `pdmesh up` gives up
+RESTART_WINDOW_S = 60.0
+
+
 class LocalCluster:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
@@ -52,6 +57,8 @@ class LocalCluster:
         self.worker_ports: dict[str, int] = {}
         self.url = f"http://{spec.host}:{spec.port}"
         self._n_started = 0
+        self._spawned: dict[str, tuple[list[str], Path, dict[str, str] | None]] = {}  # name -> how to restart
+        self._exits: dict[str, list[float]] = {}  # name -> recent exit times (crash-loop detection)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -207,6 +214,47 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last} (logs in {self.log_dir})")
 
+    def supervise(self) -> list[str]:
+        """Restart every child that exited, with the same command, port and log (``pdmesh up`` calls this every
+        second). Returns the names restarted. Raises RuntimeError, naming the child and its last log lines, when
+        one exits more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop, not a crash)."""
+        restarted = []
+        now = time.monotonic()
+        for name, proc in self._children():
+            if proc.alive():
+                continue
+            code = proc.poll()
+            history = [t for t in self._exits.get(name, []) if now - t < RESTART_WINDOW_S] + [now]
+            self._exits[name] = history
+            tail = _tail(self._spawned[name][1])
+            if len(history) > MAX_RESTARTS:
+                raise RuntimeError(
+                    f"{name} exited {len(history)} times within {RESTART_WINDOW_S:.0f}s (last code {code}); "
+                    f"giving up. Last log lines:\n{tail}"
+                )
+            log.warning(
+                "%s exited with code %s; restarting it (%d in %.0fs)",
+                name,
+                code,
+                len(history),
+                RESTART_WINDOW_S,
+            )
+            proc.stop(10)  # reap it and whatever of its process group is left (e.g. a worker's vLLM)
+            args, log_path, env = self._spawned[name]
+            new = self._spawn(name, args, log_path, env)
+            if name == "router":
+                self.router = new
+            elif name == "cache-server":
+                self.cache_server = new
+            else:
+                self.workers[name] = new
+            restarted.append(name)
+        return restarted
+
+    def _children(self) -> list[tuple[str, ManagedProcess]]:
+        named = [("router", self.router), ("cache-server", self.cache_server), *self.workers.items()]
+        return [(n, p) for n, p in named if p is not None]
+
     def _check_alive(self) -> None:
         for name, proc in [
             ("router", self.router),
@@ -228,6 +276,7 @@ class LocalCluster:
             **self.spec.env,
             **(env or {}),
         }
+        self._spawned[name] = (args, log_path, env)
         return ManagedProcess(
             name, [sys.executable, "-m", "pdmesh.cli", *args], env=full_env, log_path=str(log_path)
         )

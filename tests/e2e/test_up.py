@@ -1,4 +1,5 @@
-"""`pdmesh up` as a user runs it: starts, answers, and leaves no process behind on SIGTERM or SIGINT."""
+"""`pdmesh up` as a user runs it: starts, answers, restarts a child that dies, and leaves no process behind on
+SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ def test_up_serves_and_stops_without_orphans(tiny_model, tmp_path, sig):
             trust_env=False,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        # a child that dies is restarted, not the end of the cluster
+        decoder = next(p for p in psutil.Process(proc.pid).children() if "decoder" in " ".join(p.cmdline()))
+        decoder.kill()
+        assert "decode-0 exited; restarted" in _wait_line(proc, "restarted", 60)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    json={"model": "pdmesh-tiny-llama", "prompt": "hello again", "max_tokens": 3},
+                    timeout=60,
+                    trust_env=False,
+                )
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the restarted decoder never served"
+            time.sleep(2)
+        assert proc.poll() is None
         tree = psutil.Process(proc.pid).children(recursive=True)
         # router + 2 worker agents + 2 vLLM servers (+ their engine processes)
         assert len(tree) >= 5, [p.cmdline()[:4] for p in tree]
