@@ -6,7 +6,9 @@ Lifecycle (blocking, :func:`run_worker`):
 3. register with the router and heartbeat; while the router is unreachable, retry with capped exponential
    backoff and say so in the log (the worker keeps serving whoever reaches it);
 4. on SIGTERM/SIGINT: deregister (best effort, 2 s timeout), stop vLLM (SIGTERM, then SIGKILL after 20 s),
-   exit 0. If vLLM exits on its own, deregister and exit with a non-zero code.
+   exit 0. If vLLM exits on its own, deregister and exit with a non-zero code (``pdmesh up`` restarts the worker).
+In push mode the node's tier server starts first; if it exits later, :class:`TierWatch` restarts it with backoff
+while the worker advertises no tier addresses, so the router sends it no pushes meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import signal
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 
 import httpx
 
@@ -172,7 +176,14 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
             tier_url=tier.info.get("http") if tier else None,
             transfer_address=tier.info.get("transfer") if tier else None,
         )
-        return asyncio.run(_run_until_signalled(server, reg, args.router.rstrip("/")))
+        watch = None
+        if tier is not None:
+            watch = TierWatch(tier, lambda: _start_tier(args, worker_id, model, device, host, extra)[0])
+        try:
+            return asyncio.run(_run_until_signalled(server, reg, args.router.rstrip("/"), watch))
+        finally:
+            if watch is not None:
+                tier = watch.tier  # the one running now (it may have been restarted)
     except (RuntimeError, TimeoutError) as e:
         log.error("%s worker failed to start: %s", role.name, e)
         return 1
@@ -217,21 +228,77 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-async def _run_until_signalled(server: VLLMServer, reg: WorkerRegistration, router: str) -> int:
+class TierWatch:
+    """Keeps the node's tier server running. When it exits, the worker advertises no tier (no transfer address:
+    the router sends this node no pushes, and its engine computes what it cannot load) and restarts it with
+    backoff (1 s, doubling to 30 s); once the new one is ready, its addresses are advertised again. The engine's
+    connector reconnects to the new server by itself (same socket path, new segment)."""
+
+    def __init__(self, tier: TierProcess, start: Callable[[], TierProcess], clock=time.monotonic) -> None:
+        self.tier = tier
+        self._start = start
+        self._clock = clock
+        self._next_try = 0.0
+        self._backoff = 1.0
+        self.restarts = 0
+
+    async def advertised(self, reg: WorkerRegistration) -> WorkerRegistration:
+        """``reg`` with the tier's current addresses, or without any while it is down (restarting it when due)."""
+        if not self.tier.process.alive():
+            if self._next_try == 0.0:
+                log.error(
+                    "tier server exited with code %s; restarting it. Its last log lines:\n%s",
+                    self.tier.process.poll(),
+                    _log_tail(getattr(self.tier, "log_path", None)),
+                )
+                self._next_try = self._clock()
+            if self._clock() >= self._next_try:
+                try:
+                    self.tier.stop()
+                    self.tier = await asyncio.to_thread(self._start)
+                    self.restarts += 1
+                    self._next_try, self._backoff = 0.0, 1.0
+                    log.info("tier server restarted: %s", self.tier.info)
+                except (RuntimeError, TimeoutError, OSError) as e:
+                    log.error("tier server restart failed (%s); next try in %.0fs", e, self._backoff)
+                    self._next_try = self._clock() + self._backoff
+                    self._backoff = min(self._backoff * 2, 30.0)
+        if not self.tier.process.alive():
+            return reg.model_copy(update={"tier_url": None, "transfer_address": None})
+        info = self.tier.info
+        return reg.model_copy(update={"tier_url": info.get("http"), "transfer_address": info.get("transfer")})
+
+
+def _log_tail(path: str | None, n: int = 20) -> str:
+    try:
+        with open(path or "", errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+async def _run_until_signalled(
+    server: VLLMServer, reg: WorkerRegistration, router: str, tier: TierWatch | None = None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await heartbeat_until_stopped(server, reg, router, stop)
+    return await heartbeat_until_stopped(server, reg, router, stop, tier)
 
 
 async def heartbeat_until_stopped(
-    server: VLLMServer, reg: WorkerRegistration, router: str, stop: asyncio.Event
+    server: VLLMServer,
+    reg: WorkerRegistration,
+    router: str,
+    stop: asyncio.Event,
+    tier: TierWatch | None = None,
 ) -> int:
     """Register and heartbeat until ``stop`` is set (returns 0) or vLLM exits (returns 2); deregisters both ways.
 
     While the router is unreachable or refuses, retries with exponential backoff (0.5 s doubling to 10 s) and
     logs each failure. Each HTTP call has a 5 s timeout (2 s to connect, 2 s for the final deregistration).
+    With ``tier``, each heartbeat carries the tier's current addresses (none while it is down; it is restarted).
     """
     headers = {TOKEN_HEADER: cluster_token_from_env()}
     interval, backoff, registered = 2.0, 0.5, False
@@ -243,6 +310,8 @@ async def heartbeat_until_stopped(
                 log.error("vLLM exited with code %s; worker stops", server.process.poll())
                 await _deregister(client, router, reg.worker_id)
                 return 2
+            if tier is not None:
+                reg = await tier.advertised(reg)
             try:
                 r = await client.post(f"{router}/internal/workers", content=reg.model_dump_json())
                 r.raise_for_status()

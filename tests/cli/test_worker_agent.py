@@ -105,3 +105,40 @@ def test_tier_http_port_defaults_to_the_vllm_port_plus_1000():
     assert tier_http_port(0, 8100) == 0  # any free port
     assert tier_http_port(7000, 8100) == 7000
     assert tier_http_port(-1, 65000) == 0  # no valid port above: any free port
+
+
+class _FakeTier:
+    def __init__(self, transfer: str) -> None:
+        self.process = _FakeProcess()
+        self.info = {"http": "http://127.0.0.1:9100", "transfer": transfer}
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_dead_tier_is_advertised_away_then_restarted_with_backoff():
+    """While the node's tier is down the worker advertises no transfer address; restarts back off on failure."""
+    from pdmesh.worker.agent import TierWatch
+
+    now = [0.0]
+    first = _FakeTier("127.0.0.1:7001")
+    starts: list[int] = []
+
+    def start() -> _FakeTier:
+        starts.append(1)
+        if len(starts) == 1:
+            raise RuntimeError("tier server not ready")
+        return _FakeTier("127.0.0.1:7002")
+
+    watch = TierWatch(first, start, clock=lambda: now[0])
+    reg = asyncio.run(watch.advertised(REG))
+    assert reg.transfer_address == "127.0.0.1:7001" and not starts
+    first.process.exit_code = 137  # SIGKILLed
+    reg = asyncio.run(watch.advertised(REG))  # restart fails: advertised without a tier
+    assert reg.transfer_address is None and reg.tier_url is None and len(starts) == 1 and first.stopped
+    now[0] = 0.5
+    assert asyncio.run(watch.advertised(REG)).transfer_address is None and len(starts) == 1  # backing off
+    now[0] = 1.0
+    reg = asyncio.run(watch.advertised(REG))
+    assert reg.transfer_address == "127.0.0.1:7002" and watch.restarts == 1 and len(starts) == 2
