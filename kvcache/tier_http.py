@@ -37,10 +37,14 @@ class _HTTPError(Exception):
         self.status, self.detail = status, detail
 
 
-async def _authed_body(tier: Tier, request: Request) -> dict[str, Any]:
-    """Check the token, then read and parse a bounded JSON object body ({} when empty)."""
+def _require_token(tier: Tier, request: Request) -> None:
     if not token_matches(request.headers.get(TOKEN_HEADER), tier.token):
         raise _HTTPError(401, "missing or bad cluster token")
+
+
+async def _authed_body(tier: Tier, request: Request) -> dict[str, Any]:
+    """Check the token, then read and parse a bounded JSON object body ({} when empty)."""
+    _require_token(tier, request)
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise _HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
@@ -81,8 +85,7 @@ def make_app(tier: Tier) -> FastAPI:
 
     @app.get("/stats")
     async def stats(request: Request) -> dict:
-        if not token_matches(request.headers.get(TOKEN_HEADER), tier.token):
-            raise _HTTPError(401, "missing or bad cluster token")
+        _require_token(tier, request)
         return tier.stats()
 
     @app.post("/lookup")

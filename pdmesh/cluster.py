@@ -256,12 +256,8 @@ class LocalCluster:
         return [(n, p) for n, p in named if p is not None]
 
     def _check_alive(self) -> None:
-        for name, proc in [
-            ("router", self.router),
-            ("cache-server", self.cache_server),
-            *self.workers.items(),
-        ]:
-            if proc is not None and not proc.alive():
+        for name, proc in self._children():
+            if not proc.alive():
                 tail = _tail(self.log_dir / f"{name}.log")
                 raise RuntimeError(f"{name} exited with code {proc.poll()}; last log lines:\n{tail}")
 

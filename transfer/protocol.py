@@ -55,9 +55,7 @@ def send_frame(sock: socket.socket, msg: dict[str, Any], deadline: float) -> Non
 def recv_frame(sock: socket.socket, deadline: float | None, max_frame: int = MAX_FRAME) -> dict[str, Any]:
     """Receive one whole frame by ``deadline`` (None = the socket's current timeout per read). Before a peer is
     authenticated pass ``max_frame=PRE_AUTH_MAX_FRAME``: the length is checked before the body is read."""
-    if deadline is not None:
-        _settimeout(sock, deadline)
-    try:
+    try:  # with a deadline, frames.recv_exact_into sets the time left before every read
         msg = _recv_frame(sock, max_frame, deadline)
     except TimeoutError as exc:
         raise TransferTimeout("receive timed out") from exc

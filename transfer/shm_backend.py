@@ -27,7 +27,7 @@ from pdmesh.transfer.backend import (
     unpack_metadata,
 )
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferTimeout
-from pdmesh.transfer.segment import SEGMENT_NAME, attach_segment, segment_path
+from pdmesh.transfer.segment import attach_segment, segment_path
 
 PIECE = 32 << 20
 
@@ -85,12 +85,16 @@ class ShmBackend(TransferBackend):
     def connect(self, peer_metadata: bytes) -> str:
         md = unpack_metadata(peer_metadata, self.name, self.fingerprint)
         seg = md.get("segment")
-        if not isinstance(seg, str) or not SEGMENT_NAME.fullmatch(seg) or ".." in seg:
+        try:
+            path = segment_path(seg) if isinstance(seg, str) else None  # the one check of peer segment names
+        except ValueError:
+            path = None
+        if path is None:
             raise IncompatiblePeer(f"shm peer named an invalid segment {seg!r}")
         if md.get("host") != host_id():
             raise IncompatiblePeer("shm peer is on another host")
         try:
-            st = os.stat(segment_path(seg))
+            st = os.stat(path)
         except OSError:
             raise IncompatiblePeer("shm peer's segment is not on this host") from None
         if md.get("file") != [st.st_dev, st.st_ino]:
