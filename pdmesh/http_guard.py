@@ -5,7 +5,7 @@ protocol with two bounds on work before a request exists.
   (and of each later request's first byte); a slowloris client that trickles or never sends headers is closed.
   Idle time between requests is uvicorn's own keep-alive timeout.
 - **No trickled leftovers**: a response sent before the request body was all read (an early 401/413/408) closes
-  the connection instead of keeping it alive for the rest of the body.
+  the connection ``header_timeout_s`` later instead of keeping it alive for the rest of the body.
 - **Connection cap**: at most ``max_connections`` open client connections per router process; one more is closed
   at once, before any byte is parsed (request bodies are bounded by each service: the router's
   ``max_body_bytes``/``body_timeout_s``, the tier API's ``MAX_BODY_BYTES``).
@@ -43,10 +43,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         # Answered before the request body was all read (401/413/408 at the edge): the rest of the body would
-        # keep the connection open for as long as the client trickles it. Close instead of keeping it alive.
+        # keep the connection open for as long as the client trickles it. No keep-alive: the rest is read and
+        # dropped for at most ``header_timeout_s`` (a client still sending a large body gets to read the answer
+        # instead of a reset), then the connection is closed.
         if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
             self.server_state.total_requests += 1
-            self.transport.close()
+            self.flow.resume_reading()  # drain (and drop) the rest, so the client can finish and read the answer
+            self._disarm()
+            self._arm()
             return
         super().on_response_complete()
 
