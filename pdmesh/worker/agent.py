@@ -6,9 +6,12 @@ Lifecycle (blocking, :func:`run_worker`):
 3. register with the router and heartbeat; while the router is unreachable, retry with capped exponential
    backoff and say so in the log (the worker keeps serving whoever reaches it);
 4. on SIGTERM/SIGINT: deregister (best effort, 2 s timeout), stop vLLM (SIGTERM, then SIGKILL after 20 s),
-   exit 0. If vLLM exits on its own, deregister and exit with a non-zero code (``pdmesh up`` restarts the worker).
-In push mode the node's tier server starts first; if it exits later, :class:`TierWatch` restarts it with backoff
-while the worker advertises no tier addresses, so the router sends it no pushes meanwhile.
+   exit 0.
+If vLLM exits on its own, the worker deregisters, restarts it with the same command (:class:`EngineWatch`) and
+registers again once it is healthy; after more than 5 exits in 5 minutes it exits 2 and says why (``pdmesh up``
+or the container runtime then decides). In push mode the node's tier server starts first; if it exits later,
+:class:`TierWatch` restarts it with backoff while the worker advertises no tier addresses, so the router sends
+it no pushes meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import os
 import signal
 import socket
 import tempfile
-import time
-from collections.abc import Callable
 
 import httpx
 
@@ -29,6 +30,7 @@ from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env, worker_api_key
 from pdmesh.worker.roles import WorkerRole
+from pdmesh.worker.supervision import CrashLoop, EngineWatch, TierWatch
 from pdmesh.worker.tier_process import (
     TierProcess,
     TierSettings,
@@ -166,6 +168,7 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
         )
         server = VLLMServer(spec, log_path=args.log_file)
         card = server.wait_healthy(args.startup_timeout)
+        engine = EngineWatch(server, lambda: VLLMServer(spec, log_path=args.log_file), args.startup_timeout)
         log.info("%s worker %s: vLLM healthy at %s", role.name, worker_id, server.url)
         reg = WorkerRegistration(
             worker_id=worker_id,
@@ -180,10 +183,14 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
         if tier is not None:
             watch = TierWatch(tier, lambda: _start_tier(args, worker_id, model, device, host, extra)[0])
         try:
-            return asyncio.run(_run_until_signalled(server, reg, args.router.rstrip("/"), watch))
+            return asyncio.run(_run_until_signalled(engine, reg, args.router.rstrip("/"), watch))
+        except CrashLoop as e:
+            log.error("%s worker stops: %s", role.name, e)
+            return 2
         finally:
+            server = engine.server  # the ones running now (either may have been restarted)
             if watch is not None:
-                tier = watch.tier  # the one running now (it may have been restarted)
+                tier = watch.tier
     except (RuntimeError, TimeoutError) as e:
         log.error("%s worker failed to start: %s", role.name, e)
         return 1
@@ -228,114 +235,80 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
-class TierWatch:
-    """Keeps the node's tier server running. When it exits, the worker advertises no tier (no transfer address:
-    the router sends this node no pushes, and its engine computes what it cannot load) and restarts it with
-    backoff (1 s, doubling to 30 s); once the new one is ready, its addresses are advertised again. The engine's
-    connector reconnects to the new server by itself (same socket path, new segment)."""
-
-    def __init__(self, tier: TierProcess, start: Callable[[], TierProcess], clock=time.monotonic) -> None:
-        self.tier = tier
-        self._start = start
-        self._clock = clock
-        self._next_try = 0.0
-        self._backoff = 1.0
-        self.restarts = 0
-
-    async def advertised(self, reg: WorkerRegistration) -> WorkerRegistration:
-        """``reg`` with the tier's current addresses, or without any while it is down (restarting it when due)."""
-        if not self.tier.process.alive():
-            if self._next_try == 0.0:
-                log.error(
-                    "tier server exited with code %s; restarting it. Its last log lines:\n%s",
-                    self.tier.process.poll(),
-                    _log_tail(getattr(self.tier, "log_path", None)),
-                )
-                self._next_try = self._clock()
-            if self._clock() >= self._next_try:
-                try:
-                    self.tier.stop()
-                    self.tier = await asyncio.to_thread(self._start)
-                    self.restarts += 1
-                    self._next_try, self._backoff = 0.0, 1.0
-                    log.info("tier server restarted: %s", self.tier.info)
-                except (RuntimeError, TimeoutError, OSError) as e:
-                    log.error("tier server restart failed (%s); next try in %.0fs", e, self._backoff)
-                    self._next_try = self._clock() + self._backoff
-                    self._backoff = min(self._backoff * 2, 30.0)
-        if not self.tier.process.alive():
-            return reg.model_copy(update={"tier_url": None, "transfer_address": None})
-        info = self.tier.info
-        return reg.model_copy(update={"tier_url": info.get("http"), "transfer_address": info.get("transfer")})
-
-
-def _log_tail(path: str | None, n: int = 20) -> str:
-    try:
-        with open(path or "", errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 async def _run_until_signalled(
-    server: VLLMServer, reg: WorkerRegistration, router: str, tier: TierWatch | None = None
+    engine: EngineWatch, reg: WorkerRegistration, router: str, tier: TierWatch | None = None
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await heartbeat_until_stopped(server, reg, router, stop, tier)
+    try:
+        return await heartbeat_until_stopped(engine, reg, router, stop, tier)
+    finally:
+        await engine.aclose()
 
 
 async def heartbeat_until_stopped(
-    server: VLLMServer,
+    engine: EngineWatch,
     reg: WorkerRegistration,
     router: str,
     stop: asyncio.Event,
     tier: TierWatch | None = None,
 ) -> int:
-    """Register and heartbeat until ``stop`` is set (returns 0) or vLLM exits (returns 2); deregisters both ways.
+    """Register and heartbeat until ``stop`` is set (returns 0); deregisters on the way out.
 
-    While the router is unreachable or refuses, retries with exponential backoff (0.5 s doubling to 10 s) and
-    logs each failure. Each HTTP call has a 5 s timeout (2 s to connect, 2 s for the final deregistration).
-    With ``tier``, each heartbeat carries the tier's current addresses (none while it is down; it is restarted).
+    The engine is checked every 0.5 s: while it is down (``engine.serving()`` False: it is being restarted) the
+    worker is deregistered; it registers again once the engine is healthy. :class:`CrashLoop` from the engine watch
+    propagates after deregistering. While the router is unreachable or refuses, retries with exponential backoff
+    (0.5 s doubling to 10 s) and logs each failure. Each HTTP call has a 5 s timeout (2 s to connect, 2 s for
+    the final deregistration). With ``tier``, each heartbeat carries the tier's current addresses (none while it
+    is down; it is restarted).
     """
     headers = {TOKEN_HEADER: cluster_token_from_env()}
-    interval, backoff, registered = 2.0, 0.5, False
+    interval, backoff, registered, next_beat = 2.0, 0.5, False, 0.0
+    loop = asyncio.get_running_loop()
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(5.0, connect=2.0), headers=headers, trust_env=False
     ) as client:
         while not stop.is_set():
-            if not server.process.alive():
-                log.error("vLLM exited with code %s; worker stops", server.process.poll())
+            try:
+                serving = await engine.serving()
+            except CrashLoop:
                 await _deregister(client, router, reg.worker_id)
-                return 2
-            if tier is not None:
-                reg = await tier.advertised(reg)
+                raise
+            if not serving and registered:
+                await _deregister(client, router, reg.worker_id)
+                registered, next_beat = False, 0.0
+            if serving and loop.time() >= next_beat:
+                if tier is not None:
+                    reg = await tier.advertised(reg)
+                try:
+                    r = await client.post(f"{router}/internal/workers", content=reg.model_dump_json())
+                    r.raise_for_status()
+                    interval = float(r.json().get("heartbeat_interval_s", interval))
+                    if not registered:
+                        log.info("registered with router %s as %s", router, reg.worker_id)
+                    registered, backoff, wait = True, 0.5, interval
+                except httpx.HTTPStatusError as e:
+                    log.error(
+                        "router %s refused registration: %s %s",
+                        router,
+                        e.response.status_code,
+                        e.response.text[:300],
+                    )
+                    registered, wait = False, backoff
+                    backoff = min(backoff * 2, 10.0)
+                except httpx.HTTPError as e:
+                    log.warning(
+                        "router %s unreachable (%s); retrying in %.1fs", router, type(e).__name__, backoff
+                    )
+                    registered, wait = False, backoff
+                    backoff = min(backoff * 2, 10.0)
+                next_beat = loop.time() + wait
+            # the engine is checked every 0.5 s, the router told at its own interval
             try:
-                r = await client.post(f"{router}/internal/workers", content=reg.model_dump_json())
-                r.raise_for_status()
-                interval = float(r.json().get("heartbeat_interval_s", interval))
-                if not registered:
-                    log.info("registered with router %s as %s", router, reg.worker_id)
-                registered, backoff, wait = True, 0.5, interval
-            except httpx.HTTPStatusError as e:
-                log.error(
-                    "router %s refused registration: %s %s",
-                    router,
-                    e.response.status_code,
-                    e.response.text[:300],
-                )
-                registered, wait = False, backoff
-                backoff = min(backoff * 2, 10.0)
-            except httpx.HTTPError as e:
-                log.warning(
-                    "router %s unreachable (%s); retrying in %.1fs", router, type(e).__name__, backoff
-                )
-                registered, wait = False, backoff
-                backoff = min(backoff * 2, 10.0)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+                tick = max(0.05, min(0.5, next_beat - loop.time())) if serving else 0.5
+                await asyncio.wait_for(stop.wait(), timeout=tick)
             except asyncio.TimeoutError:
                 pass
         log.info("stopping worker %s", reg.worker_id)

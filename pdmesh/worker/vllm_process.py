@@ -84,6 +84,7 @@ class VLLMServer:
 
     def __init__(self, spec: VLLMServerSpec, log_path: str | None = None) -> None:
         self.spec = spec
+        self.log_path = log_path
         env = {**os.environ, **spec.env}
         self.url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '::') else spec.host}:{spec.port}"
         log.info("starting vLLM: %s", " ".join(spec.argv()))

@@ -15,6 +15,7 @@ from pdmesh.router.app import create_app
 from pdmesh.router.config import RouterConfig
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.worker.agent import heartbeat_until_stopped
+from pdmesh.worker.supervision import CrashLoop, EngineWatch
 from tests.servers import ThreadServer
 
 
@@ -30,8 +31,29 @@ class _FakeProcess:
 
 
 class _FakeServer:
-    def __init__(self) -> None:
+    """A vLLM server stand-in: ``healthy_after`` s to pass its health check, or ``fail`` to die while starting."""
+
+    def __init__(self, healthy_after: float = 0.0, fail: bool = False) -> None:
         self.process = _FakeProcess()
+        self.url = "http://127.0.0.1:9"
+        self.healthy_after, self.fail = healthy_after, fail
+        self.stopped = False
+
+    def wait_healthy(self, timeout: float) -> dict:
+        time.sleep(self.healthy_after)
+        if self.fail:
+            self.process.exit_code = 1
+            raise RuntimeError("vLLM exited with code 1 before becoming healthy")
+        return {}
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.stopped = True
+        if self.process.exit_code is None:
+            self.process.exit_code = -15
+
+
+def _watch(server: _FakeServer, start=None, **kw) -> EngineWatch:
+    return EngineWatch(server, start or (lambda: _FakeServer()), startup_timeout=5, **kw)
 
 
 REG = WorkerRegistration(worker_id="decode-x", role="decode", url="http://127.0.0.1:9", models=["m"])
@@ -51,7 +73,7 @@ def test_retries_until_router_is_up_then_deregisters_on_stop(monkeypatch, caplog
     async def agent_main() -> int:
         result["loop"], result["stop"] = asyncio.get_running_loop(), asyncio.Event()
         ready.set()
-        return await heartbeat_until_stopped(_FakeServer(), REG, url, result["stop"])
+        return await heartbeat_until_stopped(_watch(_FakeServer()), REG, url, result["stop"])
 
     def agent() -> None:
         result["code"] = asyncio.run(agent_main())
@@ -76,22 +98,85 @@ def test_retries_until_router_is_up_then_deregisters_on_stop(monkeypatch, caplog
         router.stop()
 
 
-def test_agent_stops_when_vllm_dies(monkeypatch):
+def test_agent_restarts_a_dead_vllm_and_registers_again(monkeypatch):
+    """vLLM exits: the worker leaves the router at once, starts a new engine, and is back once it is healthy."""
     monkeypatch.setenv("PDMESH_CLUSTER_TOKEN", "tok")
     router = ThreadServer(create_app(RouterConfig(cluster_token="tok"))).start()
-    server = _FakeServer()
+    first = _FakeServer()
+    started: list[_FakeServer] = []
+
+    def start() -> _FakeServer:
+        started.append(_FakeServer(healthy_after=1.5))
+        return started[-1]
+
+    watch = _watch(first, start)
     try:
 
-        async def run() -> int:
-            task = asyncio.create_task(heartbeat_until_stopped(server, REG, router.url, asyncio.Event()))
+        async def run() -> tuple[list, list, int]:
+            stop = asyncio.Event()
+            task = asyncio.create_task(heartbeat_until_stopped(watch, REG, router.url, stop))
             for _ in range(100):
                 await asyncio.sleep(0.1)
                 if await asyncio.to_thread(_workers, router.url):
                     break
-            server.process.exit_code = 137
-            return await asyncio.wait_for(task, 15)
+            first.process.exit_code = 137  # SIGKILLed engine
+            await asyncio.sleep(0.8)
+            during = await asyncio.to_thread(_workers, router.url)  # restarting: not registered
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if await asyncio.to_thread(_workers, router.url):
+                    break
+            after = await asyncio.to_thread(_workers, router.url)
+            stop.set()
+            return during, after, await asyncio.wait_for(task, 15)
 
-        assert asyncio.run(run()) == 2
+        during, after, code = asyncio.run(run())
+        assert during == [] and [w["worker_id"] for w in after] == ["decode-x"] and code == 0
+        assert len(started) == 1 and watch.server is started[0] and watch.restarts == 1 and first.stopped
+    finally:
+        router.stop()
+
+
+def test_an_engine_that_keeps_dying_is_a_crash_loop(monkeypatch, caplog):
+    """Failed restarts back off (1 s, 2 s, ...) and count; past max_exits the worker deregisters and gives up."""
+    monkeypatch.setenv("PDMESH_CLUSTER_TOKEN", "tok")
+    router = ThreadServer(create_app(RouterConfig(cluster_token="tok"))).start()
+    now = [0.0]
+    first = _FakeServer()
+    starts: list[float] = []
+
+    def start() -> _FakeServer:
+        starts.append(now[0])
+        return _FakeServer(fail=True)
+
+    watch = _watch(first, start, clock=lambda: now[0], max_exits=3, window_s=60)
+    try:
+
+        async def run() -> BaseException | None:
+            task = asyncio.create_task(heartbeat_until_stopped(watch, REG, router.url, asyncio.Event()))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if await asyncio.to_thread(_workers, router.url):
+                    break
+            first.process.exit_code = 139
+            for _ in range(150):
+                await asyncio.sleep(0.1)
+                now[0] += 0.5
+                if task.done():
+                    break
+            return task.exception() if task.done() else None
+
+        error = asyncio.run(run())
+        assert isinstance(error, CrashLoop), error
+        assert "4 times" in str(error)
+        assert len(starts) == 3  # the exit, then two failed starts with growing gaps between them
+        delays = [
+            r.getMessage().rsplit("next try in ", 1)[1]
+            for r in caplog.records
+            if "next try in" in r.getMessage()
+        ]
+        assert delays == ["1s", "2s", "4s"]
+        assert starts[2] - starts[1] >= 2.0 and starts[1] - starts[0] >= 1.0
         assert _workers(router.url) == []
     finally:
         router.stop()
@@ -119,7 +204,7 @@ class _FakeTier:
 
 def test_a_dead_tier_is_advertised_away_then_restarted_with_backoff():
     """While the node's tier is down the worker advertises no transfer address; restarts back off on failure."""
-    from pdmesh.worker.agent import TierWatch
+    from pdmesh.worker.supervision import TierWatch
 
     now = [0.0]
     first = _FakeTier("127.0.0.1:7001")
