@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import asdict
 
+import pdmesh.failpoints as failpoints
 from pdmesh.frames import FrameError, discard, recv_exact_into, recv_frame, send_frame, tune_tcp
 from pdmesh.kvcache.cache_store import CacheStats, CacheStore
 from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
@@ -221,11 +222,12 @@ class CacheServer:
                 send_frame(conn, {"ok": True, "hit": False})
             else:
                 try:
-                    send_frame(
-                        conn,
-                        {"ok": True, "hit": True, "n": item.n, "csum": item.csum, "fp": item.fp},
-                        item.data,
-                    )
+                    head = {"ok": True, "hit": True, "n": item.n, "csum": item.csum, "fp": item.fp}
+                    if (action := failpoints.claim("kvcache.cache_server.payload")) is not None:
+                        send_frame(conn, head)
+                        conn.sendall(memoryview(item.data)[: item.n // 2])
+                        failpoints.act(action)
+                    send_frame(conn, head, item.data)
                 finally:
                     self.store.release(item)
         elif op == "contains":

@@ -93,21 +93,30 @@ class TierClient:
         return s
 
     def call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait (at most ``timeout_s``) for its reply."""
+        """Send one request and wait (at most ``timeout_s``) for its reply.
+
+        A request that fails on a connection opened by an earlier call (the server restarted since: a broken
+        pipe, a reset, EOF) is sent once more on a fresh connection: what the old connection held died with it
+        (the server frees a connection's allocations, pins and refs when it closes), so the retry is safe for
+        every op. A timeout is not retried (a hung server would cost twice). Raises TierUnavailable."""
         with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-            s = self._sock
-            rid = next(self._ids)
-            try:
-                s.settimeout(timeout_s or self.timeout_s)
-                send_frame(s, {"id": rid, "op": op, **fields})
-                reply = recv_frame(s)
-                if reply.get("id") != rid:
-                    raise FrameError(f"reply id {reply.get('id')} != request id {rid}")
-            except (OSError, FrameError) as e:
-                self._drop()
-                raise TierUnavailable(f"tier server {op}: {e}") from e
+            for attempt in (0, 1):
+                fresh = self._sock is None
+                if fresh:
+                    self._sock = self._connect()
+                s = self._sock
+                rid = next(self._ids)
+                try:
+                    s.settimeout(timeout_s or self.timeout_s)
+                    send_frame(s, {"id": rid, "op": op, **fields})
+                    reply = recv_frame(s)
+                    if reply.get("id") != rid:
+                        raise FrameError(f"reply id {reply.get('id')} != request id {rid}")
+                    break
+                except (OSError, FrameError) as e:
+                    self._drop()
+                    if fresh or attempt or isinstance(e, TimeoutError):
+                        raise TierUnavailable(f"tier server {op}: {e}") from e
         if not reply.get("ok"):
             raise TierError(reply.get("error", "error"), reply.get("message", ""))
         return reply

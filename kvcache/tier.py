@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+import pdmesh.failpoints as failpoints
 from pdmesh.kvcache.config import TierConfig
 from pdmesh.kvcache.disk import DiskTier
 from pdmesh.kvcache.keys import ModelFingerprint
@@ -193,6 +194,7 @@ class Tier:
         if a is None:  # someone else is filling it (a push, another load), or it became ready meanwhile
             return await self._wait_in_flight(key)
         view = self.pool.buffer[a.offset : a.offset + a.length]
+        failpoints.hit("kvcache.tier.load")
         try:
             if tier == "disk":
                 n = await asyncio.to_thread(self.disk.get_into, key, view, fp)  # type: ignore[union-attr]

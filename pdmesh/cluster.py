@@ -126,8 +126,9 @@ class LocalCluster:
             raise LookupError(f"no tier server ready line for {worker}")
         return info
 
-    def add_worker(self, role: str) -> str:
-        """Start one more worker of ``role``; returns its name (e.g. ``decode-1``). Does not wait."""
+    def add_worker(self, role: str, env: dict[str, str] | None = None) -> str:
+        """Start one more worker of ``role`` (``env``: extra environment for it alone, over the cluster's);
+        returns its name (e.g. ``decode-1``). Does not wait."""
         idx = sum(1 for n in self.workers if n.startswith(role))
         name = f"{role}-{idx}"
         port = free_port(self.spec.host)
@@ -139,11 +140,13 @@ class LocalCluster:
             argv += ["--model", self.spec.model]
         if self.spec.served_model_name:
             argv += ["--served-model-name", self.spec.served_model_name]
+        own = env
         env = {}
         if self.cache_server_url:
             env["PDMESH_TIER_REMOTE_URL"] = self.cache_server_url
         if self.spec.pin_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(self._n_started % (os.cpu_count() or 1))
+        env.update(own or {})
         self._n_started += 1
         if self.spec.vllm_args:
             argv += ["--", *self.spec.vllm_args]

@@ -164,6 +164,8 @@ class RouterConfig(BaseModel):
     # Attempts per leg before the first byte reached the client (other workers first).
     max_attempts: int = Field(3, ge=1, le=10)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # A batched completion (several prompts in one request) routes at most this many prompts at a time.
+    batch_parallelism: int = Field(8, ge=1, le=256)
     # Public API keys (Authorization: Bearer ...). Empty: no client auth.
     api_keys: list[str] = Field(default_factory=list)
     # Token for internal endpoints (worker registration). Empty: allowed only on loopback binds.

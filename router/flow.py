@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from pdmesh.router import pd_nixl, pd_push
 from pdmesh.router.auth import api_key_of
+from pdmesh.router.batch import StreamMerger, gather_parts, merge_responses, merged_stream
 from pdmesh.router.config import RouterConfig
+from pdmesh.router.decode_report import count_transfer_fallback, usage_prompt_tokens
 from pdmesh.router.errors import OpenAIError, sse_error_event
 from pdmesh.router.exchange import ClientGone, Exchange
 from pdmesh.router.limits import Limiter, Permit
 from pdmesh.router.metrics import RouterMetrics
-from pdmesh.router.openai_requests import Kind, parse_request
+from pdmesh.router.openai_requests import Kind, batched_prompts, needs_prompt_logits, parse_request
 from pdmesh.router.policies import Policy, Prefer, make_policy
 from pdmesh.router.policies.cache_aware import cached_prefix_tokens
 from pdmesh.router.prefix_index import PrefixIndex
@@ -119,7 +120,11 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
         _check_model(st, model)
         ctx = RouteContext(body, model, _session_key(st.config, ex, body))
         deadline = asyncio.get_running_loop().time() + st.config.request_deadline_s
-        await ex.watched(lambda: _serve_routed(st, ex, ctx, kind, request_id, started, deadline))
+        parts = batched_prompts(body) if kind == "completions" else None
+        if parts is not None:
+            await ex.watched(lambda: _serve_batch(st, ex, ctx, parts, request_id, started, deadline))
+        else:
+            await ex.watched(lambda: _serve_routed(st, ex, ctx, kind, request_id, started, deadline))
         status = str(ex.status)
     except ClientGone:
         status = "499"
@@ -160,34 +165,94 @@ async def _serve_routed(
     except TimeoutError:
         raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
     path = PATHS[kind]
-    rid = [(b"x-request-id", request_id.encode())]
     try:
         if not ctx.body.get("stream"):
-            await ex.respond(decode.status, decode.content, rid)
+            await ex.respond(decode.status, decode.content, [(b"x-request-id", request_id.encode())])
             st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
             return
-        ttft = st.metrics.ttft.labels(path)
-        await ex.start_stream(rid)
-        first = True
-        try:
-            # The deadline also bounds sending: a client that stops reading blocks uvicorn's send().
-            async with asyncio.timeout_at(deadline):
-                async for chunk in st.upstream.relay_stream(decode, deadline, path):
-                    if first:
-                        ttft.observe(time.perf_counter() - started)
-                        first = False
-                    await ex.send_chunk(chunk)
-                await ex.end()
-        except TimeoutError:
-            st.metrics.stream_aborts.inc()
-            st.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
-            log.warning("request %s: stream passed the request deadline (slow client or worker)", request_id)
-            err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
-            await ex.abort_stream(b"\n\n" + sse_error_event(err))
-            return
-        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+        await _relay(
+            st, ex, st.upstream.relay_stream(decode, deadline, path), path, request_id, started, deadline
+        )
     finally:
         await decode.close()
+
+
+async def _serve_batch(
+    st: RouterState,
+    ex: Exchange,
+    ctx: RouteContext,
+    parts: list[dict],
+    request_id: str,
+    started: float,
+    deadline: float,
+) -> None:
+    """A batched completion (:mod:`router.batch`): every prompt routed as its own request, one merged answer."""
+    path = PATHS["completions"]
+
+    def route(part: dict) -> Awaitable[LegResult]:
+        return _route(
+            st, RouteContext(part, ctx.model, ctx.session_key), "completions", st.request_ids.next()
+        )
+
+    try:
+        async with asyncio.timeout_at(deadline):
+            results = await gather_parts(parts, route, st.config.batch_parallelism)
+    except TimeoutError:
+        raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
+    n, response_id = int(ctx.body.get("n") or 1), f"cmpl-{request_id}"
+    if not ctx.body.get("stream"):
+        try:
+            merged = merge_responses([r.json() for r in results], n, response_id)  # type: ignore[misc]
+        except (ValueError, TypeError, AttributeError):
+            raise OpenAIError(
+                502, "a worker returned an invalid completion", code="PD_PEER_UNAVAILABLE"
+            ) from None
+        finally:
+            for r in results:
+                await r.close()
+        body = msgspec.json.encode(merged)
+        await ex.respond(200, body, [(b"x-request-id", request_id.encode())])
+        st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+        return
+    options = ctx.body.get("stream_options")
+    usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    merger = StreamMerger(len(parts), n, response_id, usage)
+    chunks = merged_stream(results, lambda r: st.upstream.relay_stream(r, deadline, path), merger)
+    await _relay(st, ex, chunks, path, request_id, started, deadline)
+
+
+async def _relay(
+    st: RouterState,
+    ex: Exchange,
+    chunks: AsyncIterator[bytes],
+    path: str,
+    request_id: str,
+    started: float,
+    deadline: float,
+) -> None:
+    """Stream ``chunks`` to the client; the request deadline also bounds sending (a client that stops reading
+    blocks uvicorn's send()): past it the stream ends with a ``PD_DEADLINE_EXCEEDED`` error event."""
+    ttft = st.metrics.ttft.labels(path)
+    await ex.start_stream([(b"x-request-id", request_id.encode())])
+    first = True
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in chunks:
+                if first:
+                    ttft.observe(time.perf_counter() - started)
+                    first = False
+                await ex.send_chunk(chunk)
+            await ex.end()
+    except TimeoutError:
+        st.metrics.stream_aborts.inc()
+        st.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
+        log.warning("request %s: stream passed the request deadline (slow client or worker)", request_id)
+        err = OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED")
+        await ex.abort_stream(b"\n\n" + sse_error_event(err))
+        return
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
 
 
 def _session_key(config: RouterConfig, ex: Exchange, body: dict) -> str | None:
@@ -284,7 +349,7 @@ class _Legs:
             ctx=self.ctx,
         )
         self.st.metrics.prefill.observe(time.perf_counter() - t0)
-        self.st.metrics.prompt_tokens.inc(_usage_prompt_tokens(result.content))
+        self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
         _record(self.st, self.ctx, result.worker)
         if self.ctx.prompt is not None:
             cached = cached_prefix_tokens(self.st.index, [result.worker], self.ctx)
@@ -312,7 +377,7 @@ class _Legs:
         if self.ctx.prompt is not None:
             self.st.metrics.prompt_tokens.inc(self.ctx.prompt.n_tokens)
         elif not result.stream:
-            self.st.metrics.prompt_tokens.inc(_usage_prompt_tokens(result.content))
+            self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
         self.st.metrics.pd_requests.labels("decode_only").inc()
         self.st.metrics.decode_only.labels(reason).inc()
         return result
@@ -325,6 +390,8 @@ class _Legs:
         """
         st, body = self.st, self.ctx.body
         target = self._choose_decoder()
+        if needs_prompt_logits(body):
+            return await self._decode_only(target, "prompt_logprobs")
         if _short_uncached(st, self.ctx, target):
             return await self._decode_only(target, "short_prompt")
         if not target.info.transfer_address:
@@ -354,12 +421,14 @@ class _Legs:
         decode = await self._decode(decode_body, Prefer(target.id, self.decode_policy))
         st.metrics.pd_requests.labels("push").inc()
         if not body.get("stream"):
-            _count_transfer_fallback(st, decode.content, self.request_id)
+            count_transfer_fallback(st.metrics, decode.content, self.request_id)
         return decode
 
     async def nixl(self) -> LegResult:
         """Stock NIXL PD: prefill leg (do_remote_decode), then the decode leg with its kv_transfer_params."""
         st, body = self.st, self.ctx.body
+        if needs_prompt_logits(body):
+            return await self._decode_only(self._choose_decoder(), "prompt_logprobs")
         if st.config.conditional_pd.min_uncached_tokens and self.ctx.prompt is not None:
             target = self._choose_decoder()
             if _short_uncached(st, self.ctx, target):
@@ -377,36 +446,3 @@ class _Legs:
         decode = await self._decode(lambda _w: decode_body, self.decode_policy)
         st.metrics.pd_requests.labels("nixl").inc()
         return decode
-
-
-def _usage_prompt_tokens(content: bytes | None) -> int:
-    """``usage.prompt_tokens`` of a JSON completion body; 0 when absent or unparsable."""
-    if not content:
-        return 0
-    try:
-        n = msgspec.json.decode(content, type=_UsageOnly).usage.prompt_tokens
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return 0
-    return n if n > 0 else 0
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-
-
-class _UsageOnly(msgspec.Struct):
-    usage: _Usage = msgspec.field(default_factory=_Usage)
-
-
-def _count_transfer_fallback(st: RouterState, content: bytes, request_id: str) -> None:
-    """The decode worker reports in ``kv_transfer_params.pdmesh`` whether the pushed KV arrived in time."""
-    if b"fallback" not in content:
-        return
-    try:
-        report = (json.loads(content).get("kv_transfer_params") or {}).get("pdmesh") or {}
-    except (ValueError, AttributeError):
-        return
-    if report.get("fallback") is not True:
-        return
-    st.metrics.pd_requests.labels("transfer_fallback").inc()
-    log.warning("request %s: pushed KV missed the deadline; the decode worker computed the rest", request_id)

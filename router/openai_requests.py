@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from pdmesh.router.errors import OpenAIError
 
 INTERNAL_FIELDS = ("kv_transfer_params",)
+MAX_N = 128  # samples per prompt
+MAX_BATCH = 1024  # prompts per batched completion request
 
 
 class _Base(BaseModel):
@@ -24,7 +26,8 @@ class _Base(BaseModel):
     model: str = Field(min_length=1)
     stream: StrictBool = False
     max_tokens: StrictInt | None = Field(default=None, ge=1)
-    n: StrictInt = Field(default=1, ge=1, le=1, description="n > 1 is not supported through PD")
+    # n samples of one prompt: prefilled (and pushed) once, sampled n times on the decode worker
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
 
 
 class CompletionRequest(_Base):
@@ -32,11 +35,11 @@ class CompletionRequest(_Base):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: object) -> object:
+    def _not_empty(cls, v: object) -> object:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and isinstance(v[0], (str, list)) and len(v) != 1:
-            raise ValueError("batched prompts are not supported; send one prompt per request")
+        if isinstance(v, list) and len(v) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} prompts per request")
         return v
 
 
@@ -83,12 +86,44 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
     return obj
 
 
+# what a prefill leg never needs: its one token is thrown away, only the prompt's KV matters
+_PREFILL_DROPS = (
+    "stream_options",
+    "min_tokens",
+    "best_of",
+    "echo",
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+)
+
+
 def one_token_leg(body: dict) -> dict:
-    """The same request limited to a single output token, not streamed: the shape of every prefill leg."""
-    leg = {k: v for k, v in body.items() if k != "stream_options"}
+    """The same request limited to a single output token and one sample, not streamed: every prefill leg's shape."""
+    leg = {k: v for k, v in body.items() if k not in _PREFILL_DROPS}
     leg["stream"] = False
     leg["max_tokens"] = 1
+    leg["n"] = 1
     if "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
-    leg.pop("min_tokens", None)
     return leg
+
+
+def batched_prompts(body: dict) -> list[dict] | None:
+    """A completion request with several prompts as one request per prompt (vLLM's order), else None.
+
+    ``prompt`` as a list of strings or a list of token-id lists with more than one element is a batch; one string,
+    one token-id list, or a list holding a single prompt is not."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or len(prompt) < 2 or not isinstance(prompt[0], (str, list)):
+        return None
+    return [{**body, "prompt": p} for p in prompt]
+
+
+def needs_prompt_logits(body: dict) -> bool:
+    """Does the answer need the logits of the prompt's own tokens (``prompt_logprobs``, or ``echo`` with
+    ``logprobs`` on completions)? Then the engine that answers must compute the prompt itself: vLLM never reads
+    KV from outside for such a request, so a prefill leg would be wasted."""
+    if body.get("prompt_logprobs") is not None:
+        return True
+    return bool(body.get("echo")) and body.get("logprobs") is not None

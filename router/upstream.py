@@ -260,10 +260,12 @@ class Upstream:
         result: LegResult,
         deadline: float | None = None,
         endpoint: str = "",
+        done_marker: bytes | None = b"data: [DONE]",
     ) -> AsyncIterator[bytes]:
         """Yield the worker's SSE bytes as they arrive; end with an error event if the stream breaks.
 
-        The stream is complete only when ``data: [DONE]`` was seen. ``deadline`` (event-loop time) bounds the
+        The stream is complete only when ``done_marker`` was seen (``None``: when it ends cleanly, as the
+        Responses API's event streams do). ``deadline`` (event-loop time) bounds the
         whole stream: past it the stream ends with a ``PD_DEADLINE_EXCEEDED`` error event. Closes the upstream
         response in all cases, which also aborts the request on the worker when the client went away.
         """
@@ -284,7 +286,7 @@ class Upstream:
                 last_t = now
                 tail = (tail + chunk)[-64:]
                 yield chunk
-            if b"data: [DONE]" in tail:
+            if done_marker is None or done_marker in tail:
                 result.complete = True
                 return
             raise _StreamIncomplete("stream ended without [DONE]")

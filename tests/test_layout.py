@@ -25,7 +25,14 @@ FOLDERS = {
     "pdmesh.kernels": "kernels",
 }
 # Layers, lowest first: a module may import its own layer or a lower one, never a higher one.
-FOUNDATION = ("pdmesh.security", "pdmesh.procs", "pdmesh.frames", "pdmesh.breaker", "pdmesh.http_guard")
+FOUNDATION = (
+    "pdmesh.security",
+    "pdmesh.procs",
+    "pdmesh.frames",
+    "pdmesh.breaker",
+    "pdmesh.http_guard",
+    "pdmesh.failpoints",
+)
 LAYERS = [
     FOUNDATION,
     ("pdmesh.kernels", "pdmesh.transfer"),

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pdmesh.failpoints as failpoints
 from pdmesh.security import require_token_for_bind
 from pdmesh.transfer.backend import TransferBackend
 from pdmesh.transfer.errors import IncompatiblePeer, TransferError, TransferFailed
@@ -284,6 +285,7 @@ class Receiver:
         raise TransferFailed(f"unknown op {op!r}")
 
     def _alloc(self, tid: str, keys: list, sizes: list, lease_ms: float, cid: int) -> dict:
+        failpoints.hit("transfer.receiver.alloc")
         if not isinstance(keys, list) or not isinstance(sizes, list) or len(keys) != len(sizes):
             raise TransferFailed("keys and sizes must be lists of the same length")
         if not all(isinstance(k, bytes) for k in keys) or not all(

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import pdmesh.failpoints as failpoints
 from pdmesh.transfer.backend import Segment, TransferBackend
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
 from pdmesh.transfer.peer_auth import client_handshake
@@ -140,9 +141,11 @@ class Sender:
                 else:
                     segments.append(Segment(c.local_offset, c.nbytes, int(off)))
                     written.append(c.key)
+            failpoints.hit("transfer.sender.after_alloc")
             if segments:
                 handle = conn.backend.write(conn.peer, segments, transfer_id.encode())
                 conn.backend.wait(handle, deadline)
+            failpoints.hit("transfer.sender.after_write")
             request(conn.sock, {"op": "commit", "transfer_id": transfer_id}, "commit_ok", deadline)
         except BaseException as exc:
             if allocated and not isinstance(exc, IncompatiblePeer):

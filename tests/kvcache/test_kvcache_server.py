@@ -221,6 +221,20 @@ def test_client_raises_tier_unavailable_after_server_stops(tmp_path, tier_factor
     c.close()
 
 
+def test_client_reaches_a_restarted_server_on_its_first_call(tmp_path, tier_factory):
+    """The server restarted on the same socket: the client's open connection is dead; the next call goes through
+    on a fresh connection instead of failing once (which would open the connector's lookup breaker and lose the
+    hits of the next second)."""
+    cfg = tier_config(tmp_path)
+    t = tier_factory(cfg)
+    c = client(t)
+    assert c.lookup([b"k" * 16]).n == 0
+    t.stop()
+    tier_factory(cfg)
+    assert c.lookup([b"k" * 16]).n == 0
+    c.close()
+
+
 def test_kill9_tier_server_during_disk_writes(tmp_path, tier_process):
     """SIGKILL the tier server while it writes chunks to disk; after a restart the index is rebuilt from disk and
     every chunk it serves is byte-exact (no torn or corrupt chunk is ever served)."""
