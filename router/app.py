@@ -32,6 +32,7 @@ from pdmesh.router.leg_client import LegClient
 from pdmesh.router.limits import Limiter
 from pdmesh.router.metrics import RouterMetrics
 from pdmesh.router.openai_requests import Kind
+from pdmesh.router.passthrough import install_passthrough
 from pdmesh.router.peers import RELAYED_HEADER, Peers, merge_metrics
 from pdmesh.router.prefix_index import PrefixIndex
 from pdmesh.router.prompt_analysis import PromptAnalyzer
@@ -165,6 +166,8 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
 
     def state(request: Request) -> RouterState:
         return request.app.state.router
+
+    install_passthrough(app, state)
 
     async def read_body(request: Request) -> bytes:
         return await read_limited(

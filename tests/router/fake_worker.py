@@ -35,6 +35,8 @@ class FakeWorker:
         self.health_status = 200
         self.tokenize_status = 200
         self.tokenize_calls = 0
+        self.fail_prompt: str | None = None  # a completion with exactly this prompt gets a 400
+        self.tag_samples = False  # completions: start each sample's text with "<prompt>#<sample>: "
         self.app = self._build()
 
     @staticmethod
@@ -115,34 +117,48 @@ class FakeWorker:
                     },
                 }
                 return JSONResponse(out)
+            if me.fail_prompt is not None and body.get("prompt") == me.fail_prompt:
+                return JSONResponse({"error": {"message": "bad prompt", "type": "BadRequestError"}}, 400)
             n = body.get("max_tokens") or me.tokens
+            samples = body.get("n") or 1
+            # completions: each sample's text starts with "<prompt>#<sample>:" so merged answers can be checked
+            tag = f"{body.get('prompt')}#" if me.tag_samples and not chat else ""
+            usage = {"prompt_tokens": me._prompt_len(body), "completion_tokens": n * samples}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if not body.get("stream"):
-                text = " ".join(f"t{i}" for i in range(n))
-                choice = (
-                    {"index": 0, "message": {"role": "assistant", "content": text}}
-                    if chat
-                    else {"index": 0, "text": text}
-                )
+
+                def choice(j: int) -> dict:
+                    text = f"{tag}{j}: " * bool(tag) + " ".join(f"t{i}" for i in range(n))
+                    if chat:
+                        return {"index": j, "message": {"role": "assistant", "content": text}}
+                    return {"index": j, "text": text}
+
                 return JSONResponse(
                     {
                         "id": "d",
                         "object": "x",
                         "model": body["model"],
                         "worker": me.name,
-                        "choices": [choice],
-                        "usage": {"prompt_tokens": me._prompt_len(body), "completion_tokens": n},
+                        "choices": [choice(j) for j in range(samples)],
+                        "usage": usage,
                     }
                 )
+            include_usage = (body.get("stream_options") or {}).get("include_usage")
 
             async def gen():
                 try:
                     for i in range(n):
                         if me.die_after_chunks is not None and i >= me.die_after_chunks:
                             raise RuntimeError("fake worker crash")
-                        delta = {"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "}
-                        yield f"data: {json.dumps({'id': 'd', 'choices': [{'index': 0, **delta}]})}\n\n".encode()
+                        for j in range(samples):
+                            text = (f"{tag}{j}: " if tag and i == 0 else "") + f"t{i} "
+                            delta = {"delta": {"content": text}} if chat else {"text": text}
+                            event = {"id": "d", "object": "x", "choices": [{"index": j, **delta}]}
+                            yield f"data: {json.dumps(event)}\n\n".encode()
                         if me.chunk_delay_s:
                             await asyncio.sleep(me.chunk_delay_s)
+                    if include_usage:
+                        yield f"data: {json.dumps({'id': 'd', 'choices': [], 'usage': usage})}\n\n".encode()
                     yield b"data: [DONE]\n\n"
                 except asyncio.CancelledError:
                     me.cancelled += 1
@@ -168,6 +184,42 @@ class FakeWorker:
         @app.get("/metrics")
         async def metrics():
             return JSONResponse({})
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            body = await request.json()
+            me.requests.append(body)
+            return {"prompt": " ".join(f"w{t}" for t in body.get("tokens", []))}
+
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request):
+            me.requests.append(await request.json())
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "The model does not support Embeddings API",
+                        "type": "BadRequestError",
+                    }
+                },
+                400,
+            )
+
+        @app.post("/v1/responses")
+        async def responses(request: Request):
+            body = await request.json()
+            me.requests.append(body)
+            if not body.get("stream"):
+                return {"id": "resp", "object": "response", "worker": me.name, "output_text": "ok"}
+
+            async def events():
+                yield b'event: response.created\ndata: {"type": "response.created"}\n\n'
+                yield b'event: response.completed\ndata: {"type": "response.completed"}\n\n'
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @app.get("/version")
+        async def version():
+            return {"version": "0.0-fake"}
 
         @app.post("/tokenize")
         async def tokenize(request: Request):
