@@ -243,7 +243,8 @@ def send_http(url: str, case: HttpCase, client: httpx.Client) -> str:
         return "timeout"
     except httpx.TransportError:
         return "closed"
-    if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+    json_error = r.headers.get("content-type", "").startswith("application/json")
+    if r.status_code >= 400 and json_error and case.method != "HEAD":  # a HEAD answer has no body
         try:
             err = r.json()
             if not (isinstance(err, dict) and isinstance(err.get("error"), dict)):
@@ -432,6 +433,20 @@ def tier_held(cluster: LocalCluster) -> dict[str, tuple]:
     return held
 
 
+def watch_health(url: str, futures: list, down: list[str], what: str) -> None:
+    """Until every case is done: every 5 s the router must answer /health; progress printed."""
+    while True:
+        done = sum(f.done() for f in futures)
+        try:
+            httpx.get(url + "/health", timeout=5, trust_env=False).raise_for_status()
+        except httpx.HTTPError as e:
+            down.append(f"{what}, {done} cases in: {e}")
+        print(f"{what} {done}/{len(futures)}", flush=True)
+        if done == len(futures):
+            return
+        time.sleep(5)
+
+
 def valid_request_ok(url: str) -> bool:
     r = httpx.post(
         url + "/v1/completions",
@@ -471,20 +486,17 @@ def main() -> int:
         def run_case(case: HttpCase, client: httpx.Client) -> None:
             out = send_http(cluster.url, case, client)
             with lock:
-                outcomes.setdefault(case.kind.split(":")[0], Counter())[out] += 1
+                outcomes.setdefault(case.kind, Counter())[out] += 1
                 if out[:1] == "5" or ":" in out:
                     examples_5xx.append({"kind": case.kind, "outcome": out, "path": case.path})
 
         t0 = time.monotonic()
         timeout = httpx.Timeout(30.0, connect=5.0)
-        with httpx.Client(timeout=timeout, trust_env=False) as client, ThreadPoolExecutor(8) as pool:
-            for start in range(0, len(cases), 100):
-                list(pool.map(lambda c: run_case(c, client), cases[start : start + 100]))
-                try:
-                    httpx.get(cluster.url + "/health", timeout=5, trust_env=False).raise_for_status()
-                except httpx.HTTPError as e:
-                    router_down.append(f"after {start + 100}: {e}")
-                print(f"http {start + 100}/{len(cases)}", flush=True)
+        with httpx.Client(timeout=timeout, trust_env=False) as client, ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(run_case, c, client) for c in cases]
+            watch_health(cluster.url, futures, router_down, "http")
+        for f in futures:
+            f.result()
         http_s = time.monotonic() - t0
 
         # binary listeners
@@ -508,10 +520,11 @@ def main() -> int:
                 if out in ("reply:internal", "connect-failed") or out.startswith("auth-failed"):
                     findings.append({"target": target.name, "kind": kind, "outcome": out})
 
-        with ThreadPoolExecutor(8) as pool:
-            for start in range(0, len(jobs), 100):
-                list(pool.map(run_frames, jobs[start : start + 100]))
-                print(f"frames {start + 100}/{len(jobs)}", flush=True)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(run_frames, job) for job in jobs]
+            watch_health(cluster.url, futures, router_down, "frames")
+        for f in futures:
+            f.result()
         frames_s = time.monotonic() - t0
 
         # after

@@ -76,14 +76,22 @@ def parse_keys(msg: dict) -> list[bytes]:
     return keys
 
 
+HELLO_TIMEOUT_S = 5.0  # a new connection must send its hello within this long
+PRE_AUTH_MAX_FRAME = 16 << 10  # and in a frame no larger than this
+
+
 async def serve_control(tier: Tier, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Serve one control connection until it closes; frees what it held."""
+    """Serve one control connection until it closes; frees what it held. Before its hello is accepted a
+    connection gets one frame of at most :data:`PRE_AUTH_MAX_FRAME` bytes within :data:`HELLO_TIMEOUT_S`."""
     conn = Conn()
     try:
         while True:
             try:
-                msg = await read_frame(reader)
-            except (asyncio.IncompleteReadError, ConnectionError, FrameError):
+                if conn.authed:
+                    msg = await read_frame(reader)
+                else:
+                    msg = await asyncio.wait_for(read_frame(reader, PRE_AUTH_MAX_FRAME), HELLO_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, ConnectionError, FrameError, asyncio.TimeoutError):
                 return
             rid = msg.get("id")
             try:

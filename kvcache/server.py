@@ -29,6 +29,9 @@ from pdmesh.security import require_token_for_bind
 log = logging.getLogger("pdmesh.tier")
 
 
+MAX_CONTROL_CONNECTIONS = 1024  # a node's engine holds a few; more is a client gone wrong
+
+
 class TierServer(Tier):
     """A :class:`Tier` with its listeners. ``await start()``, then ``await wait_closed()`` or ``await close()``."""
 
@@ -50,6 +53,10 @@ class TierServer(Tier):
         await self.start_core()
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= MAX_CONTROL_CONNECTIONS:
+            log.warning("control connection refused: %d open (the cap)", len(self._conns))
+            writer.close()
+            return
         self._conns.add(writer)
         try:
             await serve_control(self, reader, writer)

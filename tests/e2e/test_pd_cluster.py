@@ -4,6 +4,7 @@ single engine's tokens. The module's cluster fixture is parametrized: every test
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +19,16 @@ from pdmesh.security import TOKEN_HEADER, worker_api_key
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ENGINE_ARGS
 from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
+from tests.e2e.surface import CASES, answer, same
 
 pytestmark = pytest.mark.e2e
 REQUESTS = make_requests()
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
-    """Token ids of a single plain vLLM engine (no KV connector), same engine args, sequential requests."""
+def reference(tiny_model, tmp_path_factory) -> dict:
+    """What a single plain vLLM engine (no KV connector, same engine args) answers, sequential requests:
+    ``tokens`` for :data:`REQUESTS`, ``surface`` for the field cases of :mod:`tests.e2e.surface`."""
     spec = VLLMServerSpec(
         model=tiny_model,
         host="127.0.0.1",
@@ -40,10 +43,16 @@ def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
         server.wait_healthy(300)
         with httpx.Client(timeout=300, trust_env=False) as c:
             out = [token_ids(path, _non_streaming(body), server.url, c) for path, body in REQUESTS]
+            surface = {name: answer(server.url, path, body, c) for name, path, body in CASES}
     finally:
         server.stop()
     assert all(out), "reference engine produced empty outputs"
-    return out
+    return {"tokens": out, "surface": surface}
+
+
+@pytest.fixture(scope="module")
+def expected(reference) -> list[list[int]]:
+    return reference["tokens"]
 
 
 @pytest.fixture(scope="module", params=["push", "nixl"])
@@ -147,6 +156,112 @@ def test_openai_client(cluster):
     )
 
 
+def _router_text(cluster, path: str, body: dict) -> str:
+    """The answer's text straight from the router (the reference the clients below must reproduce)."""
+    r = httpx.post(cluster.url + path, json=body, timeout=120, trust_env=False)
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def test_langchain_openai_client(cluster):
+    """langchain-openai's chat model and completion LLM, plain and streamed, against the router."""
+    from langchain_openai import ChatOpenAI, OpenAI
+
+    prompt = "the decode worker streams tokens"
+    chat_want = _router_text(
+        cluster,
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 7,
+            "temperature": 0,
+        },
+    )
+    llm = ChatOpenAI(
+        base_url=cluster.url + "/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        max_tokens=7,
+        max_retries=0,
+    )
+    assert llm.invoke(prompt).content == chat_want
+    assert "".join(str(c.content) for c in llm.stream(prompt)) == chat_want
+    text_want = _router_text(
+        cluster, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 7, "temperature": 0}
+    )
+    completion = OpenAI(
+        base_url=cluster.url + "/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        max_tokens=7,
+        max_retries=0,
+    )
+    assert completion.invoke(prompt) == text_want
+    assert "".join(completion.stream(prompt)) == text_want
+
+
+def test_litellm_client(cluster):
+    """litellm (OpenAI-compatible provider) chat and text completions, plain and streamed."""
+    import litellm
+
+    prompt = "a cache hit on any worker"
+    messages = [{"role": "user", "content": prompt}]
+    common = {
+        "model": f"openai/{MODEL}",
+        "api_base": cluster.url + "/v1",
+        "api_key": "unused",
+        "temperature": 0,
+    }
+    chat_want = _router_text(
+        cluster,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0},
+    )
+    r = litellm.completion(messages=messages, max_tokens=6, **common)
+    assert r.choices[0].message.content == chat_want
+    chunks = litellm.completion(messages=messages, max_tokens=6, stream=True, **common)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_want
+    text_want = _router_text(
+        cluster, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    )
+    t = litellm.text_completion(prompt=prompt, max_tokens=6, **common)
+    assert t.choices[0].text == text_want
+
+
+def test_guidellm_load_has_no_failed_requests(cluster, tiny_model, tmp_path):
+    """A third-party load generator (guidellm: synthetic prompts from the model's own tokenizer, constant rate,
+    streamed completions) against the cluster: every request succeeds."""
+    if cluster.spec.pd_mode != "push":
+        pytest.skip("one load run is enough: push is the default mode")
+    import subprocess
+    import sys
+
+    out = tmp_path / "guidellm.json"
+    cmd = [
+        sys.executable, "-m", "guidellm", "run",
+        "--backend", f"kind=openai_http,target={cluster.url},model={MODEL},request_format=/v1/completions",
+        "--profile", "kind=constant,rate=2",
+        "--data", "kind=synthetic_text,prompt_tokens=200,output_tokens=16",
+        "--tokenizer", f"kind=hf_auto,model={tiny_model}",
+        "--constraint", "kind=max_requests,count=30",
+        "--output", f"kind=json,path={out}",
+        "--disable-console-interactive",
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (bench,) = report["benchmarks"]
+    totals = bench["metrics"]["request_totals"]
+    assert totals["errored"] == 0 and totals["incomplete"] == 0, totals
+    assert totals["successful"] == totals["total"] >= 30, totals
+
+
 def test_bad_input_against_real_workers(cluster):
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=60, max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
@@ -248,3 +363,15 @@ def test_decoder_killed_mid_stream_then_replaced(cluster):
         time.sleep(1)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_openai_fields_through_pd_equal_single_engine(cluster, reference, case):
+    """n > 1, batched prompts (plain, streamed, token ids), echo/logprobs/prompt_logprobs, stop, seed, JSON mode,
+    tools, user, max_completion_tokens, usage streaming: the same answer as one engine, field by field."""
+    name, path, body = case
+    want = reference["surface"][name]
+    with httpx.Client(timeout=300, trust_env=False) as c:
+        got = answer(cluster.url, path, body, c)
+    assert want["status"] == 200 or name in ("json-object", "tools-required"), (name, want)
+    assert same(got, want), (name, got, want)

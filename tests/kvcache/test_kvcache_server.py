@@ -235,6 +235,35 @@ def test_client_reaches_a_restarted_server_on_its_first_call(tmp_path, tier_fact
     c.close()
 
 
+def test_control_socket_bounds_what_it_does_before_the_hello(tmp_path, tier_factory, monkeypatch):
+    """A connection that sends nothing is closed after the hello timeout; an oversized first frame at once; a
+    correct client is served meanwhile."""
+    import socket
+
+    from pdmesh.kvcache import control_ops
+
+    monkeypatch.setattr(control_ops, "HELLO_TIMEOUT_S", 0.5)
+    t = tier_factory(tier_config(tmp_path))
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(t.config.socket_path)
+    silent.settimeout(10)
+    t0 = time.monotonic()
+    assert silent.recv(1) == b""  # closed by the server
+    assert time.monotonic() - t0 < 5
+    big = socket.socket(socket.AF_UNIX)
+    big.connect(t.config.socket_path)
+    big.settimeout(10)
+    big.sendall((1 << 20).to_bytes(4, "big") + b"x" * 64)  # a 1 MiB "hello"
+    t0 = time.monotonic()
+    assert big.recv(1) == b""
+    assert time.monotonic() - t0 < 0.4  # refused at the length, not after the timeout
+    c = client(t)
+    assert c.lookup([b"k" * 16]).n == 0
+    c.close()
+    silent.close()
+    big.close()
+
+
 def test_kill9_tier_server_during_disk_writes(tmp_path, tier_process):
     """SIGKILL the tier server while it writes chunks to disk; after a restart the index is rebuilt from disk and
     every chunk it serves is byte-exact (no torn or corrupt chunk is ever served)."""
