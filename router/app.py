@@ -26,7 +26,7 @@ from pdmesh.router.config import RouterConfig
 from pdmesh.router.discovery import Discovery
 from pdmesh.router.errors import OpenAIError, install_error_handlers
 from pdmesh.router.exchange import Exchange, Receive, Scope, Send, read_limited
-from pdmesh.router.flow import PolicySet, RouterState
+from pdmesh.router.flow import RouterState
 from pdmesh.router.health_checks import HealthChecker
 from pdmesh.router.leg_client import LegClient
 from pdmesh.router.limits import Limiter
@@ -34,6 +34,7 @@ from pdmesh.router.metrics import RouterMetrics
 from pdmesh.router.openai_requests import Kind
 from pdmesh.router.passthrough import install_passthrough
 from pdmesh.router.peers import RELAYED_HEADER, Peers, merge_metrics
+from pdmesh.router.policy_set import PolicySet
 from pdmesh.router.prefix_index import PrefixIndex
 from pdmesh.router.prompt_analysis import PromptAnalyzer
 from pdmesh.router.registration import WORKER_ID_PATTERN, RegistrationReply, WorkerRegistration
@@ -227,6 +228,10 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
             st.metrics.breaker_open.labels(w.id).set(int(w.breaker.state == "open"))
         for (role, healthy), n in counts.items():
             st.metrics.workers.labels(role, healthy).set(n)
+        for role in ("prefill", "decode"):
+            st.metrics.pool_inflight.labels(role).set(
+                sum(w.in_flight for w in st.registry.all() if w.info.role == role)
+            )
         return generate_latest(st.metrics.registry)
 
     @app.post("/internal/workers")

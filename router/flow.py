@@ -14,9 +14,7 @@ decode-only (conditional disaggregation, no transfer address, or no prefill work
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,9 +30,16 @@ from pdmesh.router.errors import OpenAIError, sse_error_event
 from pdmesh.router.exchange import ClientGone, Exchange
 from pdmesh.router.limits import Limiter, Permit
 from pdmesh.router.metrics import RouterMetrics
-from pdmesh.router.openai_requests import Kind, batched_prompts, needs_prompt_logits, parse_request
-from pdmesh.router.policies import Policy, Prefer, make_policy
+from pdmesh.router.openai_requests import (
+    Kind,
+    batched_prompts,
+    estimate_prompt_tokens,
+    needs_prompt_logits,
+    parse_request,
+)
+from pdmesh.router.policies import Policy, Prefer
 from pdmesh.router.policies.cache_aware import cached_prefix_tokens
+from pdmesh.router.policy_set import PolicySet, RequestIds
 from pdmesh.router.prefix_index import PrefixIndex
 from pdmesh.router.prompt_analysis import PromptAnalyzer
 from pdmesh.router.registry import Registry, Worker
@@ -45,38 +50,6 @@ from pdmesh.router.upstream import LegResult, Upstream
 log = logging.getLogger("pdmesh.router")
 
 PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-
-
-class PolicySet:
-    """One policy instance per (model, pool), created on first use from the config."""
-
-    def __init__(self, config: RouterConfig, index: PrefixIndex) -> None:
-        self.config = config
-        self.index = index
-        self._policies: dict[tuple[str, str], Policy] = {}
-
-    def get(self, model: str, role: str) -> Policy:
-        key = (model, role)
-        policy = self._policies.get(key)
-        if policy is None:
-            name = self.config.pool_policy(model, role)
-            policy = make_policy(name, self.index, self.config.cache_aware.max_load_imbalance)
-            self._policies[key] = policy
-        return policy
-
-
-class RequestIds:
-    """Request ids unique across processes and restarts: a random 64-bit prefix per instance plus a counter.
-
-    (``uuid4()`` per request costs a getrandom() system call on the hot path.)
-    """
-
-    def __init__(self) -> None:
-        self._prefix = f"pdm-{secrets.token_hex(8)}-"
-        self._count = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._count):x}"
 
 
 @dataclass
@@ -338,16 +311,18 @@ class _Legs:
 
     async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
         t0 = time.perf_counter()
-        result = await self.st.upstream.call(
-            "prefill",
-            "prefill",
-            self.ctx.model,
-            self.path,
-            body_for,
-            self.prefill_policy,
-            self.request_id,
-            ctx=self.ctx,
+        queued = self.st.metrics.pool_inflight_tokens.labels("prefill")
+        tokens = (
+            self.ctx.prompt.n_tokens if self.ctx.prompt is not None else estimate_prompt_tokens(self.ctx.body)
         )
+        queued.inc(tokens)
+        try:
+            result = await self.st.upstream.call(
+                "prefill", "prefill", self.ctx.model, self.path, body_for, self.prefill_policy, self.request_id,
+                ctx=self.ctx,
+            )  # fmt: skip
+        finally:
+            queued.dec(tokens)
         self.st.metrics.prefill.observe(time.perf_counter() - t0)
         self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
         _record(self.st, self.ctx, result.worker)

@@ -108,3 +108,13 @@ class RouterMetrics:
         self.in_flight = Gauge(
             "pdmesh_router_worker_in_flight", "Requests in flight per worker", ["worker"], registry=r
         )
+        # Scaling signals per pool (the HPAs of deploy/kubernetes, docs/kubernetes.md)
+        self.pool_inflight = Gauge(
+            "pdmesh_router_pool_inflight", "Legs in flight on the pool's workers", ["role"], registry=r
+        )
+        self.pool_inflight_tokens = Gauge(
+            "pdmesh_router_pool_inflight_tokens",
+            "Prompt tokens of the prefill legs in flight (the work queued on the prefill pool)",
+            ["role"],
+            registry=r,
+        )

@@ -127,3 +127,15 @@ def needs_prompt_logits(body: dict) -> bool:
     if body.get("prompt_logprobs") is not None:
         return True
     return bool(body.get("echo")) and body.get("logprobs") is not None
+
+
+def estimate_prompt_tokens(body: dict) -> int:
+    """A cheap token count of a request's prompt, for load signals only: token ids counted, text at ~4 characters
+    per token (no tokenizer call on the hot path)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or [] if isinstance(m, dict))
+    return chars // 4 + 1

@@ -4,6 +4,8 @@ in vLLM's order, streamed or not, failing whole), prompt logits (decode-only) an
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -155,3 +157,28 @@ def test_passthrough_falls_back_to_a_prefill_worker_and_needs_one_worker(harness
     p = harness.add("prefill")
     r = harness.client.post("/tokenize", json={"model": "m", "prompt": "x"})
     assert r.status_code == 200 and p.tokenize_calls == 1
+
+
+def test_pool_scaling_signals(harness):
+    """pdmesh_router_pool_inflight{role} and the prefill pool's queued prompt tokens rise while legs run and fall
+    back to zero (the HPAs of deploy/kubernetes scale on them)."""
+
+    p = harness.add("prefill")
+    d = harness.add("decode")
+    p.delay_s = 1.0
+    t = threading.Thread(
+        target=harness.client.post,
+        args=("/v1/completions",),
+        kwargs={"json": {"model": "m", "prompt": "word " * 40, "max_tokens": 2}},
+    )
+    t.start()
+    deadline = time.monotonic() + 5
+    while harness.metric("pdmesh_router_pool_inflight_tokens", role="prefill") == 0:
+        assert time.monotonic() < deadline
+    assert harness.metric("pdmesh_router_pool_inflight_tokens", role="prefill") == 51  # 200 chars / 4 + 1
+    assert harness.metric("pdmesh_router_pool_inflight", role="prefill") == 1
+    t.join(10)
+    assert harness.metric("pdmesh_router_pool_inflight_tokens", role="prefill") == 0
+    assert harness.metric("pdmesh_router_pool_inflight", role="prefill") == 0
+    assert harness.metric("pdmesh_router_pool_inflight", role="decode") == 0
+    assert len(d.requests) == 1
