@@ -6,7 +6,10 @@ Folder map, in request order:
   registrations, merged metrics), ``app`` (ASGI entry: completion routes on raw ASGI, the rest on FastAPI).
 - ``exchange`` (one client exchange on raw ASGI: headers, bounded body, disconnect watch), ``auth``, ``limits``
   (admission), ``openai_requests`` (edge validation), ``errors`` (OpenAI-style errors).
-- ``flow`` (the request flow: analysis, PD legs, response), ``pd_push`` / ``pd_nixl`` (what the legs carry in
+- ``flow`` (the request flow: analysis, PD legs, response), ``batch`` (batched prompts: one routed request per
+  prompt, merged), ``passthrough`` (``/tokenize``, ``/v1/embeddings``, ``/v1/responses``... to one worker),
+  ``policy_set`` (policy instances per model and pool, request ids), ``decode_report`` (what the router reads
+  from a worker's answer), ``pd_push`` / ``pd_nixl`` (what the legs carry in
   the two PD protocols), ``upstream`` (legs: retries before the first byte, stream relay), ``leg_client`` +
   ``leg_target`` (keep-alive HTTP/1.1 client of the legs).
 - ``registry`` + ``registration`` (the registration schema, a leaf the worker agent imports) + ``discovery`` +
