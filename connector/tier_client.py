@@ -92,9 +92,16 @@ class ConnectorTierClient:
         connection, so chunks pinned by earlier batches are no longer safe to read either.
         """
         out: list[tuple[int, int] | None] = []
+        segment = None
         for i in range(0, len(keys), self.LOAD_BATCH):
             batch = keys[i : i + self.LOAD_BATCH]
             r = self._client.call("load", timeout_s=self.load_timeout_s, keys=list(batch))
+            if segment is not None and self._client.info.get("segment") != segment:
+                # another thread reconnected to a restarted tier between two batches: the earlier offsets
+                # belong to the old server's segment
+                self._client.release(list(batch[: len(r["locs"])]))
+                raise TierUnavailable("tier server restarted during a load")
+            segment = self._client.info.get("segment")
             out += [(int(o), int(n)) for o, n in r["locs"]]
             if len(r["locs"]) < len(batch):
                 break
@@ -104,7 +111,12 @@ class ConnectorTierClient:
         self._client.release(keys)
 
     def alloc(self, keys: Sequence[bytes], nbytes: int) -> list[int | None]:
+        """Offsets in the segment last returned by :meth:`pool_view`; TierUnavailable if the server restarted
+        since (its offsets would point into a segment the caller has not mapped)."""
         result = self._client.alloc(keys, nbytes)
+        if self._mapped_name is not None and self._client.info.get("segment") != self._mapped_name:
+            self._client.abort([k for k, a in zip(keys, result.locs, strict=False) if a is not None])
+            raise TierUnavailable("tier server restarted: segment changed")
         offsets: list[int | None] = [None if a is None else a.offset for a in result.locs]
         return offsets + [None] * (len(keys) - len(offsets))  # pool full: the rest is not cached
 

@@ -224,10 +224,13 @@ class CacheServer:
                 try:
                     head = {"ok": True, "hit": True, "n": item.n, "csum": item.csum, "fp": item.fp}
                     if (action := failpoints.claim("kvcache.cache_server.payload")) is not None:
+                        payload = memoryview(item.data).cast("B")
                         send_frame(conn, head)
-                        conn.sendall(memoryview(item.data)[: item.n // 2])
-                        failpoints.act(action)
-                    send_frame(conn, head, item.data)
+                        conn.sendall(payload[: len(payload) // 2])
+                        failpoints.act(action)  # kill: never returns; stop/sleep: the rest follows
+                        conn.sendall(payload[len(payload) // 2 :])
+                    else:
+                        send_frame(conn, head, item.data)
                 finally:
                     self.store.release(item)
         elif op == "contains":

@@ -52,6 +52,9 @@ class AllocResult:
     full: bool  # the pool ran out; locs stops at the first key that did not fit
 
 
+_RETRY_SAFE = frozenset({"lookup", "stats"})  # ops that name no pool offset: safe on a restarted server
+
+
 class TierClient:
     def __init__(
         self,
@@ -95,10 +98,11 @@ class TierClient:
     def call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send one request and wait (at most ``timeout_s``) for its reply.
 
-        A request that fails on a connection opened by an earlier call (the server restarted since: a broken
-        pipe, a reset, EOF) is sent once more on a fresh connection: what the old connection held died with it
-        (the server frees a connection's allocations, pins and refs when it closes), so the retry is safe for
-        every op. A timeout is not retried (a hung server would cost twice). Raises TierUnavailable."""
+        A ``lookup`` or ``stats`` that fails on a connection opened by an earlier call (the server restarted
+        since: a broken pipe, a reset, EOF) is sent once more on a fresh connection, so a restarted tier answers
+        its first lookup. Other ops are not retried: their offsets refer to the segment of the server the caller
+        last saw, and a restarted server has a new one (the caller must re-map it: ``TierUnavailable`` tells it
+        so). A timeout is never retried (a hung server would cost twice). Raises TierUnavailable."""
         with self._lock:
             for attempt in (0, 1):
                 fresh = self._sock is None
@@ -115,7 +119,7 @@ class TierClient:
                     break
                 except (OSError, FrameError) as e:
                     self._drop()
-                    if fresh or attempt or isinstance(e, TimeoutError):
+                    if fresh or attempt or isinstance(e, TimeoutError) or op not in _RETRY_SAFE:
                         raise TierUnavailable(f"tier server {op}: {e}") from e
         if not reply.get("ok"):
             raise TierError(reply.get("error", "error"), reply.get("message", ""))

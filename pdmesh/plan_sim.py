@@ -47,6 +47,7 @@ class SimResult:
 class _Decoder:
     running: dict[int, int] = field(default_factory=dict)  # request -> tokens still to generate
     stepping: bool = False
+    batch: list[int] = field(default_factory=list)  # the requests of the step in progress
 
 
 def simulate(
@@ -129,12 +130,13 @@ def simulate(
             j = min(range(decode), key=lambda k: len(decoders[k].running))
             d = decoders[j]
             d.running[a] = out_tokens
-            if not d.stepping:
+            if not d.stepping:  # a request joining a busy worker waits for the next step
                 d.stepping = True
-                push(t + s0 + s1 * len(d.running), "step", j)
+                d.batch = list(d.running)
+                push(t + s0 + s1 * len(d.batch), "step", j)
         elif kind == "step":
             d = decoders[a]
-            for r in list(d.running):
+            for r in d.batch:
                 if r not in first_token:
                     first_token[r] = t
                 last_token[r] = t
@@ -152,7 +154,8 @@ def simulate(
                     if closed_loop:
                         send(t)
             if d.running:
-                push(t + s0 + s1 * len(d.running), "step", a)
+                d.batch = list(d.running)
+                push(t + s0 + s1 * len(d.batch), "step", a)
             else:
                 d.stepping = False
     result.duration_s = end - (t_measure_start or 0.0)

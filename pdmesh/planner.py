@@ -41,7 +41,12 @@ class WorkerProfile:
     def load(cls, path: str | Path) -> WorkerProfile:
         data = json.loads(Path(path).read_text())
         data = data.get("profile", data)
-        return cls(**{k: float(data[k]) for k in cls.__dataclass_fields__ if k in data})
+        profile = cls(**{k: float(data[k]) for k in cls.__dataclass_fields__ if k in data})
+        if profile.prefill_tokens_per_s <= 0 or profile.decode_step_s <= 0:
+            raise ValueError("prefill_tokens_per_s and decode_step_s must be positive")
+        if min(profile.prefill_overhead_s, profile.decode_step_per_seq_s, profile.transfer_s) < 0:
+            raise ValueError("service times cannot be negative")
+        return profile
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,22 @@ as one vLLM engine answers a batch:
   ``id`` rewritten; the parts' usage chunks are held back and summed into one final usage chunk, then one
   ``data: [DONE]``. A part that breaks mid-stream ends the response with its error event.
 
-Ownership: every part's upstream response is closed by :func:`gather_parts` (on failure) or by its relay;
-cancellation (client gone, deadline) closes them all.
+``parallel`` bounds how many parts are being routed (legs in progress) at a time; a streamed batch then
+generates all its parts together, as one engine given the batch would.
+
+Ownership: every part's upstream response is closed by :func:`gather_parts` (on failure), by its relay, or by
+the caller (``LegResult.close`` is idempotent); cancellation (client gone, deadline) closes them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from pdmesh.router.errors import OpenAIError, sse_error_event
 from pdmesh.router.upstream import LegResult
 
 T = TypeVar("T")
@@ -88,7 +93,7 @@ class StreamMerger:
         self.failed = False
 
     def feed(self, position: int, data: bytes) -> list[bytes]:
-        buf = self._buffers[position] + data
+        buf = self._buffers[position] + data.replace(b"\r\n", b"\n")
         *events, self._buffers[position] = buf.split(b"\n\n")
         out = []
         for event in events:
@@ -146,11 +151,20 @@ async def merged_stream(
     queue: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(maxsize=64)
 
     async def pump(position: int, result: LegResult) -> None:
+        # The end marker is sent only by a pump that ran to its end: a cancelled one (the consumer is gone) must
+        # not block on a full queue nobody reads any more.
         try:
-            async for data in relay(result):
-                await queue.put((position, data))
-        finally:
-            await queue.put((position, None))
+            async with contextlib.aclosing(relay(result)) as chunks:
+                async for data in chunks:
+                    await queue.put((position, data))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a relay that broke unexpectedly ends the merged stream with an error event
+            err = OpenAIError(
+                502, f"a part of the batch failed: {type(e).__name__}", code="PD_PEER_UNAVAILABLE"
+            )
+            await queue.put((position, sse_error_event(err)))
+        await queue.put((position, None))
 
     tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(results)]
     try:

@@ -191,7 +191,11 @@ async def _serve_batch(
     usage = isinstance(options, dict) and bool(options.get("include_usage"))
     merger = StreamMerger(len(parts), n, response_id, usage)
     chunks = merged_stream(results, lambda r: st.upstream.relay_stream(r, deadline, path), merger)
-    await _relay(st, ex, chunks, path, request_id, started, deadline)
+    try:
+        await _relay(st, ex, chunks, path, request_id, started, deadline)
+    finally:  # also when the stream never started (a generator not started runs no finally of its own)
+        for r in results:
+            await r.close()
 
 
 async def _relay(

@@ -38,7 +38,7 @@ class CompletionRequest(_Base):
     def _not_empty(cls, v: object) -> object:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and len(v) > MAX_BATCH:
+        if isinstance(v, list) and isinstance(v[0], (str, list)) and len(v) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} prompts per request")
         return v
 

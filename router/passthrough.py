@@ -15,7 +15,7 @@ and admission limits apply; bodies are bounded by ``max_body_bytes``.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -55,16 +55,18 @@ def install_passthrough(app: FastAPI, state: Callable[[Request], RouterState]) -
         st = state(request)
         config = st.config
         check_api_key(request, config.api_keys)
-        permit = (
-            st.limiter.admit(api_key_of(request.headers.get("authorization"), config.api_keys))
-            if (st.limiter.enabled)
-            else None
-        )
+        permit = None
+        if st.limiter.enabled:
+            permit = st.limiter.admit(api_key_of(request.headers.get("authorization"), config.api_keys))
+        release = permit.release if permit is not None else (lambda: None)
         try:
-            return await _forward(st, request, policy)
-        finally:
-            if permit is not None:
-                permit.release()
+            response = await _forward(st, request, policy, release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(response, _OwnedStream):
+            release()  # a streamed answer releases it when the stream ends
+        return response
 
     for path in PASSTHROUGH_ROUTES:
         app.add_api_route(path, passthrough, methods=["POST"], include_in_schema=False)
@@ -86,7 +88,24 @@ def install_passthrough(app: FastAPI, state: Callable[[Request], RouterState]) -
         return JSONResponse({"version": engine, "pdmesh": _pdmesh_version()})
 
 
-async def _forward(st: RouterState, request: Request, policy: PowerOfTwo) -> Response:
+class _OwnedStream(StreamingResponse):
+    """A streamed answer that frees what it holds however it ends (done, client gone before or during the
+    stream): the worker's response with its in-flight count, and the admission permit."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kw) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def _forward(
+    st: RouterState, request: Request, policy: PowerOfTwo, release: Callable[[], None]
+) -> Response:
     path = request.url.path
     raw = await read_limited(
         request.stream(), request.headers.get("content-length"), st.config.max_body_bytes
@@ -133,7 +152,11 @@ async def _forward(st: RouterState, request: Request, policy: PowerOfTwo) -> Res
         async for chunk in st.upstream.relay_stream(result, None, path, done_marker=None):
             yield chunk
 
-    return StreamingResponse(relay(), status_code=result.status, media_type="text/event-stream")
+    async def on_close() -> None:
+        await result.close()
+        release()
+
+    return _OwnedStream(relay(), on_close, status_code=result.status, media_type="text/event-stream")
 
 
 def _pdmesh_version() -> str | None:

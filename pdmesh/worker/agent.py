@@ -8,7 +8,7 @@ Lifecycle (blocking, :func:`run_worker`):
 4. on SIGTERM/SIGINT: deregister (best effort, 2 s timeout), stop vLLM (SIGTERM, then SIGKILL after 20 s),
    exit 0.
 If vLLM exits on its own, the worker deregisters, restarts it with the same command (:class:`EngineWatch`) and
-registers again once it is healthy; after more than 5 exits in 5 minutes it exits 2 and says why (``pdmesh up``
+registers again once it is healthy; after more than 5 exits in 15 minutes it exits 2 and says why (``pdmesh up``
 or the container runtime then decides). In push mode the node's tier server starts first; if it exits later,
 :class:`TierWatch` restarts it with backoff while the worker advertises no tier addresses, so the router sends
 it no pushes meanwhile.

@@ -108,7 +108,8 @@ class EngineWatch:
     the exit code and the engine's last log lines, starts a new one with the same command (``start`` returns a
     new, not yet healthy :class:`VLLMServer` at once) and waits for its health check in a thread
     (``startup_timeout`` s); until then :meth:`serving` is False and the worker stays deregistered. More than
-    ``max_exits`` exits within ``window_s`` raise :class:`CrashLoop` (the worker then exits non-zero and says why).
+    ``max_exits`` exits (or failed starts) within ``window_s`` (15 minutes: an engine may take minutes to
+    start, so a shorter window would never see a loop) raise :class:`CrashLoop` (the worker then exits non-zero and says why).
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class EngineWatch:
         startup_timeout: float,
         clock: Callable[[], float] = time.monotonic,
         max_exits: int = 5,
-        window_s: float = 300.0,
+        window_s: float = 900.0,
     ) -> None:
         self.server = server
         self._start = start
@@ -132,7 +133,8 @@ class EngineWatch:
         self.restarts = 0
 
     async def serving(self) -> bool:
-        """True while the engine is up and has passed its health check since its (re)start. Never blocks."""
+        """True while the engine is up and has passed its health check since its (re)start. Never blocks the
+        event loop (stopping the dead engine and waiting for the new one run in threads)."""
         if self._starting is not None:
             if not self._starting.done():
                 return False
@@ -144,7 +146,7 @@ class EngineWatch:
                 self._backoff.succeeded()
                 log.info("vLLM restarted and healthy at %s (restart %d)", self.server.url, self.restarts)
                 return True
-            self.server.stop(timeout=5.0)
+            await asyncio.to_thread(self.server.stop, 5.0)
             delay = self._backoff.failed()
             log.error("vLLM restart failed (%s); next try in %.0fs", error, delay)
             self._count_exit(f"restart failed: {error}")
@@ -153,8 +155,14 @@ class EngineWatch:
         if not self._reported:
             self._note_exit()
         if self._backoff.due():
-            self.server.stop(timeout=5.0)
-            self.server = self._start()
+            await asyncio.to_thread(self.server.stop, 5.0)
+            try:
+                self.server = self._start()
+            except (OSError, RuntimeError, ValueError) as e:  # could not even spawn it (a bad path, no fds)
+                delay = self._backoff.failed()
+                log.error("vLLM could not be started (%s); next try in %.0fs", e, delay)
+                self._count_exit(f"start failed: {e}")
+                return False
             self._starting = asyncio.ensure_future(
                 asyncio.to_thread(self.server.wait_healthy, self._startup_timeout)
             )

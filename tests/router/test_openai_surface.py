@@ -182,3 +182,38 @@ def test_pool_scaling_signals(harness):
     assert harness.metric("pdmesh_router_pool_inflight", role="prefill") == 0
     assert harness.metric("pdmesh_router_pool_inflight", role="decode") == 0
     assert len(d.requests) == 1
+
+
+def test_merged_stream_closes_every_part_when_the_client_leaves_early():
+    """The client goes away after one event while the parts still produce (the merge queue full): the merged
+    stream ends at once and every part's relay and upstream response are closed."""
+    import asyncio
+
+    from pdmesh.router.batch import StreamMerger, merged_stream
+
+    class Part:
+        def __init__(self) -> None:
+            self.closed = False
+            self.relay_closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    parts = [Part() for _ in range(3)]
+
+    async def relay(part: Part):
+        try:
+            for i in range(10_000):
+                yield f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\r\n\r\n'.encode()
+        finally:
+            part.relay_closed = True
+
+    async def run() -> None:
+        merged = merged_stream(parts, relay, StreamMerger(3, 1, "cmpl-x", False))  # type: ignore[arg-type]
+        first = await merged.__anext__()
+        assert first.startswith(b"data: ") and b'"id":"cmpl-x"' in first  # \r\n framing is understood
+        await asyncio.sleep(0.1)  # the pumps fill the queue and block on it
+        await asyncio.wait_for(merged.aclose(), 2)
+
+    asyncio.run(run())
+    assert all(p.closed and p.relay_closed for p in parts)
