@@ -214,6 +214,16 @@ def engine_of(agent_pid: int) -> psutil.Process | None:
     return None
 
 
+def registered(cluster: LocalCluster) -> set[str]:
+    try:
+        r = httpx.get(
+            cluster.url + "/internal/workers", headers={TOKEN_HEADER: TOKEN}, timeout=5, trust_env=False
+        )
+        return {w["worker_id"] for w in r.json() if w.get("healthy")}
+    except (httpx.HTTPError, ValueError):
+        return set()
+
+
 def nothing_held(cluster: LocalCluster) -> dict:
     headers = {TOKEN_HEADER: TOKEN}
     out = {}
@@ -385,7 +395,7 @@ def main() -> int:
 
         def faults() -> None:
             next_kill, next_cache, n = t0 + args.kill_every, t0 + args.cache_kill_every, 0
-            while not done.wait(1.0):
+            while not done.wait(1.0):  # on the main thread (see below)
                 now = time.monotonic()
                 try:
                     for name in cluster.supervise():  # what `pdmesh up` does every second
@@ -396,6 +406,8 @@ def main() -> int:
                     continue  # no kill in the last minute: the end state is measured on a settled cluster
                 if now >= next_kill:
                     whole = n % 2 == 0
+                    if not whole and "decode-1" not in registered(cluster):
+                        continue  # still restarting from the last kill: kill its engine once it serves again
                     if whole:
                         kill_tree(cluster.workers["decode-1"].pid)
                     elif (engine := engine_of(cluster.workers["decode-1"].pid)) is not None:
@@ -409,15 +421,33 @@ def main() -> int:
                     kills.append({"t": round(now - t0, 1), "what": "cache server"})
                     next_cache = now + args.cache_kill_every
 
-        fault_thread = threading.Thread(target=faults, daemon=True)
-        fault_thread.start()
-        outcomes, wrong, samples = asyncio.run(
-            load(cluster.url, requests, expected, stop_at, args.concurrency, args.abort_share, t0)
-        )
+        # The load runs in a thread; supervision (which spawns replacement processes) stays on the main thread:
+        # a child's PR_SET_PDEATHSIG fires when the thread that spawned it exits.
+        loaded: dict = {}
+
+        def run_load() -> None:
+            try:
+                loaded["out"] = asyncio.run(
+                    load(cluster.url, requests, expected, stop_at, args.concurrency, args.abort_share, t0)
+                )
+            finally:
+                done.set()
+
+        load_thread = threading.Thread(target=run_load, daemon=True)
+        load_thread.start()
+        faults()
+        load_thread.join()
+        outcomes, wrong, samples = loaded["out"]
         t_end = time.monotonic() - t0
-        done.set()
-        fault_thread.join(30)
-        cluster.wait_ready(1, 2, 600)  # let the last restart finish before judging the end state
+        settle = time.monotonic() + 600  # let the last restart finish before judging the end state
+        while True:
+            restarts += [{"t": round(time.monotonic() - t0, 1), "what": n} for n in cluster.supervise()]
+            try:
+                cluster.wait_ready(1, 2, 5)
+                break
+            except (TimeoutError, RuntimeError):
+                if time.monotonic() > settle:
+                    raise
         deadline = time.monotonic() + 120
         while True:
             held = nothing_held(cluster)

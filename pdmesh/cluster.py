@@ -220,7 +220,9 @@ class LocalCluster:
     def supervise(self) -> list[str]:
         """Restart every child that exited, with the same command, port and log (``pdmesh up`` calls this every
         second). Returns the names restarted. Raises RuntimeError, naming the child and its last log lines, when
-        one exits more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop, not a crash)."""
+        one exits more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop, not a crash).
+        Call it from the thread that owns the cluster (``pdmesh up``: the main thread): a child's death signal
+        follows the thread that spawned it."""
         restarted = []
         now = time.monotonic()
         for name, proc in self._children():

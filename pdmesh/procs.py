@@ -3,6 +3,9 @@
 Every child is started in its own session (so its whole tree can be signalled as a group) and, on Linux, with
 ``PR_SET_PDEATHSIG`` so that it receives SIGTERM if its parent dies without cleaning up (even on SIGKILL).
 The owner of a :class:`ManagedProcess` must call :meth:`ManagedProcess.stop`; it is idempotent.
+Linux sends the death signal when the *thread* that spawned the child exits, not the process: start long-lived
+children from a thread that lives as long as their owner (the main thread, an event loop's thread), never from a
+short-lived or pool thread.
 """
 
 from __future__ import annotations

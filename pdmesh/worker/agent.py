@@ -181,7 +181,9 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
         )
         watch = None
         if tier is not None:
-            watch = TierWatch(tier, lambda: _start_tier(args, worker_id, model, device, host, extra)[0])
+            watch = TierWatch(
+                tier, lambda: _start_tier(args, worker_id, model, device, host, extra, wait=False)[0]
+            )
         try:
             return asyncio.run(_run_until_signalled(engine, reg, args.router.rstrip("/"), watch))
         except CrashLoop as e:
@@ -202,9 +204,16 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
 
 
 def _start_tier(
-    args: argparse.Namespace, worker_id: str, model: str, device: str, host: str, extra: list[str]
+    args: argparse.Namespace,
+    worker_id: str,
+    model: str,
+    device: str,
+    host: str,
+    extra: list[str],
+    wait: bool = True,
 ) -> tuple[TierProcess, int]:
-    """Start this node's tier server sized for the model's chunks; returns it and the chunk size in tokens."""
+    """Start this node's tier server sized for the model's chunks; returns it and the chunk size in tokens.
+    ``wait``: block until it is ready (else the caller calls ``wait_ready``)."""
     block_size = _flag_value(extra, "--block-size")
     chunk_tokens = args.chunk_tokens or int(block_size or (128 if device == "cpu" else 16))
     dtype = _flag_value(extra, "--dtype") or ("float32" if device == "cpu" else "auto")
@@ -221,8 +230,9 @@ def _start_tier(
         http_host=args.host,
     )
     tier = TierProcess(settings, log_path)
-    tier.wait_ready(60)
-    log.info("tier server ready: %s (chunk %d tokens, %s bytes)", tier.info, chunk_tokens, slot)
+    if wait:
+        tier.wait_ready(60)
+        log.info("tier server ready: %s (chunk %d tokens, %s bytes)", tier.info, chunk_tokens, slot)
     return tier, chunk_tokens
 
 

@@ -2,7 +2,8 @@
 (:class:`EngineWatch`).
 
 Both are polled by the worker's heartbeat loop (one event loop, no threads of their own) and never block it: a
-restart that waits for readiness runs in a worker thread. Restarts back off (1 s doubling to 30 s) after a
+restart that waits for readiness runs in a worker thread. New children are spawned on the loop's own thread,
+never in a pool thread: their ``PR_SET_PDEATHSIG`` fires when the thread that spawned them exits. Restarts back off (1 s doubling to 30 s) after a
 failed start. Each watch owns the process it holds at any time (``.tier`` / ``.server``); the agent stops that
 one when it exits, including one still starting.
 """
@@ -66,6 +67,7 @@ class TierWatch:
     the new server by itself (same socket path, new segment)."""
 
     def __init__(self, tier: TierProcess, start: Callable[[], TierProcess], clock=time.monotonic) -> None:
+        """``start`` spawns a new tier server and returns at once (not yet ready)."""
         self.tier = tier
         self._start = start
         self._backoff = _Backoff(clock)
@@ -86,8 +88,10 @@ class TierWatch:
                 self._reported = True
             if self._backoff.due():
                 try:
-                    self.tier.stop()
-                    self.tier = await asyncio.to_thread(self._start)
+                    await asyncio.to_thread(self.tier.stop)
+                    # spawned on this (the loop's) thread: PR_SET_PDEATHSIG follows the spawning thread
+                    self.tier = self._start()
+                    await asyncio.to_thread(self.tier.wait_ready, 60.0)
                     self.restarts += 1
                     self._reported = False
                     self._backoff.succeeded()

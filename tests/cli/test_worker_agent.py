@@ -201,6 +201,9 @@ class _FakeTier:
     def stop(self) -> None:
         self.stopped = True
 
+    def wait_ready(self, timeout: float) -> dict:
+        return self.info
+
 
 def test_a_dead_tier_is_advertised_away_then_restarted_with_backoff():
     """While the node's tier is down the worker advertises no transfer address; restarts back off on failure."""
