@@ -461,7 +461,13 @@ def main() -> int:
     ok = [lat for _, lat, o in samples if o == "ok"]
     grow = growth(sampler.series, t_end, args.warmup, args.window)
     leaked = {w: {k: v for k, v in h.items() if v} for w, h in held.items() if any(h.values())}
-    errors = Counter({k: v for k, v in outcomes.items() if not k.endswith((":ok", ":aborted_by_client"))})
+    errors = Counter(
+        {
+            k: v
+            for k, v in outcomes.items()
+            if not k.endswith((":ok", ":aborted_by_client", ":completed_before_abort"))
+        }
+    )
     result = {
         "bench": "soak",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
