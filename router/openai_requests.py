@@ -62,12 +62,7 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
 
     Raises :class:`OpenAIError` 400 with the offending parameter named.
     """
-    try:
-        obj = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
+    obj = json_object(raw)
     model_cls = CompletionRequest if kind == "completions" else ChatRequest
     try:
         model_cls.model_validate(obj)
@@ -78,6 +73,19 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
         raise OpenAIError(
             400, f"{param}: {msg}" if param else msg, param=param, code="invalid_request"
         ) from None
+    return obj
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, with the internal fields a client must never set removed (also inside
+    ``vllm_xargs``). Raises :class:`OpenAIError` 400 for a body that is not UTF-8, not JSON, nested too deep or
+    not an object."""
+    try:
+        obj = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
     for name in INTERNAL_FIELDS:
         obj.pop(name, None)
         xargs = obj.get("vllm_xargs")

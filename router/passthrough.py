@@ -18,14 +18,13 @@ import importlib.metadata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdmesh.router.auth import api_key_of, check_api_key
 from pdmesh.router.errors import OpenAIError
 from pdmesh.router.exchange import read_limited
-from pdmesh.router.openai_requests import INTERNAL_FIELDS
+from pdmesh.router.openai_requests import json_object
 from pdmesh.router.policies import PowerOfTwo
 from pdmesh.router.route_context import RouteContext
 
@@ -110,14 +109,7 @@ async def _forward(
     raw = await read_limited(
         request.stream(), request.headers.get("content-length"), st.config.max_body_bytes
     )
-    try:
-        body = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise OpenAIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "request body must be a JSON object", code="invalid_request")
-    for name in INTERNAL_FIELDS:
-        body.pop(name, None)
+    body = json_object(raw)
     models = st.registry.models()
     model = body.get("model")
     if model is None and len(models) == 1:
