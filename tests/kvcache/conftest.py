@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from pdmesh.kvcache.cache_server import CacheServer
 from pdmesh.kvcache.config import TierConfig
 from pdmesh.kvcache.ready_line import parse_ready_line
 from pdmesh.kvcache.server import TierServer
+from tests.redis_server import RedisProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,49 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A private redis-server on a free port (skipped when the binary is missing, unless PDMESH_REQUIRE_REDIS=1)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("PDMESH_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server not installed and PDMESH_REQUIRE_REDIS=1")
-        pytest.skip("redis-server binary not installed (apt-get install redis-server)")
-    port = free_port()
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(d),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A private redis-server on a free port (:class:`tests.redis_server.RedisProcess`)."""
+    r = RedisProcess(str(tmp_path_factory.mktemp("redis"))).start()
     try:
-        if not _wait_port(port, 10):
-            pytest.fail("redis-server did not start within 10 s")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield r.url
     finally:
-        proc.kill()
-        proc.wait(10)
+        r.kill()
 
 
 @pytest.fixture
