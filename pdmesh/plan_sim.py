@@ -15,7 +15,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from pdmesh.planner import WorkerProfile, Workload, prefill_service_s, stretch
+from pdmesh.planner import WorkerProfile, Workload, service_times
 
 
 @dataclass
@@ -64,9 +64,8 @@ def simulate(
     Poisson arrivals, that many clients each sending the next request when the previous one finishes (how a
     saturating benchmark measures throughput)."""
     rng = random.Random(seed)
-    slow = stretch(profile, prefill + decode, cores)
-    s_p = prefill_service_s(profile, w, slow)
-    s0, s1 = slow * profile.decode_step_s, slow * profile.decode_step_per_seq_s
+    times = service_times(profile, w, prefill, decode, cores)
+    s_p, s0, s1 = times.prefill_s, times.step_s, times.step_per_seq_s
     out_tokens = max(1, round(w.output_tokens))
     events: list[tuple[float, int, str, int, int]] = []  # (time, seq, kind, request or worker, worker)
     seq = 0
@@ -125,7 +124,7 @@ def simulate(
                 push(t + service(w.prompt_cv2), "prefilled", p_queue[b].pop(0), b)
             else:
                 p_busy[b] = False
-            push(t + profile.transfer_s * slow, "to_decode", a)
+            push(t + times.transfer_s, "to_decode", a)
         elif kind == "to_decode":
             j = min(range(decode), key=lambda k: len(decoders[k].running))
             d = decoders[j]

@@ -78,13 +78,27 @@ class Prediction:
         return asdict(self)
 
 
-def stretch(profile: WorkerProfile, workers: int, cores: float | None) -> float:
-    """How much slower each worker runs when ``workers`` compute-bound workers share ``cores`` cores."""
-    return max(1.0, workers / cores) if cores else 1.0
+@dataclass(frozen=True)
+class ServiceTimes:
+    """The times one configuration's workers take (stretched when they share fewer cores than there are)."""
+
+    prefill_s: float  # one prompt on a prefill worker
+    step_s: float  # a decode step with nothing in the batch
+    step_per_seq_s: float  # what each running request adds to a step
+    transfer_s: float
 
 
-def prefill_service_s(profile: WorkerProfile, w: Workload, slow: float = 1.0) -> float:
-    return slow * (profile.prefill_overhead_s + w.uncached_tokens / profile.prefill_tokens_per_s)
+def service_times(
+    profile: WorkerProfile, w: Workload, prefill: int, decode: int, cores: float | None
+) -> ServiceTimes:
+    """The one place the model's service times are derived (the planner and the event model both use it)."""
+    slow = max(1.0, (prefill + decode) / cores) if cores else 1.0
+    return ServiceTimes(
+        slow * (profile.prefill_overhead_s + w.uncached_tokens / profile.prefill_tokens_per_s),
+        slow * profile.decode_step_s,
+        slow * profile.decode_step_per_seq_s,
+        slow * profile.transfer_s,
+    )
 
 
 def erlang_c(servers: int, load: float) -> float:
@@ -103,9 +117,8 @@ def erlang_c(servers: int, load: float) -> float:
 def predict(
     profile: WorkerProfile, w: Workload, prefill: int, decode: int, cores: float | None = None
 ) -> Prediction:
-    slow = stretch(profile, prefill + decode, cores)
-    s_p = prefill_service_s(profile, w, slow)
-    s0, s1 = slow * profile.decode_step_s, slow * profile.decode_step_per_seq_s
+    t = service_times(profile, w, prefill, decode, cores)
+    s_p, s0, s1 = t.prefill_s, t.step_s, t.step_per_seq_s
     prefill_cap = prefill / s_p
     decode_cap = decode / (w.output_tokens * s1) if s1 > 0 else math.inf
     max_rate = min(prefill_cap, decode_cap)
@@ -125,7 +138,7 @@ def predict(
     def wait_quantile(q: float) -> float:
         return 0.0 if pw <= 1.0 - q else math.log(pw / (1.0 - q)) / decay
 
-    base = s_p + profile.transfer_s * slow + itl
+    base = s_p + t.transfer_s + itl
     return Prediction(
         prefill, decode, True, max_rate, rho, base + wait_quantile(0.5), base + wait_quantile(0.9), itl, n
     )
