@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -204,8 +206,9 @@ def test_langchain_openai_client(cluster):
     assert "".join(completion.stream(prompt)) == text_want
 
 
-def test_litellm_client(cluster):
+def test_litellm_client(cluster, monkeypatch):
     """litellm (OpenAI-compatible provider) chat and text completions, plain and streamed."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from the internet at import
     import litellm
 
     prompt = "a cache hit on any worker"
@@ -232,6 +235,14 @@ def test_litellm_client(cluster):
     assert t.choices[0].text == text_want
 
 
+def _completions_by_status(cluster) -> Counter:
+    """The router's own count of /v1/completions requests (all router processes), by final HTTP status."""
+    text = httpx.get(cluster.url + "/metrics", timeout=10).text
+    statuses = set(re.findall(r'^pdmesh_router_requests_total\{[^}]*status="(\d+)"', text, re.M))
+    name = "pdmesh_router_requests_total"
+    return Counter({s: int(scrape(text, name, endpoint="/v1/completions", status=s)) for s in statuses})
+
+
 def test_guidellm_load_has_no_failed_requests(cluster, tiny_model, tmp_path):
     """A third-party load generator (guidellm: synthetic prompts from the model's own tokenizer, constant rate,
     streamed completions) against the cluster: every request succeeds."""
@@ -240,6 +251,7 @@ def test_guidellm_load_has_no_failed_requests(cluster, tiny_model, tmp_path):
     import subprocess
     import sys
 
+    before = _completions_by_status(cluster)
     out = tmp_path / "guidellm.json"
     cmd = [
         sys.executable, "-m", "guidellm", "run",
@@ -259,7 +271,10 @@ def test_guidellm_load_has_no_failed_requests(cluster, tiny_model, tmp_path):
     (bench,) = report["benchmarks"]
     totals = bench["metrics"]["request_totals"]
     assert totals["errored"] == 0 and totals["incomplete"] == 0, totals
-    assert totals["successful"] == totals["total"] >= 30, totals
+    # guidellm's max_requests constraint may stop one request short (a request cancelled at the stop is not counted).
+    assert totals["successful"] == totals["total"] >= 25, totals
+    served = _completions_by_status(cluster) - before
+    assert served["200"] >= totals["total"] and not served.keys() - {"200"}, served
 
 
 def test_bad_input_against_real_workers(cluster):
