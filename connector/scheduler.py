@@ -31,6 +31,10 @@ from pdmesh.prefiller.push import PushPlan
 
 log = init_logger("pdmesh.connector")
 
+# A decode leg waiting for pushed chunks asks its tier at most this often. vLLM asks the connector on every engine
+# step (a tight loop when nothing else runs); pushes land in chunks of milliseconds.
+PD_POLL_S = 0.002
+
 
 class TierLookup(Protocol):
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -51,6 +55,7 @@ class _Req:
     load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
     saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
     done_tokens: int = 0  # tokens whose KV exists after the current step
+    next_poll: float = 0.0  # decode leg waiting for pushed chunks: no tier lookup before this time
 
 
 @dataclass
@@ -97,6 +102,9 @@ class ConnectorScheduler:
         st.load_range = None
         if limit <= 0 or num_computed_tokens % self.C or first >= limit:
             return 0, False
+        if st.wait is not None and not st.wait.fell_back and self.clock() < st.next_poll:
+            self.stats.pd_waits += 1
+            return None, False  # polled less than PD_POLL_S ago: spare the tier a lookup per engine step
         keys = self._keys(st, limit)
         self.stats.lookups += 1
         tier_down = False
@@ -111,6 +119,7 @@ class ConnectorScheduler:
             now = self.clock() if not tier_down else st.wait.started_at + st.wait.deadline_s
             if st.wait.decide(ready, limit, now) == "wait":
                 self.stats.pd_waits += 1
+                st.next_poll = now + PD_POLL_S
                 return None, False  # the pushed chunks are still in flight: ask again next step
             if st.wait.fell_back:
                 self.stats.pd_fallbacks += 1

@@ -26,7 +26,6 @@ from pdmesh.router.config import RouterConfig
 from pdmesh.router.discovery import Discovery
 from pdmesh.router.errors import OpenAIError, install_error_handlers
 from pdmesh.router.exchange import Exchange, Receive, Scope, Send, read_limited
-from pdmesh.router.flow import RouterState
 from pdmesh.router.health_checks import HealthChecker
 from pdmesh.router.leg_client import LegClient
 from pdmesh.router.limits import Limiter
@@ -39,7 +38,9 @@ from pdmesh.router.prefix_index import PrefixIndex
 from pdmesh.router.prompt_analysis import PromptAnalyzer
 from pdmesh.router.registration import WORKER_ID_PATTERN, RegistrationReply, WorkerRegistration
 from pdmesh.router.registry import BreakerSettings, Registry
+from pdmesh.router.state import RouterState
 from pdmesh.router.tier_lookup import HttpTierLookup
+from pdmesh.router.tracing import make_tracer
 from pdmesh.router.upstream import Upstream
 from pdmesh.security import worker_api_key
 
@@ -138,6 +139,7 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
             tier_lookup=HttpTierLookup(
                 client, config.cluster_token, config.cache_aware.tier_lookup_timeout_s
             ),
+            tracer=make_tracer(config.tracing.otlp_endpoint, config.tracing.service_name),
         )
         loops: list[Coroutine] = [_expire_loop(registry, min(1.0, config.heartbeat_ttl_s / 4))]
         if config.discovery.dns:
@@ -159,6 +161,10 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
                     await t
             await client.aclose()
             legs.close()
+            if app.state.router.tracer is not None:
+                await asyncio.to_thread(
+                    app.state.router.tracer.close
+                )  # flushes spans (bounded by the exporter)
             if peers is not None:
                 await peers.aclose()
 

@@ -25,10 +25,12 @@ class _Section(BaseModel):
 
 
 class PoolPolicies(_Section):
-    """Which policy picks the worker of each pool."""
+    """Which policy picks the worker of each pool. The default, ``cache_aware`` in both pools, sends a prompt
+    to the worker that holds its longest prefix (and balances by load when none does): on traffic that shares
+    prefixes (chat sessions, documents asked several times) it is the one that wins (bench/bench_workload.py)."""
 
-    prefill: str = "round_robin"
-    decode: str = "round_robin"
+    prefill: str = "cache_aware"
+    decode: str = "cache_aware"
 
     @field_validator("prefill", "decode")
     @classmethod
@@ -60,9 +62,12 @@ class CacheAwareConfig(_Section):
 
 
 class ConditionalPDConfig(_Section):
-    """Conditional disaggregation: prompts whose uncached tokens are fewer than this go decode-only."""
+    """Conditional disaggregation: a prompt whose part the chosen decode worker does not hold yet (router index
+    of what it served, its tier) is shorter than ``min_uncached_tokens`` goes decode-only: a prefill leg costs a
+    round trip and a push, more than the decode worker computing a few hundred tokens itself. 0 = always PD.
+    Default 512: on the workload benchmark, below it the prefill leg costs more TTFT than it saves ITL."""
 
-    min_uncached_tokens: int = Field(0, ge=0)  # 0 = always PD
+    min_uncached_tokens: int = Field(512, ge=0)
 
 
 class StaticWorker(_Section):
@@ -114,6 +119,13 @@ class BreakerConfig(_Section):
 class RetryConfig(_Section):
     backoff_s: float = Field(0.02, ge=0)  # before the 2nd attempt; doubles, with jitter
     backoff_max_s: float = Field(0.5, ge=0)
+
+
+class TracingConfig(_Section):
+    """OpenTelemetry spans of each request's TTFT breakdown (:mod:`router.tracing`); off when no endpoint."""
+
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://")  # e.g. http://collector:4318/v1/traces
+    service_name: str = "pdmesh-router"
 
 
 class LimitsConfig(_Section):
@@ -184,6 +196,7 @@ class RouterConfig(BaseModel):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RouterConfig:

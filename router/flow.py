@@ -16,54 +16,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable
 
 import msgspec
 
-from pdmesh.router import pd_nixl, pd_push
 from pdmesh.router.auth import api_key_of
 from pdmesh.router.batch import StreamMerger, gather_parts, merge_responses, merged_stream
 from pdmesh.router.config import RouterConfig
-from pdmesh.router.decode_report import count_transfer_fallback, usage_prompt_tokens
 from pdmesh.router.errors import OpenAIError, sse_error_event
 from pdmesh.router.exchange import ClientGone, Exchange
-from pdmesh.router.limits import Limiter, Permit
-from pdmesh.router.metrics import RouterMetrics
+from pdmesh.router.legs import Legs
+from pdmesh.router.limits import Permit
 from pdmesh.router.openai_requests import (
     Kind,
     batched_prompts,
-    estimate_prompt_tokens,
-    needs_prompt_logits,
     parse_request,
 )
-from pdmesh.router.policies import Policy, Prefer
-from pdmesh.router.policies.cache_aware import cached_prefix_tokens
-from pdmesh.router.policy_set import PolicySet, RequestIds
-from pdmesh.router.prefix_index import PrefixIndex
-from pdmesh.router.prompt_analysis import PromptAnalyzer
-from pdmesh.router.registry import Registry, Worker
+from pdmesh.router.policies import Policy
 from pdmesh.router.route_context import RouteContext
-from pdmesh.router.tier_lookup import TierLookup, lookup_all
-from pdmesh.router.upstream import LegResult, Upstream
+from pdmesh.router.state import RouterState
+from pdmesh.router.tier_lookup import lookup_all
+from pdmesh.router.ttft_breakdown import Marks, observe
+from pdmesh.router.upstream import LegResult
 
 log = logging.getLogger("pdmesh.router")
 
 PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-
-
-@dataclass
-class RouterState:
-    config: RouterConfig
-    registry: Registry
-    metrics: RouterMetrics
-    upstream: Upstream
-    limiter: Limiter
-    policies: PolicySet
-    index: PrefixIndex
-    analyzer: PromptAnalyzer
-    tier_lookup: TierLookup
-    request_ids: RequestIds = field(default_factory=RequestIds)
 
 
 async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
@@ -77,6 +55,7 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
     request_id = st.request_ids.next()
     status = "200"
     permit: Permit | None = None
+    ctx: RouteContext | None = None
     try:
         key = api_key_of(ex.header(b"authorization"), st.config.api_keys)
         if st.limiter.enabled:
@@ -91,7 +70,7 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
         body = parse_request(raw, kind)
         model = body["model"]
         _check_model(st, model)
-        ctx = RouteContext(body, model, _session_key(st.config, ex, body))
+        ctx = RouteContext(body, model, _session_key(st.config, ex, body), marks=Marks(started))
         deadline = asyncio.get_running_loop().time() + st.config.request_deadline_s
         parts = batched_prompts(body) if kind == "completions" else None
         if parts is not None:
@@ -120,6 +99,16 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
         st.metrics.requests.labels(endpoint, status).inc()
         if permit is not None:
             permit.release()
+        if ctx is not None:
+            _breakdown(st, ctx, endpoint, request_id, status)
+
+
+def _breakdown(st: RouterState, ctx: RouteContext, endpoint: str, request_id: str, status: str) -> None:
+    """The request's TTFT stages into the histogram and, when tracing is on, its spans."""
+    ctx.marks.ended = time.perf_counter()
+    observe(st.metrics.ttft_stages, ctx.marks)
+    if st.tracer is not None:
+        st.tracer.emit(ctx.marks, request_id, endpoint, status, ctx.model)
 
 
 async def _serve_routed(
@@ -144,7 +133,7 @@ async def _serve_routed(
             st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
             return
         await _relay(
-            st, ex, st.upstream.relay_stream(decode, deadline, path), path, request_id, started, deadline
+            st, ex, st.upstream.relay_stream(decode, deadline, path), path, request_id, ctx.marks, deadline
         )
     finally:
         await decode.close()
@@ -192,7 +181,7 @@ async def _serve_batch(
     merger = StreamMerger(len(parts), n, response_id, usage)
     chunks = merged_stream(results, lambda r: st.upstream.relay_stream(r, deadline, path), merger)
     try:
-        await _relay(st, ex, chunks, path, request_id, started, deadline)
+        await _relay(st, ex, chunks, path, request_id, ctx.marks, deadline)
     finally:  # also when the stream never started (a generator not started runs no finally of its own)
         for r in results:
             await r.close()
@@ -204,7 +193,7 @@ async def _relay(
     chunks: AsyncIterator[bytes],
     path: str,
     request_id: str,
-    started: float,
+    marks: Marks,
     deadline: float,
 ) -> None:
     """Stream ``chunks`` to the client; the request deadline also bounds sending (a client that stops reading
@@ -216,7 +205,8 @@ async def _relay(
         async with asyncio.timeout_at(deadline):
             async for chunk in chunks:
                 if first:
-                    ttft.observe(time.perf_counter() - started)
+                    marks.first_byte = time.perf_counter()
+                    ttft.observe(marks.first_byte - marks.arrived)
                     first = False
                 await ex.send_chunk(chunk)
             await ex.end()
@@ -229,7 +219,7 @@ async def _relay(
         return
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
-    st.metrics.e2e.labels(path).observe(time.perf_counter() - started)
+    st.metrics.e2e.labels(path).observe(time.perf_counter() - marks.arrived)
 
 
 def _session_key(config: RouterConfig, ex: Exchange, body: dict) -> str | None:
@@ -271,157 +261,13 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
         ctx.tier_cached = await lookup_all(st.tier_lookup, prefillers, ctx.prompt.token_ids)
 
 
-def _record(st: RouterState, ctx: RouteContext, worker: Worker) -> None:
-    if ctx.prompt is not None and ctx.prompt.keys:
-        st.index.record(ctx.prompt.keys, worker.id)
-
-
-def _short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
-    """Conditional disaggregation: is the part of the prompt ``target`` must compute below the threshold?"""
-    threshold = st.config.conditional_pd.min_uncached_tokens
-    if not threshold or ctx.prompt is None:
-        return False
-    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
-    return ctx.prompt.n_tokens - cached < threshold
-
-
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:
     """Choose workers and run the legs; returns the decode leg (its stream unread when streaming)."""
     prefill_policy = st.policies.get(ctx.model, "prefill")
     decode_policy = st.policies.get(ctx.model, "decode")
     await _analyze(st, ctx, prefill_policy, decode_policy)
-    leg = _Legs(st, ctx, PATHS[kind], request_id, prefill_policy, decode_policy)
+    ctx.marks.routed = time.perf_counter()
+    leg = Legs(st, ctx, PATHS[kind], request_id, prefill_policy, decode_policy)
     if st.config.pd_mode == "push":
         return await leg.push()
     return await leg.nixl()
-
-
-@dataclass
-class _Legs:
-    st: RouterState
-    ctx: RouteContext
-    path: str
-    request_id: str
-    prefill_policy: Policy
-    decode_policy: Policy
-
-    def _choose_decoder(self) -> Worker:
-        decoders = self.st.registry.candidates("decode", self.ctx.model)
-        if not decoders:
-            raise OpenAIError(
-                503, f"no healthy decode worker for model {self.ctx.model!r}", code="PD_PEER_UNAVAILABLE"
-            )
-        return self.decode_policy.choose(decoders, self.ctx)
-
-    async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
-        t0 = time.perf_counter()
-        queued = self.st.metrics.pool_inflight_tokens.labels("prefill")
-        tokens = (
-            self.ctx.prompt.n_tokens if self.ctx.prompt is not None else estimate_prompt_tokens(self.ctx.body)
-        )
-        queued.inc(tokens)
-        try:
-            result = await self.st.upstream.call(
-                "prefill", "prefill", self.ctx.model, self.path, body_for, self.prefill_policy, self.request_id,
-                ctx=self.ctx,
-            )  # fmt: skip
-        finally:
-            queued.dec(tokens)
-        self.st.metrics.prefill.observe(time.perf_counter() - t0)
-        self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
-        _record(self.st, self.ctx, result.worker)
-        if self.ctx.prompt is not None:
-            cached = cached_prefix_tokens(self.st.index, [result.worker], self.ctx)
-            self.st.metrics.cached_tokens.inc(min(cached[result.worker.id], self.ctx.prompt.n_tokens))
-        return result
-
-    async def _decode(self, body_for: Callable[[Worker], dict], policy: Policy) -> LegResult:
-        result = await self.st.upstream.call(
-            "decode",
-            "decode",
-            self.ctx.model,
-            self.path,
-            body_for,
-            policy,
-            self.request_id,
-            bool(self.ctx.body.get("stream")),
-            ctx=self.ctx,
-        )
-        _record(self.st, self.ctx, result.worker)
-        return result
-
-    async def _decode_only(self, target: Worker, reason: str) -> LegResult:
-        body = self.ctx.body
-        result = await self._decode(lambda _w: body, Prefer(target.id, self.decode_policy))
-        if self.ctx.prompt is not None:
-            self.st.metrics.prompt_tokens.inc(self.ctx.prompt.n_tokens)
-        elif not result.stream:
-            self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
-        self.st.metrics.pd_requests.labels("decode_only").inc()
-        self.st.metrics.decode_only.labels(reason).inc()
-        return result
-
-    async def push(self) -> LegResult:
-        """Push PD: choose D, have a prefill worker compute the prompt and push its chunks to D, decode on D.
-
-        If no prefill worker can serve the leg, D computes the prompt itself (a counted fallback). If D fails
-        before its first byte, another decode worker gets the plain request (nothing was pushed to it).
-        """
-        st, body = self.st, self.ctx.body
-        target = self._choose_decoder()
-        if needs_prompt_logits(body):
-            return await self._decode_only(target, "prompt_logprobs")
-        if _short_uncached(st, self.ctx, target):
-            return await self._decode_only(target, "short_prompt")
-        if not target.info.transfer_address:
-            return await self._decode_only(target, "no_transfer_address")
-        transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
-        push_to = target.info.transfer_address
-        try:
-            await self._prefill(
-                lambda _w: pd_push.prefill_request(
-                    body, transfer_id, push_to, deadline_ms, st.config.cluster_token
-                )
-            )
-        except OpenAIError as e:
-            if e.status < 500:
-                raise
-            log.warning(
-                "request %s: prefill leg failed (%s); decode worker computes the prompt",
-                self.request_id,
-                e.message,
-            )
-            st.metrics.pd_requests.labels("fallback").inc()
-            return await self._decode_only(target, "prefill_unavailable")
-
-        def decode_body(w: Worker) -> dict:
-            return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body
-
-        decode = await self._decode(decode_body, Prefer(target.id, self.decode_policy))
-        st.metrics.pd_requests.labels("push").inc()
-        if not body.get("stream"):
-            count_transfer_fallback(st.metrics, decode.content, self.request_id)
-        return decode
-
-    async def nixl(self) -> LegResult:
-        """Stock NIXL PD: prefill leg (do_remote_decode), then the decode leg with its kv_transfer_params."""
-        st, body = self.st, self.ctx.body
-        if needs_prompt_logits(body):
-            return await self._decode_only(self._choose_decoder(), "prompt_logprobs")
-        if st.config.conditional_pd.min_uncached_tokens and self.ctx.prompt is not None:
-            target = self._choose_decoder()
-            if _short_uncached(st, self.ctx, target):
-                return await self._decode_only(target, "short_prompt")
-        prefill = await self._prefill(lambda _w: pd_nixl.prefill_request(body))
-        try:
-            prefill_json = prefill.json()
-        except ValueError:
-            raise OpenAIError(
-                502, "prefill worker returned invalid JSON", code="PD_PREFILL_BAD_RESPONSE"
-            ) from None
-        if not isinstance(prefill_json, dict):
-            raise OpenAIError(502, "prefill worker returned a non-object", code="PD_PREFILL_BAD_RESPONSE")
-        decode_body = pd_nixl.decode_request(body, prefill_json)
-        decode = await self._decode(lambda _w: decode_body, self.decode_policy)
-        st.metrics.pd_requests.labels("nixl").inc()
-        return decode

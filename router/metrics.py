@@ -31,6 +31,13 @@ class RouterMetrics:
             buckets=_LAT_BUCKETS,
             registry=r,
         )
+        self.ttft_stages = Histogram(
+            "pdmesh_router_ttft_stage_seconds",
+            "Time to first token by stage (route, prefill_leg, decode_first_byte, decode_after_prefill)",
+            ["stage"],
+            buckets=_LAT_BUCKETS,
+            registry=r,
+        )
         self.prefill = Histogram(
             "pdmesh_router_prefill_leg_seconds",
             "Duration of the prefill leg",

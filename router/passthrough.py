@@ -29,7 +29,7 @@ from pdmesh.router.policies import PowerOfTwo
 from pdmesh.router.route_context import RouteContext
 
 if TYPE_CHECKING:
-    from pdmesh.router.flow import RouterState
+    from pdmesh.router.state import RouterState
 
 PASSTHROUGH_ROUTES = (
     "/tokenize",

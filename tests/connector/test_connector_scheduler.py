@@ -284,3 +284,23 @@ def test_pd_decode_with_its_tier_down_computes_at_once():
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # no None: no wait for the 5 s deadline
     assert s.stats.pd_fallbacks == 1 and s.stats.pd_waits == 0
     assert s.request_finished(req) == {"pdmesh": {"transfer_id": "t1", "loaded_tokens": 0, "fallback": True}}
+
+
+def test_waiting_decode_leg_polls_its_tier_at_most_every_poll_interval():
+    """vLLM asks on every engine step; the tier is asked again only after PD_POLL_S, and the request loads on
+    the first poll that finds its chunks."""
+    from pdmesh.connector.scheduler import PD_POLL_S
+
+    s, tier, clock = make()
+    prompt = list(range(1, 26))
+    keys = chunk_keys(FP, prompt, C)
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t1", "deadline_ms": 5000}})
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    for _ in range(100):  # engine steps within one poll interval
+        assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert tier.calls == 1
+    tier.ready = set(keys)
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # not asked yet
+    clock.t += PD_POLL_S
+    assert s.get_num_new_matched_tokens(req, 0) == (24, False)
+    assert tier.calls == 2

@@ -19,7 +19,7 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
 from pdmesh.security import TOKEN_HEADER, worker_api_key
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
-from tests.e2e.conftest import ENGINE_ARGS
+from tests.e2e.conftest import ALWAYS_PD_ENV, ENGINE_ARGS
 from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
 from tests.e2e.surface import CASES, answer, same
 
@@ -69,8 +69,9 @@ def cluster(request, expected, tiny_model, tmp_path_factory):
         vllm_args=ENGINE_ARGS,
         log_dir=str(tmp_path_factory.mktemp(f"cluster-{request.param}")),
         startup_timeout=300,
-        # a cluster secret as in production: workers' engines need the key derived from it, push targets are signed
-        env={"PDMESH_CLUSTER_TOKEN": TOKEN},
+        # a cluster secret as in production: workers' engines need the key derived from it, push targets are signed.
+        # push runs the shipped router defaults (long prompts PD, short ones decode-only); nixl sends all through PD
+        env={"PDMESH_CLUSTER_TOKEN": TOKEN, **(ALWAYS_PD_ENV if request.param == "nixl" else {})},
     )
     with LocalCluster(spec) as c:
         yield c
@@ -108,7 +109,7 @@ def test_decoder_got_prompt_by_kv_transfer(cluster):
     with httpx.Client(timeout=60, trust_env=False) as c:
         before = c.get(decode_url + "/metrics").text
         # A prompt no engine has seen (the decoder's own prefix cache must not serve it).
-        prompt = " ".join(f"fresh{i}" for i in range(200))
+        prompt = " ".join(f"fresh{i}" for i in range(400))  # over the default's 512 tokens: PD
         r = c.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3})
         prompt_tokens = r.json()["usage"]["prompt_tokens"]
         after = c.get(decode_url + "/metrics").text
@@ -118,7 +119,7 @@ def test_decoder_got_prompt_by_kv_transfer(cluster):
         before, name, source="external_kv_transfer"
     )
     computed = scrape(after, name, source="local_compute") - scrape(before, name, source="local_compute")
-    assert prompt_tokens > 200
+    assert prompt_tokens > 512
     if cluster.spec.pd_mode == "nixl":
         assert transferred >= prompt_tokens - 1, (prompt_tokens, transferred, computed)
         assert computed == 0, f"decoder computed {computed} prompt tokens itself"

@@ -20,6 +20,7 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
 from pdmesh.worker.tier_process import chunk_nbytes_for_model
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
+from tests.e2e.conftest import ALWAYS_PD_ENV
 from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
 
 pytestmark = pytest.mark.e2e
@@ -67,6 +68,7 @@ def cluster(expected, tiny_model, tmp_path_factory):
     spec = ClusterSpec(
         model=tiny_model, served_model_name=MODEL, port=free_port(), pd_mode="push", prefillers=2, decoders=1,
         cache_server=True, vllm_args=ARGS, log_dir=str(tmp_path_factory.mktemp("push-tier")), startup_timeout=300,
+        env=ALWAYS_PD_ENV,
     )  # fmt: skip
     with LocalCluster(spec) as c:
         yield c

@@ -35,7 +35,7 @@ from pdmesh.failpoints import arm, fired_by
 from pdmesh.procs import free_port
 from pdmesh.security import TOKEN_HEADER
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
-from tests.e2e.conftest import ENGINE_ARGS
+from tests.e2e.conftest import ALWAYS_PD_ENV, ENGINE_ARGS
 from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -87,7 +87,7 @@ def cluster(expected, tiny_model, tmp_path_factory, fp_dir, redis_process):
         startup_timeout=300,
         env={
             "PDMESH_CLUSTER_TOKEN": TOKEN, FAILPOINTS_ENV: fp_dir, "PDMESH_TIER_DISK_ENABLED": "true",
-            "PDMESH_TIER_DISK_WRITE_THROUGH": "true", "PDMESH_TIER_DISK_FSYNC": "false",
+            "PDMESH_TIER_DISK_WRITE_THROUGH": "true", "PDMESH_TIER_DISK_FSYNC": "false", **ALWAYS_PD_ENV,
         },
     )  # fmt: skip
     with LocalCluster(spec) as c:

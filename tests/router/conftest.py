@@ -16,7 +16,14 @@ class RouterHarness:
     """A real router (uvicorn thread) plus fake workers registered through the real registration API."""
 
     def __init__(self, **cfg) -> None:
-        self.config = RouterConfig.model_validate({"cluster_token": TOKEN, "pd_mode": "nixl", **cfg})
+        base = {
+            "cluster_token": TOKEN,
+            "pd_mode": "nixl",
+            "policies": {"prefill": "round_robin", "decode": "round_robin"},
+        }
+        # the unit tests pin what they exercise: round robin, PD for every prompt (the defaults are tested apart)
+        base["conditional_pd"] = {"min_uncached_tokens": 0}
+        self.config = RouterConfig.model_validate({**base, **cfg})
         self.server = ThreadServer(create_app(self.config)).start()
         self.url = self.server.url
         self.client = httpx.Client(base_url=self.url, timeout=10, trust_env=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 from pdmesh.security import push_target_signed
 from tests.router.conftest import TOKEN
 from tests.router.fake_worker import FakeWorker
@@ -49,12 +52,46 @@ def test_prefill_down_falls_back_to_decode_only(make_harness):
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
     p.fail_status = 500
     d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    d.delay_s = 0.5  # the PD decode leg waits (for pushed KV) while the prefill leg fails
     r = h.client.post("/v1/completions", json=COMPLETION)
     assert r.status_code == 200, r.text
-    (dec,) = d.requests
-    assert "kv_transfer_params" not in dec  # nothing was pushed: D must not wait for a transfer
+    pd_leg, plain = d.requests
+    assert "kv_transfer_params" in pd_leg  # dispatched with the prefill leg ...
+    assert d.cancelled == 1  # ... and aborted on D when the prefill leg failed
+    assert "kv_transfer_params" not in plain  # nothing was pushed: D must not wait for a transfer
     assert h.metric("pdmesh_router_pd_requests_total", mode="fallback") == 1
     assert h.metric("pdmesh_router_pd_requests_total", mode="decode_only") == 1
+
+
+def test_decode_leg_starts_while_prefill_leg_runs(make_harness):
+    """The decode worker already waits for the pushed chunks: it gets its leg without waiting for P's answer."""
+    h = make_harness(pd_mode="push")
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    p.delay_s = 1.5
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(h.client.post, "/v1/completions", json=COMPLETION)
+        deadline = time.monotonic() + 1.0
+        while not d.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.requests and not pending.done()  # D has its leg, P has not answered yet
+        r = pending.result()
+    assert r.status_code == 200, r.text
+    assert h.metric("pdmesh_router_pd_requests_total", mode="push") == 1
+
+
+def test_decode_leg_failure_cancels_the_prefill_leg(make_harness):
+    h = make_harness(pd_mode="push")
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    p.delay_s = 5.0
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    d.fail_prompt = COMPLETION["prompt"]  # a 400: the client's error, not retried
+    r = h.client.post("/v1/completions", json=COMPLETION)
+    assert r.status_code == 400, r.text
+    deadline = time.monotonic() + 3.0
+    while p.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert p.cancelled == 1  # the prefill worker was told to stop (its connection closed)
 
 
 def test_decode_retry_goes_to_another_worker_without_transfer_fields(make_harness):

@@ -207,7 +207,7 @@ def test_new_config_sections_from_yaml_and_env(tmp_path, monkeypatch):
     cfg = load_router_config(f)
     assert cfg.pool_policy("m", "prefill") == "cache_aware"
     assert cfg.pool_policy("big", "prefill") == "session_affinity"
-    assert cfg.pool_policy("big", "decode") == "round_robin"
+    assert cfg.pool_policy("big", "decode") == "cache_aware"  # the default
     assert (cfg.limits.rate_per_s, cfg.limits.per_key_max_concurrency) == (5, 3)
     assert cfg.conditional_pd.min_uncached_tokens == 64
     assert cfg.breaker.open_s == cfg.failure_cooldown_s

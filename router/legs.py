@@ -1,0 +1,225 @@
+"""The worker legs of one request: which workers, which legs, in which order (push PD, NIXL PD, decode-only).
+
+Push PD (:meth:`Legs.push`), the default mode:
+1. choose the decode worker D (its pool's policy); go decode-only when the request needs the prompt's logits, when
+   the part of the prompt D does not hold is shorter than ``conditional_pd.min_uncached_tokens``, when D has no
+   transfer receiver, or when D serves both roles and no prefill-only worker exists (a data-parallel pool);
+2. start the prefill leg (a prefill worker computes the prompt and pushes its KV chunks to D) **and** the decode
+   leg on D at the same time: D's connector already waits, bounded by the transfer deadline, for pushed chunks
+   it does not hold, and starts as soon as they are in its tier, so the prefill worker's answer (its last token,
+   the response's trip back) is off the critical path;
+3. if the prefill leg fails with a 5xx, the decode leg (not yet relayed: nothing went to the client) is cancelled,
+   which aborts it on D, and D gets the plain request (a counted fallback); a 4xx from the prefill leg is the
+   client's error and is returned. If the decode leg fails before its first byte, the prefill leg is cancelled
+   and the error (after the upstream's own retries on other decode workers, which get the plain request) is
+   returned.
+
+Owners: every :class:`LegResult` returned belongs to the caller (``close()``); results of cancelled legs are
+closed here. Timing marks for the TTFT breakdown are stamped on ``ctx.marks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdmesh.router import pd_nixl, pd_push
+from pdmesh.router.decode_report import count_transfer_fallback, usage_prompt_tokens
+from pdmesh.router.errors import OpenAIError
+from pdmesh.router.openai_requests import estimate_prompt_tokens, needs_prompt_logits
+from pdmesh.router.policies import Policy, Prefer
+from pdmesh.router.policies.cache_aware import cached_prefix_tokens
+from pdmesh.router.registry import Worker
+from pdmesh.router.route_context import RouteContext
+from pdmesh.router.state import RouterState
+from pdmesh.router.upstream import LegResult
+
+log = logging.getLogger("pdmesh.router")
+
+
+def record(st: RouterState, ctx: RouteContext, worker: Worker) -> None:
+    """Remember that ``worker`` now holds the prompt's prefix (router-side prefix index)."""
+    if ctx.prompt is not None and ctx.prompt.keys:
+        st.index.record(ctx.prompt.keys, worker.id)
+
+
+def short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
+    """Conditional disaggregation: is the part of the prompt ``target`` must compute below the threshold?"""
+    threshold = st.config.conditional_pd.min_uncached_tokens
+    if not threshold or ctx.prompt is None:
+        return False
+    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
+    return ctx.prompt.n_tokens - cached < threshold
+
+
+def data_parallel(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
+    """``target`` serves both roles and the model has no prefill-only worker: a plain data-parallel pool."""
+    if target.info.role != "both":
+        return False
+    return not any(w.info.role == "prefill" for w in st.registry.candidates("prefill", ctx.model))
+
+
+async def _cancel(task: asyncio.Task[LegResult]) -> None:
+    """Cancel a leg and close its result if it had one already (aborts the request on its worker)."""
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        result = await task
+        await result.close()
+
+
+@dataclass
+class Legs:
+    st: RouterState
+    ctx: RouteContext
+    path: str
+    request_id: str
+    prefill_policy: Policy
+    decode_policy: Policy
+
+    def _choose_decoder(self) -> Worker:
+        decoders = self.st.registry.candidates("decode", self.ctx.model)
+        if not decoders:
+            raise OpenAIError(
+                503, f"no healthy decode worker for model {self.ctx.model!r}", code="PD_PEER_UNAVAILABLE"
+            )
+        return self.decode_policy.choose(decoders, self.ctx)
+
+    def _decode_only_reason(self, target: Worker) -> str | None:
+        if needs_prompt_logits(self.ctx.body):
+            return "prompt_logprobs"
+        if data_parallel(self.st, self.ctx, target):
+            return "data_parallel"
+        if short_uncached(self.st, self.ctx, target):
+            return "short_prompt"
+        return None
+
+    async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
+        marks = self.ctx.marks
+        marks.prefill_start = t0 = time.perf_counter()
+        queued = self.st.metrics.pool_inflight_tokens.labels("prefill")
+        tokens = (
+            self.ctx.prompt.n_tokens if self.ctx.prompt is not None else estimate_prompt_tokens(self.ctx.body)
+        )
+        queued.inc(tokens)
+        try:
+            result = await self.st.upstream.call(
+                "prefill", "prefill", self.ctx.model, self.path, body_for, self.prefill_policy, self.request_id,
+                ctx=self.ctx,
+            )  # fmt: skip
+        finally:
+            queued.dec(tokens)
+        marks.prefill_end = time.perf_counter()
+        self.st.metrics.prefill.observe(marks.prefill_end - t0)
+        self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
+        record(self.st, self.ctx, result.worker)
+        if self.ctx.prompt is not None:
+            cached = cached_prefix_tokens(self.st.index, [result.worker], self.ctx)
+            self.st.metrics.cached_tokens.inc(min(cached[result.worker.id], self.ctx.prompt.n_tokens))
+        return result
+
+    async def _decode(self, body_for: Callable[[Worker], dict], policy: Policy) -> LegResult:
+        self.ctx.marks.decode_start = time.perf_counter()
+        result = await self.st.upstream.call(
+            "decode",
+            "decode",
+            self.ctx.model,
+            self.path,
+            body_for,
+            policy,
+            self.request_id,
+            bool(self.ctx.body.get("stream")),
+            ctx=self.ctx,
+        )
+        record(self.st, self.ctx, result.worker)
+        return result
+
+    async def _decode_only(self, target: Worker, reason: str) -> LegResult:
+        body = self.ctx.body
+        self.ctx.marks.prefill_start = self.ctx.marks.prefill_end = (
+            None  # a failed prefill leg is not a stage
+        )
+        result = await self._decode(lambda _w: body, Prefer(target.id, self.decode_policy))
+        if self.ctx.prompt is not None:
+            self.st.metrics.prompt_tokens.inc(self.ctx.prompt.n_tokens)
+        elif not result.stream:
+            self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))
+        self.st.metrics.pd_requests.labels("decode_only").inc()
+        self.st.metrics.decode_only.labels(reason).inc()
+        return result
+
+    async def push(self) -> LegResult:
+        """Push PD with both legs dispatched at once (module docstring)."""
+        st, body = self.st, self.ctx.body
+        target = self._choose_decoder()
+        reason = self._decode_only_reason(target)
+        if reason is None and not target.info.transfer_address:
+            reason = "no_transfer_address"
+        if reason is not None:
+            return await self._decode_only(target, reason)
+        transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
+        push_to = target.info.transfer_address
+        assert push_to is not None
+
+        def decode_body(w: Worker) -> dict:
+            return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body
+
+        prefill = asyncio.create_task(
+            self._prefill(
+                lambda _w: pd_push.prefill_request(
+                    body, transfer_id, push_to, deadline_ms, st.config.cluster_token
+                )
+            )
+        )
+        decode = asyncio.create_task(self._decode(decode_body, Prefer(target.id, self.decode_policy)))
+        try:
+            await asyncio.wait((prefill, decode), return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # cancelled (client gone, deadline): both legs go
+            await _cancel(prefill)
+            await _cancel(decode)
+            raise
+        if prefill.done() and prefill.exception() is not None:
+            await _cancel(decode)
+            e = prefill.exception()
+            if not isinstance(e, OpenAIError) or e.status < 500:
+                raise e  # type: ignore[misc]
+            log.warning(
+                "request %s: prefill leg failed (%s); decode worker computes the prompt",
+                self.request_id,
+                e.message,
+            )
+            st.metrics.pd_requests.labels("fallback").inc()
+            return await self._decode_only(target, "prefill_unavailable")
+        if decode.exception() is not None:
+            await _cancel(prefill)
+            raise decode.exception()  # type: ignore[misc]
+        prefill.result()  # both done: the prefill leg's answer is not relayed (its token is the decoder's too)
+        result = decode.result()
+        st.metrics.pd_requests.labels("push").inc()
+        if not body.get("stream"):
+            count_transfer_fallback(st.metrics, result.content, self.request_id)
+        return result
+
+    async def nixl(self) -> LegResult:
+        """Stock NIXL PD: prefill leg (do_remote_decode), then the decode leg with its kv_transfer_params."""
+        st, body = self.st, self.ctx.body
+        target = self._choose_decoder()
+        reason = self._decode_only_reason(target)
+        if reason is not None:
+            return await self._decode_only(target, reason)
+        prefill = await self._prefill(lambda _w: pd_nixl.prefill_request(body))
+        try:
+            prefill_json = prefill.json()
+        except ValueError:
+            raise OpenAIError(
+                502, "prefill worker returned invalid JSON", code="PD_PREFILL_BAD_RESPONSE"
+            ) from None
+        if not isinstance(prefill_json, dict):
+            raise OpenAIError(502, "prefill worker returned a non-object", code="PD_PREFILL_BAD_RESPONSE")
+        decode_body = pd_nixl.decode_request(body, prefill_json)
+        decode = await self._decode(lambda _w: decode_body, Prefer(target.id, self.decode_policy))
+        st.metrics.pd_requests.labels("nixl").inc()
+        return decode

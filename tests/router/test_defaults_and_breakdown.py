@@ -1,0 +1,131 @@
+"""The shipped defaults (cache-aware pools, conditional PD, data-parallel pools) and the TTFT breakdown
+(histogram per stage, OpenTelemetry spans to a real OTLP/HTTP endpoint)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from pdmesh.router.config import RouterConfig
+from pdmesh.router.ttft_breakdown import Marks
+from tests.router.test_pd_push import _add
+from tests.servers import ThreadServer
+
+DEFAULTS = RouterConfig().model_dump(include={"policies", "conditional_pd"})
+LONG = " ".join(f"w{i}" for i in range(700))  # 700 tokens for the fake workers' tokenizer
+
+
+def _long_workers(*workers) -> None:
+    for w in workers:
+        w.max_model_len = 100_000
+
+
+def test_defaults_are_cache_aware_with_conditional_pd():
+    cfg = RouterConfig()
+    assert cfg.policies.prefill == cfg.policies.decode == "cache_aware"
+    assert cfg.conditional_pd.min_uncached_tokens == 512
+
+
+def test_short_prompt_goes_decode_only_long_prompt_takes_both_legs(make_harness):
+    h = make_harness(pd_mode="push", **DEFAULTS)
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    _long_workers(p, d)
+    assert h.client.post(
+        "/v1/completions", json={"model": "m", "prompt": "hi there", "max_tokens": 2}
+    ).is_success
+    assert not p.requests and len(d.requests) == 1
+    assert h.metric("pdmesh_router_decode_only_total", reason="short_prompt") == 1
+    assert h.client.post("/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}).is_success
+    assert len(p.requests) == 1 and "kv_transfer_params" in d.requests[-1]
+    # the same prompt again: D holds it now (it was pushed there), so nothing is left to prefill
+    assert h.client.post("/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}).is_success
+    assert len(p.requests) == 1
+    assert h.metric("pdmesh_router_decode_only_total", reason="short_prompt") == 2
+
+
+def test_workers_of_both_roles_form_a_data_parallel_pool(make_harness):
+    h = make_harness(pd_mode="push", **DEFAULTS)
+    a = _add(h, "both", "a", "10.1.1.1:7001")
+    b = _add(h, "both", "b", "10.1.1.2:7001")
+    _long_workers(a, b)
+    for i in range(4):
+        prompt = f"user{i} " + LONG
+        assert h.client.post(
+            "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 2}
+        ).is_success
+    legs = a.requests + b.requests
+    assert len(legs) == 4 and all(
+        "kv_transfer_params" not in r for r in legs
+    )  # one worker per request, no PD
+    assert h.metric("pdmesh_router_decode_only_total", reason="data_parallel") == 4
+    # with a prefill-only worker added, the "both" workers decode and PD takes place again
+    p = _add(h, "prefill", "p", "10.1.1.3:7001")
+    _long_workers(p)
+    assert h.client.post(
+        "/v1/completions", json={"model": "m", "prompt": "x " + LONG, "max_tokens": 2}
+    ).is_success
+    assert h.metric("pdmesh_router_pd_requests_total", mode="push") == 1
+
+
+def test_stage_histogram_for_a_push_pd_stream(make_harness):
+    h = make_harness(pd_mode="push")
+    _add(h, "prefill", "p0", "10.1.1.1:7001")
+    _add(h, "decode", "d0", "10.2.2.2:7002")
+    with h.client.stream("POST", "/v1/completions", json={**_body(), "stream": True}) as r:
+        assert r.status_code == 200 and b"[DONE]" in r.read()
+    for stage in ("route", "prefill_leg", "decode_first_byte", "decode_after_prefill"):
+        assert h.metric("pdmesh_router_ttft_stage_seconds_count", stage=stage) == 1, stage
+
+
+def test_marks_give_only_reached_stages():
+    m = Marks(arrived=10.0, routed=10.1, decode_start=10.1, first_byte=10.6)
+    assert m.stages() == {"route": (10.0, 10.1), "decode_first_byte": (10.1, 10.6)}
+
+
+def _body() -> dict:
+    return {"model": "m", "prompt": "hello there", "max_tokens": 3}
+
+
+class _Collector:
+    """An OTLP/HTTP trace receiver: keeps every exported span (protobuf bodies, as the exporter sends them)."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        app = FastAPI()
+
+        @app.post("/v1/traces")
+        async def traces(request: Request) -> Response:
+            msg = ExportTraceServiceRequest()
+            msg.ParseFromString(await request.body())
+            for rs in msg.resource_spans:
+                service = {a.key: a.value.string_value for a in rs.resource.attributes}.get("service.name")
+                for ss in rs.scope_spans:
+                    self.spans += [(service, s) for s in ss.spans]
+            return Response(b"", media_type="application/x-protobuf")
+
+        self.server = ThreadServer(app).start()
+
+
+def test_spans_exported_over_otlp_per_request_and_stage(make_harness):
+    collector = _Collector()
+    try:
+        h = make_harness(pd_mode="push", tracing={"otlp_endpoint": collector.server.url + "/v1/traces"})
+        _add(h, "prefill", "p0", "10.1.1.1:7001")
+        _add(h, "decode", "d0", "10.2.2.2:7002")
+        with h.client.stream("POST", "/v1/completions", json={**_body(), "stream": True}) as r:
+            assert r.status_code == 200 and b"[DONE]" in r.read()
+        h.close()  # the router's shutdown flushes the span processor
+        spans = {s.name: (service, s) for service, s in collector.spans}
+        service, root = spans["pdmesh.request"]
+        assert service == "pdmesh-router"
+        attrs = {a.key: a.value for a in root.attributes}
+        assert attrs["http.route"].string_value == "/v1/completions"
+        assert attrs["http.response.status_code"].int_value == 200
+        for stage in ("route", "prefill_leg", "decode_first_byte", "decode_after_prefill"):
+            _, span = spans[stage]
+            assert span.trace_id == root.trace_id and span.parent_span_id == root.span_id, stage
+            assert root.start_time_unix_nano <= span.start_time_unix_nano <= span.end_time_unix_nano
+            assert span.end_time_unix_nano <= root.end_time_unix_nano
+    finally:
+        collector.server.stop()
