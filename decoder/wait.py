@@ -11,6 +11,11 @@ local tier and asks :meth:`PushWait.decide`:
 - the deadline has passed -> load what is ready and compute the rest (``"load"``, counted as a fallback and
   reported in the response's ``kv_transfer_params.pdmesh.fallback``). Never wrong output, never a hang.
 
+The deadline runs from the last progress (the wait's start, or the last poll that found more chunks ready): the
+router dispatches the decode leg together with the prefill leg, so the wait spans the prefill worker's compute,
+which pushes chunks as its steps complete them; a push that stops arriving is what the deadline bounds. If the
+prefill leg fails, the router cancels this request itself.
+
 Pure: no I/O, no vLLM; time comes from the caller (the connector's injectable clock).
 """
 
@@ -29,13 +34,18 @@ class PushWait:
         self.deadline_s = deadline_s
         self.started_at = started_at
         self.fell_back = False  # the deadline passed with chunks still missing
+        self.best_ready = 0  # most chunks seen ready so far
+        self.last_progress = started_at
         self.loaded_tokens = 0  # tokens the request loaded from the tier (set by the connector)
 
     def decide(self, ready: int, needed: int, now: float) -> Decision:
-        """``ready`` of ``needed`` leading chunks are in the local tier at ``now``: wait or load?"""
+        """``ready`` of ``needed`` leading chunks are in the local tier at ``now``: wait or load?
+        Waits while the last progress is less than ``deadline_s`` old."""
         if ready >= needed or self.fell_back:
             return "load"
-        if now - self.started_at < self.deadline_s:
+        if ready > self.best_ready:
+            self.best_ready, self.last_progress = ready, now
+        if now - self.last_progress < self.deadline_s:
             return "wait"
         self.fell_back = True
         return "load"

@@ -109,7 +109,7 @@ def test_decoder_got_prompt_by_kv_transfer(cluster):
     with httpx.Client(timeout=60, trust_env=False) as c:
         before = c.get(decode_url + "/metrics").text
         # A prompt no engine has seen (the decoder's own prefix cache must not serve it).
-        prompt = " ".join(f"fresh{i}" for i in range(400))  # over the default's 512 tokens: PD
+        prompt = " ".join(f"fresh{i}" for i in range(200))  # ~1,000 tokens: over the default 512, so PD
         r = c.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3})
         prompt_tokens = r.json()["usage"]["prompt_tokens"]
         after = c.get(decode_url + "/metrics").text
