@@ -7,6 +7,7 @@ asked several questions, interleaved) and no reuse (random prompts). Streamed ch
 
 Targets, one after the other on this machine, same model and engine flags:
 - ``pdmesh``: ``pdmesh up`` as shipped (1 prefill + 1 decode worker, router defaults);
+- ``pdmesh-overlap``: the same with ``pd_overlap_legs`` (decode leg sent with the prefill leg);
 - ``vllm``: one plain vLLM server (prefix caching on), both cores;
 - ``vllm-x2-rr``: two plain vLLM servers (a core each) behind the pdmesh router as a data-parallel pool with
   round robin (what a user would otherwise deploy);
@@ -108,10 +109,10 @@ class Target:
 
 
 @contextmanager
-def pdmesh_target(model: str, engine_args: list[str], log_dir: str) -> Iterator[Target]:
+def pdmesh_target(model: str, engine_args: list[str], log_dir: str, **env: str) -> Iterator[Target]:
     spec = ClusterSpec(
         model=model, served_model_name=MODEL, port=free_port(), vllm_args=engine_args, log_dir=log_dir,
-        startup_timeout=900, env={"PDMESH_CLUSTER_TOKEN": TOKEN},
+        startup_timeout=900, env={"PDMESH_CLUSTER_TOKEN": TOKEN, **env},
     )  # fmt: skip
     with LocalCluster(spec) as cluster:
         workers = httpx.get(
@@ -179,6 +180,7 @@ def dp_target(model: str, engine_args: list[str], log_dir: str, policy: str) -> 
 
 TARGETS = {
     "pdmesh": lambda m, e, d: pdmesh_target(m, e, d),
+    "pdmesh-overlap": lambda m, e, d: pdmesh_target(m, e, d, PDMESH_ROUTER_PD_OVERLAP_LEGS="true"),
     "vllm": lambda m, e, d: vllm_target(m, e, d),
     "vllm-x2-rr": lambda m, e, d: dp_target(m, e, d, "round_robin"),
     "vllm-x2-cache-aware": lambda m, e, d: dp_target(m, e, d, "cache_aware"),
@@ -211,13 +213,19 @@ def summarize(results: list, seconds: float, a) -> dict:
 
 
 def run_target(name: str, target: Target, texts: Texts, a) -> dict:
-    client = openai.AsyncOpenAI(base_url=target.url + "/v1", api_key="none", timeout=600, max_retries=0)
+    async def drive(workload: str) -> list:
+        # a client per event loop: its connection pool belongs to the loop that made it
+        async with openai.AsyncOpenAI(
+            base_url=target.url + "/v1", api_key="none", timeout=600, max_retries=0
+        ) as client:
+            return await WORKLOADS[workload](client, MODEL, texts, a)
+
     out = {}
     for workload in a.workloads:
         eng0 = engine_counters(target.engines)
         rt0 = router_counters(target.url) if target.router else {}
         t0 = time.perf_counter()
-        results = asyncio.run(WORKLOADS[workload](client, MODEL, texts, a))
+        results = asyncio.run(drive(workload))
         seconds = time.perf_counter() - t0
         row = summarize(results, seconds, a)
         eng = diff(engine_counters(target.engines), eng0)

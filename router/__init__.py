@@ -6,7 +6,9 @@ Folder map, in request order:
   registrations, merged metrics), ``app`` (ASGI entry: completion routes on raw ASGI, the rest on FastAPI).
 - ``exchange`` (one client exchange on raw ASGI: headers, bounded body, disconnect watch), ``auth``, ``limits``
   (admission), ``openai_requests`` (edge validation), ``errors`` (OpenAI-style errors).
-- ``flow`` (the request flow: analysis, PD legs, response), ``batch`` (batched prompts: one routed request per
+- ``flow`` (the request flow: admission, analysis, response), ``state`` (the app's per-process state), ``legs``
+  (which legs and in which order: push PD with both legs at once, NIXL PD, decode-only, data-parallel),
+  ``ttft_breakdown`` + ``tracing`` (TTFT stages: histogram, optional OTLP spans), ``batch`` (batched prompts: one routed request per
   prompt, merged), ``passthrough`` (``/tokenize``, ``/v1/embeddings``, ``/v1/responses``... to one worker),
   ``policy_set`` (policy instances per model and pool, request ids), ``decode_report`` (what the router reads
   from a worker's answer), ``pd_push`` / ``pd_nixl`` (what the legs carry in

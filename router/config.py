@@ -154,6 +154,9 @@ class RouterConfig(BaseModel):
     pd_mode: Literal["push", "nixl"] = "push"
     # push mode: how long a decode worker waits for pushed chunks before computing the rest.
     pd_transfer_deadline_ms: int = Field(5000, ge=0, le=600_000)
+    # Send the decode leg together with the prefill leg (router/legs.py: saves D's setup, costs a wait on D when
+    # the prefill pool queues).
+    pd_overlap_legs: bool = False
     # Workers are dropped when no heartbeat arrived for this long.
     heartbeat_ttl_s: float = Field(10.0, gt=0)
     # A worker whose breaker opened is skipped for this long (the breaker's first open interval).

@@ -52,6 +52,32 @@ def test_prefill_down_falls_back_to_decode_only(make_harness):
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
     p.fail_status = 500
     d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    r = h.client.post("/v1/completions", json=COMPLETION)
+    assert r.status_code == 200, r.text
+    (dec,) = d.requests
+    assert "kv_transfer_params" not in dec  # nothing was pushed: D must not wait for a transfer
+    assert h.metric("pdmesh_router_pd_requests_total", mode="fallback") == 1
+    assert h.metric("pdmesh_router_pd_requests_total", mode="decode_only") == 1
+
+
+def test_decode_leg_waits_for_the_prefill_leg_by_default(make_harness):
+    h = make_harness(pd_mode="push")
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    p.delay_s = 0.5
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(h.client.post, "/v1/completions", json=COMPLETION)
+        time.sleep(0.3)
+        assert len(p.requests) == 1 and not d.requests  # P is working; D has not been asked yet
+        assert pending.result().status_code == 200
+    assert len(d.requests) == 1
+
+
+def test_overlapped_prefill_failure_cancels_the_waiting_decode_leg(make_harness):
+    h = make_harness(pd_mode="push", pd_overlap_legs=True)
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    p.fail_status = 500
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
     d.delay_s = 0.5  # the PD decode leg waits (for pushed KV) while the prefill leg fails
     r = h.client.post("/v1/completions", json=COMPLETION)
     assert r.status_code == 200, r.text
@@ -63,9 +89,9 @@ def test_prefill_down_falls_back_to_decode_only(make_harness):
     assert h.metric("pdmesh_router_pd_requests_total", mode="decode_only") == 1
 
 
-def test_decode_leg_starts_while_prefill_leg_runs(make_harness):
+def test_overlapped_decode_leg_starts_while_prefill_leg_runs(make_harness):
     """The decode worker already waits for the pushed chunks: it gets its leg without waiting for P's answer."""
-    h = make_harness(pd_mode="push")
+    h = make_harness(pd_mode="push", pd_overlap_legs=True)
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
     p.delay_s = 1.5
     d = _add(h, "decode", "d0", "10.2.2.2:7002")
@@ -80,8 +106,8 @@ def test_decode_leg_starts_while_prefill_leg_runs(make_harness):
     assert h.metric("pdmesh_router_pd_requests_total", mode="push") == 1
 
 
-def test_decode_leg_failure_cancels_the_prefill_leg(make_harness):
-    h = make_harness(pd_mode="push")
+def test_overlapped_decode_leg_failure_cancels_the_prefill_leg(make_harness):
+    h = make_harness(pd_mode="push", pd_overlap_legs=True)
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
     p.delay_s = 5.0
     d = _add(h, "decode", "d0", "10.2.2.2:7002")
