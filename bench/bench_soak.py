@@ -50,26 +50,12 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
 from pdmesh.security import TOKEN_HEADER
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
+from tests.e2e.oracle import WORDS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN = "soak-cluster-secret"
 MODEL = "pdmesh-tiny-llama"
 ENGINE_ARGS = ["--max-model-len", "2048", "--seed", "0"]
-WORDS = [
-    "cache",
-    "block",
-    "token",
-    "layer",
-    "prefill",
-    "decode",
-    "router",
-    "worker",
-    "stream",
-    "memory",
-    "page",
-    "tensor",
-    "lease",
-]
 
 
 def make_requests(n_prompts: int, seed: int) -> list[tuple[str, dict]]:

@@ -18,56 +18,12 @@ from dataclasses import dataclass, field
 
 import openai
 
-WORDS = [
-    "alpha",
-    "bravo",
-    "charlie",
-    "delta",
-    "echo",
-    "foxtrot",
-    "golf",
-    "hotel",
-    "india",
-    "juliet",
-    "kilo",
-    "lima",
-    "mike",
-    "november",
-    "oscar",
-    "papa",
-    "quebec",
-    "romeo",
-    "sierra",
-    "tango",
-    "uniform",
-    "victor",
-    "whiskey",
-    "xray",
-    "yankee",
-    "zulu",
-    "cache",
-    "block",
-    "token",
-    "layer",
-    "prefill",
-    "decode",
-    "router",
-    "worker",
-    "stream",
-    "memory",
-    "page",
-    "tensor",
-    "lease",
-    "river",
-    "mountain",
-    "forest",
-    "desert",
-    "ocean",
-    "valley",
-    "island",
-    "harbor",
-    "bridge",
-]
+# the vocabulary of the generated text (what ran for bench/results/workload.json)
+WORDS = (  # noqa: SIM905 (one line of words reads better than a 48-line list)
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
+    "romeo sierra tango uniform victor whiskey xray yankee zulu cache block token layer prefill decode router "
+    "worker stream memory page tensor lease river mountain forest desert ocean valley island harbor bridge"
+).split()
 
 
 class Texts:

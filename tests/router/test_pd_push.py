@@ -24,6 +24,13 @@ def _add(h, role: str, name: str, transfer_address: str | None) -> FakeWorker:
     return fw
 
 
+def _wait_until(condition, timeout_s: float) -> None:
+    """Poll ``condition`` until it is truthy or ``timeout_s`` passed (the caller asserts afterwards)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_push_legs_carry_transfer_fields(make_harness):
     h = make_harness(pd_mode="push", pd_transfer_deadline_ms=1234)
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
@@ -97,9 +104,7 @@ def test_overlapped_decode_leg_starts_while_prefill_leg_runs(make_harness):
     d = _add(h, "decode", "d0", "10.2.2.2:7002")
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(h.client.post, "/v1/completions", json=COMPLETION)
-        deadline = time.monotonic() + 1.0
-        while not d.requests and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_until(lambda: d.requests, 1.0)
         assert d.requests and not pending.done()  # D has its leg, P has not answered yet
         r = pending.result()
     assert r.status_code == 200, r.text
@@ -114,9 +119,7 @@ def test_overlapped_decode_leg_failure_cancels_the_prefill_leg(make_harness):
     d.fail_prompt = COMPLETION["prompt"]  # a 400: the client's error, not retried
     r = h.client.post("/v1/completions", json=COMPLETION)
     assert r.status_code == 400, r.text
-    deadline = time.monotonic() + 3.0
-    while p.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until(lambda: p.cancelled, 3.0)
     assert p.cancelled == 1  # the prefill worker was told to stop (its connection closed)
 
 
