@@ -8,6 +8,8 @@ asked several questions, interleaved) and no reuse (random prompts). Streamed ch
 Targets, one after the other on this machine, same model and engine flags:
 - ``pdmesh``: ``pdmesh up`` as shipped (1 prefill + 1 decode worker, router defaults);
 - ``pdmesh-overlap``: the same with ``pd_overlap_legs`` (decode leg sent with the prefill leg);
+- ``pdmesh-queue-4k``: the same with ``conditional_pd.max_prefill_queue_tokens: 4096`` (decode-only under load);
+- ``pdmesh-always-pd``: the same with ``conditional_pd.min_uncached_tokens: 0`` (every prompt through PD);
 - ``vllm``: one plain vLLM server (prefix caching on), both cores;
 - ``vllm-x2-rr``: two plain vLLM servers (a core each) behind the pdmesh router as a data-parallel pool with
   round robin (what a user would otherwise deploy);
@@ -85,6 +87,24 @@ def engine_counters(urls: list[str]) -> dict[str, float]:
     return total
 
 
+ENGINE_TIMES = ("request_queue_time_seconds", "request_prefill_time_seconds", "time_to_first_token_seconds")
+
+
+def engine_times(urls: dict[str, str]) -> dict[str, float]:
+    """Sums and counts of vLLM's own per-request time histograms, per worker role ({url: role}). On a prefill
+    engine: its queue and its prompt compute (with tier loads); on a decode engine, the queue time includes the
+    wait for pushed KV (the connector keeps the request waiting) and the prefill time the load of the chunks."""
+    out: dict[str, float] = {}
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        for url, role in urls.items():
+            text = c.get(url + "/metrics").text
+            for name in ENGINE_TIMES:
+                for suffix in ("_sum", "_count"):
+                    key = f"{role}:{name}{suffix}"
+                    out[key] = out.get(key, 0.0) + sum(scrape_all(text, f"vllm:{name}{suffix}").values())
+    return out
+
+
 def router_counters(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
     out: dict[str, float] = {}
@@ -104,8 +124,11 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
 
 # -- targets ---------------------------------------------------------------------------------------------------
 class Target:
-    def __init__(self, url: str, engines: list[str], router: bool) -> None:
+    def __init__(
+        self, url: str, engines: list[str], router: bool, roles: dict[str, str] | None = None
+    ) -> None:
         self.url, self.engines, self.router = url, engines, router
+        self.roles = roles or {u: "engine" for u in engines}  # engine url -> role (prefill, decode, engine)
 
 
 @contextmanager
@@ -118,7 +141,7 @@ def pdmesh_target(model: str, engine_args: list[str], log_dir: str, **env: str) 
         workers = httpx.get(
             cluster.url + "/internal/workers", headers={"X-PDMesh-Token": TOKEN}, timeout=10, trust_env=False
         ).json()
-        yield Target(cluster.url, [w["url"] for w in workers], router=True)
+        yield Target(cluster.url, [w["url"] for w in workers], True, {w["url"]: w["role"] for w in workers})
 
 
 def _engine(model: str, engine_args: list[str], log_dir: str, core: int | None) -> VLLMServer:
@@ -181,6 +204,12 @@ def dp_target(model: str, engine_args: list[str], log_dir: str, policy: str) -> 
 TARGETS = {
     "pdmesh": lambda m, e, d: pdmesh_target(m, e, d),
     "pdmesh-overlap": lambda m, e, d: pdmesh_target(m, e, d, PDMESH_ROUTER_PD_OVERLAP_LEGS="true"),
+    "pdmesh-queue-4k": lambda m, e, d: pdmesh_target(
+        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS="4096"
+    ),
+    "pdmesh-always-pd": lambda m, e, d: pdmesh_target(
+        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS="0"
+    ),
     "vllm": lambda m, e, d: vllm_target(m, e, d),
     "vllm-x2-rr": lambda m, e, d: dp_target(m, e, d, "round_robin"),
     "vllm-x2-cache-aware": lambda m, e, d: dp_target(m, e, d, "cache_aware"),
@@ -223,6 +252,7 @@ def run_target(name: str, target: Target, texts: Texts, a) -> dict:
     out = {}
     for workload in a.workloads:
         eng0 = engine_counters(target.engines)
+        times0 = engine_times(target.roles)
         rt0 = router_counters(target.url) if target.router else {}
         t0 = time.perf_counter()
         results = asyncio.run(drive(workload))
@@ -238,6 +268,12 @@ def run_target(name: str, target: Target, texts: Texts, a) -> dict:
         row["tier_hit_rate"] = (
             eng.get("prompt_tokens:external_kv_transfer", 0.0) / prompt_total if prompt_total else 0.0
         )
+        times = diff(engine_times(target.roles), times0)
+        row["engine_times_mean_s"] = {
+            k.removesuffix("_sum"): round(v / times[k.replace("_sum", "_count")], 4)
+            for k, v in times.items()
+            if k.endswith("_sum") and times.get(k.replace("_sum", "_count"))
+        }
         if target.router:
             rt = diff(router_counters(target.url), rt0)
             row["router"] = {k: v for k, v in rt.items() if not k.startswith("stage")}

@@ -68,6 +68,9 @@ class ConditionalPDConfig(_Section):
     Default 512: on the workload benchmark, below it the prefill leg costs more TTFT than it saves ITL."""
 
     min_uncached_tokens: int = Field(512, ge=0)
+    # Load: a prompt goes decode-only when the prefill legs in flight (from this router process) already hold this
+    # many prompt tokens per prefill worker: it would queue behind them. 0 = off (PD whatever the queue).
+    max_prefill_queue_tokens: int = Field(0, ge=0)
 
 
 class StaticWorker(_Section):

@@ -33,6 +33,7 @@ from pdmesh.router.openai_requests import (
     parse_request,
 )
 from pdmesh.router.policies import Policy
+from pdmesh.router.registry import Worker
 from pdmesh.router.route_context import RouteContext
 from pdmesh.router.state import RouterState
 from pdmesh.router.tier_lookup import lookup_all
@@ -257,8 +258,18 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     ctx.prompt = await st.analyzer.analyze(
         ctx.model, ctx.body, prefillers or st.registry.candidates("decode", ctx.model)
     )
-    if cfg.cache_aware.tier_lookup and ctx.prompt.token_ids is not None and prefill_policy.needs_prompt:
-        ctx.tier_cached = await lookup_all(st.tier_lookup, prefillers, ctx.prompt.token_ids)
+    if not cfg.cache_aware.tier_lookup or ctx.prompt.token_ids is None:
+        return
+    # Whose tiers to ask, in one concurrent round: the prefill pool's for a cache-aware prefill choice; the decode
+    # pool's for a cache-aware decode choice and for conditional PD (a decoder whose tier, or the remote tier
+    # behind it, holds the prompt serves it alone and loads it from there).
+    asked: dict[str, Worker] = {}
+    if prefill_policy.needs_prompt:
+        asked.update((w.id, w) for w in prefillers)
+    if decode_policy.needs_prompt or cfg.conditional_pd.min_uncached_tokens:
+        asked.update((w.id, w) for w in st.registry.candidates("decode", ctx.model))
+    if asked:
+        ctx.tier_cached = await lookup_all(st.tier_lookup, list(asked.values()), ctx.prompt.token_ids)
 
 
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:

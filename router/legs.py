@@ -58,6 +58,16 @@ def short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
     return ctx.prompt.n_tokens - cached < threshold
 
 
+def prefill_pool_queued(st: RouterState, ctx: RouteContext) -> bool:
+    """Conditional PD on load: the prefill legs in flight hold at least ``max_prefill_queue_tokens`` prompt
+    tokens per prefill worker, so a new prompt would wait behind them while its decoder could compute it now."""
+    limit = st.config.conditional_pd.max_prefill_queue_tokens
+    if not limit or not st.prefill_tokens_in_flight:
+        return False
+    prefillers = sum(1 for w in st.registry.candidates("prefill", ctx.model) if w.info.role == "prefill")
+    return st.prefill_tokens_in_flight >= limit * max(1, prefillers)
+
+
 def data_parallel(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
     """``target`` serves both roles and the model has no prefill-only worker: a plain data-parallel pool."""
     if target.info.role != "both":
@@ -97,6 +107,8 @@ class Legs:
             return "data_parallel"
         if short_uncached(self.st, self.ctx, target):
             return "short_prompt"
+        if prefill_pool_queued(self.st, self.ctx):
+            return "prefill_queue"
         return None
 
     async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
@@ -107,6 +119,7 @@ class Legs:
             self.ctx.prompt.n_tokens if self.ctx.prompt is not None else estimate_prompt_tokens(self.ctx.body)
         )
         queued.inc(tokens)
+        self.st.prefill_tokens_in_flight += tokens
         try:
             result = await self.st.upstream.call(
                 "prefill", "prefill", self.ctx.model, self.path, body_for, self.prefill_policy, self.request_id,
@@ -114,6 +127,7 @@ class Legs:
             )  # fmt: skip
         finally:
             queued.dec(tokens)
+            self.st.prefill_tokens_in_flight -= tokens
         marks.prefill_end = time.perf_counter()
         self.st.metrics.prefill.observe(marks.prefill_end - t0)
         self.st.metrics.prompt_tokens.inc(usage_prompt_tokens(result.content))

@@ -32,4 +32,7 @@ class RouterState:
     analyzer: PromptAnalyzer
     tier_lookup: TierLookup
     tracer: RequestTracer | None = None  # OpenTelemetry spans per request; None = off
+    # Prompt tokens of the prefill legs in flight from this process (conditional PD's queue rule reads it; the
+    # same number is the gauge pdmesh_router_pool_inflight_tokens{role="prefill"}).
+    prefill_tokens_in_flight: int = 0
     request_ids: RequestIds = field(default_factory=RequestIds)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import FastAPI, Request, Response
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pdmesh.router.config import RouterConfig
 from pdmesh.router.ttft_breakdown import Marks
-from tests.router.test_pd_push import _add
+from tests.router.test_pd_push import _add, _wait_until
 from tests.servers import ThreadServer
 
 DEFAULTS = RouterConfig().model_dump(include={"policies", "conditional_pd"})
@@ -129,3 +131,49 @@ def test_spans_exported_over_otlp_per_request_and_stage(make_harness):
             assert span.end_time_unix_nano <= root.end_time_unix_nano
     finally:
         collector.server.stop()
+
+
+def test_decoder_whose_tier_holds_the_prompt_serves_it_alone(make_harness):
+    """Conditional PD asks the decoders' tiers too: a prompt the decode worker's tier (or the remote tier behind
+    it) holds skips the prefill leg, though the router never routed it there."""
+    app = FastAPI()
+
+    @app.post("/lookup")
+    async def lookup(request: Request) -> dict:
+        n = len((await request.json())["token_ids"])
+        return {"chunks": 1, "tokens": n - 1, "total_chunks": 1, "tiers": ["remote"]}
+
+    tier = ThreadServer(app).start()
+    try:
+        h = make_harness(pd_mode="push", **DEFAULTS, cache_aware={"tier_lookup_timeout_s": 2.0})
+        p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001")
+        d = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
+        _long_workers(p, d)
+        assert h.client.post(
+            "/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}
+        ).is_success
+        assert not p.requests and len(d.requests) == 1
+        assert h.metric("pdmesh_router_decode_only_total", reason="short_prompt") == 1
+    finally:
+        tier.stop()
+
+
+def test_prompts_go_decode_only_while_the_prefill_pool_is_queued(make_harness):
+    h = make_harness(pd_mode="push", **{**DEFAULTS, "conditional_pd": {"max_prefill_queue_tokens": 500}})
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    _long_workers(p, d)
+    p.delay_s = 1.0  # a long prefill: 700 tokens in flight
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            h.client.post, "/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}
+        )
+        _wait_until(lambda: p.requests, 2.0)
+        other = {"model": "m", "prompt": "y " + LONG, "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=other).is_success  # served by D alone meanwhile
+        assert len(p.requests) == 1 and first.result().is_success
+    assert h.metric("pdmesh_router_decode_only_total", reason="prefill_queue") == 1
+    assert h.client.post(
+        "/v1/completions", json={"model": "m", "prompt": "z " + LONG, "max_tokens": 2}
+    ).is_success
+    assert len(p.requests) == 2  # the queue is empty again: PD
