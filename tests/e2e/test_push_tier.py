@@ -68,7 +68,8 @@ def cluster(expected, tiny_model, tmp_path_factory):
     spec = ClusterSpec(
         model=tiny_model, served_model_name=MODEL, port=free_port(), pd_mode="push", prefillers=2, decoders=1,
         cache_server=True, vllm_args=ARGS, log_dir=str(tmp_path_factory.mktemp("push-tier")), startup_timeout=300,
-        env=ALWAYS_PD_ENV,
+        # round robin over the two prefill workers: the tests send a prefix to one and its sharer to the other
+        env={**ALWAYS_PD_ENV, "PDMESH_ROUTER_POLICIES_PREFILL": "round_robin", "PDMESH_ROUTER_POLICIES_DECODE": "round_robin"},
     )  # fmt: skip
     with LocalCluster(spec) as c:
         yield c
