@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pdmesh.kvcache.errors import KVCacheError
 
@@ -89,6 +97,13 @@ class RemoteConfig(_Strict):
         return self
 
 
+def default_backends() -> list[str]:
+    """``shm, nixl, tcp`` where NIXL is importable, else ``shm, tcp``."""
+    from pdmesh.transfer.nixl_backend import nixl_available
+
+    return ["shm", "nixl", "tcp"] if nixl_available() else ["shm", "tcp"]
+
+
 class TransferConfig(_Strict):
     """PD push between tier servers (see kvcache/transfer_node.py and docs/transfer.md)."""
 
@@ -96,8 +111,16 @@ class TransferConfig(_Strict):
     host: str = "127.0.0.1"  # receiver bind address
     port: int = Field(0, ge=0, le=65535)  # 0 = any free port
     advertise_host: str | None = None  # what peers dial (default: host)
-    backends: list[str] = Field(default_factory=lambda: ["shm", "tcp"])  # in order of preference; "nixl" too
+    # In order of preference; the sender takes the first one the peer offers that connects (shm only works on the
+    # same host). Default: shm, then NIXL/UCX when it is installed (UCX picks RDMA/NVLink/TCP itself), then our
+    # TCP. Env: PDMESH_TIER_TRANSFER_BACKENDS=nixl,tcp (comma separated).
+    backends: list[str] = Field(default_factory=lambda: default_backends())
     fingerprint: str = "pdmesh-kv-v1"  # peers with another value are refused at handshake
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        return [b.strip() for b in v.split(",") if b.strip()] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check_backends(self) -> TransferConfig:

@@ -5,7 +5,8 @@ Families (label ``tier`` in ``memory``, ``disk``, ``remote``): ``pdmesh_tier_hit
 ``pdmesh_tier_bytes_written_total``, ``pdmesh_tier_used_bytes``, ``pdmesh_tier_capacity_bytes``; plus
 ``pdmesh_tier_corrupt_total{tier}``, ``pdmesh_tier_remote_errors_total``, ``pdmesh_tier_remote_up`` and
 ``pdmesh_tier_pool_{pinned,in_use,in_flight}_chunks``; with PD transfer enabled ``pdmesh_tier_push{,_failures,
-_chunks,_bytes,_seconds}_total``, ``pdmesh_tier_received_{commits,aborts}_total`` and ``pdmesh_tier_receive_leases``.
+_chunks,_bytes,_seconds}_total``, ``pdmesh_tier_push_by_backend_total{backend}``,
+``pdmesh_tier_received_{commits,aborts}_total`` and ``pdmesh_tier_receive_leases``.
 Each server has its own ``CollectorRegistry``.
 """
 
@@ -47,6 +48,16 @@ class TierCollector:
             for tier, values in tiers.items():
                 if name in values:
                     fam.add_metric([tier], float(values[name]))
+            yield fam
+        by_backend = snap.get("push_by_backend")
+        if by_backend is not None:
+            fam = CounterMetricFamily(
+                "pdmesh_tier_push_by_backend",
+                "Pushes by the transfer backend they went over",
+                labels=["backend"],
+            )
+            for backend, n in by_backend.items():
+                fam.add_metric([backend], float(n))
             yield fam
         for name, value in snap.get("extra", {}).items():
             if name.endswith("_total"):

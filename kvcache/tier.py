@@ -291,6 +291,7 @@ class Tier:
             rx = self.transfer.receiver.stats()
             out["transfer"] = {
                 "address": self.transfer.address,
+                "backends": self.transfer.backends,  # offered to senders, in preference order
                 "push": asdict(self.transfer.stats),
                 "receive": asdict(rx),
                 "pushes_in_flight": len(self._pushes),
@@ -351,6 +352,7 @@ class Tier:
                 received_aborts_total=rx.aborted,
                 receive_leases=rx.leases,
             )
+            return {"tiers": tiers, "extra": extra, "push_by_backend": dict(ts.by_backend)}
         return {"tiers": tiers, "extra": extra}
 
     def start_push(self, keys: list[bytes], peer: str, tid: str, deadline_s: float) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdmesh.kvcache.pool import ChunkPool, PoolFull
 from pdmesh.transfer.backend import TransferBackend
@@ -54,6 +54,22 @@ def _factories(
     return out
 
 
+def _start_backends(factories: dict[str, Callable[[], TransferBackend]]) -> list[TransferBackend]:
+    """Build the receiver's backends; one that cannot start here (NIXL without a usable UCX transport) is left
+    out with a warning as long as another one is left."""
+    built: list[TransferBackend] = []
+    for name, make in factories.items():
+        try:
+            built.append(make())
+        except Exception as e:
+            if len(factories) == 1:
+                raise
+            log.warning("transfer backend %s cannot start (%s); offering the others", name, e)
+    if not built:
+        raise RuntimeError("no transfer backend could start")
+    return built
+
+
 class LeaseRegionProvider:
     """Adapter: a :class:`ChunkPool` as the transfer receiver's ``RegionProvider`` (``pdmesh.transfer.provider``).
     ``alloc`` takes the receiver's absolute lease deadline (grace included) and raises the transfer layer's
@@ -89,6 +105,7 @@ class PushStats:
     skipped: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    by_backend: dict[str, int] = field(default_factory=dict)  # pushes that went over each backend
 
 
 class TransferNode:
@@ -105,10 +122,12 @@ class TransferNode:
         self.pool = pool
         self.advertise_host = advertise_host or host
         factories = _factories(fingerprint, token, host, self.advertise_host, backends)
+        offered = _start_backends(factories)
+        self.backends = [b.name for b in offered]  # what this node's receiver offers, in preference order
         self.receiver = Receiver(
             LeaseRegionProvider(pool),
             ReceiverConfig(fingerprint=fingerprint, host=host, port=port, token=token),
-            [make() for make in factories.values()],
+            offered,
         )
         self.sender = Sender(
             pool.buffer,
@@ -149,6 +168,7 @@ class TransferNode:
                 self.stats.failures += 1
                 raise
             self.stats.pushes += 1
+            self.stats.by_backend[result.backend] = self.stats.by_backend.get(result.backend, 0) + 1
             self.stats.chunks += len(result.written)
             self.stats.skipped += len(result.skipped)
             self.stats.bytes += result.nbytes

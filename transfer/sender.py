@@ -12,6 +12,7 @@ succeeds on the same host, so the default order ``shm, nixl, tcp`` picks the che
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from pdmesh.transfer.peer_auth import client_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
 
 Address = tuple[str, int]
+log = logging.getLogger("pdmesh.transfer")
 
 
 class _StaleConnection(PeerUnavailable):
@@ -97,6 +99,7 @@ class Sender:
         self._lock = threading.Lock()
         self._pools: dict[Address, _Pool] = {}
         self._closed = False
+        self._announced: set[tuple[Address, str]] = set()  # (peer, backend) pairs logged once
 
     def push(
         self, peer_address: Address, transfer_id: str, chunks: Sequence[Chunk], deadline: float
@@ -211,12 +214,20 @@ class Sender:
             for name in wanted:
                 if name not in offered:
                     continue
-                backend = self._backend(name)
+                try:
+                    backend = self._backend(name)
+                except Exception as exc:  # e.g. NIXL/UCX that cannot start here: the next backend may
+                    errors.append(f"{name}: cannot start: {exc}")
+                    continue
                 try:
                     peer = backend.connect(bytes(offered[name]))
                 except TransferError as exc:
                     errors.append(f"{name}: {exc}")
                     continue
+                if (address, name) not in self._announced:
+                    self._announced.add((address, name))
+                    skipped = f" ({'; '.join(errors)})" if errors else ""
+                    log.info("pushing to %s:%d over %s%s", address[0], address[1], name, skipped)
                 return _Conn(address, sock, backend, peer), False
             raise IncompatiblePeer(f"no usable backend with {address}: {'; '.join(errors) or 'none offered'}")
         except BaseException:
