@@ -1,0 +1,125 @@
+"""One side of a transfer between two network namespaces (run inside one: ``python -m tests.transfer.netns_peer``).
+
+``receive``: a receiver on ``--host`` over a fresh pool; prints ``{"address": [host, port]}``, then answers lines
+on stdin: ``stats`` -> pool and receiver counters; ``check <seed> <chunks> <chunk_bytes>`` -> whether every chunk
+``c{i}`` is committed with the seeded pattern's bytes; ``quit``.
+
+``send``: pushes ``--chunks`` chunks of ``--chunk-bytes`` (the seeded pattern) to ``--peer`` in one push per
+``--per-push`` chunks over ``--backend``; prints ``{"ok": ...}`` with the backend, bytes and seconds, or the typed
+error. Both sides use the cluster token ``--token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pdmesh.transfer.errors import TransferError
+from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.reference_pool import ReferencePool
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
+from tests.transfer._procs import pattern
+
+FP = "netns-test"
+
+
+def _backend(name: str, token: str, host: str):
+    if name == "tcp":
+        from pdmesh.transfer.tcp_backend import TcpBackend
+
+        return TcpBackend(FP, token, host, host)
+    from pdmesh.transfer.nixl_backend import NixlBackend
+
+    return NixlBackend(FP)
+
+
+def _print(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def receive(a: argparse.Namespace) -> None:
+    pool = ReferencePool(a.chunk_bytes, a.slots)
+    cfg = ReceiverConfig(fingerprint=FP, host=a.host, port=0, token=a.token)
+    rx = Receiver(pool, cfg, [_backend(b, a.token, a.host) for b in a.backend.split(",")])
+    _, port = rx.start()
+    _print({"address": [a.host, port]})
+    try:
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] == "quit":
+                break
+            if cmd[0] == "stats":
+                ps, rs = pool.stats(), rx.stats()
+                _print(
+                    {"leased": ps.leased, "ready": ps.ready, "leases": rs.leases, "committed": rs.committed}
+                )
+            elif cmd[0] == "check":
+                seed, n, size = int(cmd[1]), int(cmd[2]), int(cmd[3])
+                want = pattern(seed, n * size).tobytes()
+                got = [pool.get(f"c{i}".encode()) for i in range(n)]
+                same = all(
+                    g is not None and bytes(g) == want[i * size : (i + 1) * size] for i, g in enumerate(got)
+                )
+                _print({"intact": same, "present": sum(g is not None for g in got)})
+    finally:
+        rx.close()
+        pool.close()
+
+
+def send(a: argparse.Namespace) -> None:
+    total = a.chunks * a.chunk_bytes
+    buf = memoryview(bytearray(pattern(a.seed, total).tobytes()))
+    factory = {a.backend: lambda: _backend(a.backend, a.token, a.host)}
+    sender = Sender(buf, SenderConfig(fingerprint=FP, token=a.token, backends=(a.backend,)), factory)
+    host, port = a.peer.rsplit(":", 1)
+    t0 = time.perf_counter()
+    try:
+        backend = None
+        for first in range(0, a.chunks, a.per_push):
+            chunks = [
+                Chunk(f"c{i}".encode(), i * a.chunk_bytes, a.chunk_bytes)
+                for i in range(first, min(a.chunks, first + a.per_push))
+            ]
+            result = sender.push(
+                (host, int(port)), f"x{a.seed}-{first}", chunks, time.monotonic() + a.deadline
+            )
+            backend = result.backend
+        seconds = time.perf_counter() - t0
+        _print(
+            {
+                "ok": True,
+                "backend": backend,
+                "bytes": total,
+                "seconds": seconds,
+                "gbps": total / seconds / 1e9,
+            }
+        )
+    except TransferError as e:
+        seconds = time.perf_counter() - t0
+        _print({"ok": False, "code": e.code, "retryable": e.retryable, "error": str(e), "seconds": seconds})
+    finally:
+        sender.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["receive", "send"])
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--backend", default="tcp")
+    ap.add_argument("--token", default="netns-secret")
+    ap.add_argument("--chunk-bytes", type=int, default=1536 << 10)
+    ap.add_argument("--slots", type=int, default=80)
+    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--per-push", type=int, default=64)
+    ap.add_argument("--peer", default="")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--deadline", type=float, default=20.0)
+    a = ap.parse_args()
+    receive(a) if a.mode == "receive" else send(a)
+
+
+if __name__ == "__main__":
+    main()
