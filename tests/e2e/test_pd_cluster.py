@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +18,14 @@ import openai
 import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
-from pdmesh.procs import free_port
+from pdmesh.procs import ManagedProcess, free_port
 from pdmesh.security import TOKEN_HEADER, worker_api_key
+from pdmesh.transfer.nixl_backend import nixl_available
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV, ENGINE_ARGS
 from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
 from tests.e2e.surface import CASES, answer, same
+from tests.netns import REPO, HostPair, netns_unavailable
 
 pytestmark = pytest.mark.e2e
 REQUESTS = make_requests()
@@ -391,3 +395,63 @@ def test_openai_fields_through_pd_equal_single_engine(cluster, reference, case):
         got = answer(cluster.url, path, body, c)
     assert want["status"] == 200 or name in ("json-object", "tools-required"), (name, want)
     assert same(got, want), (name, got, want)
+
+
+# -- two hosts: the prefill worker in one network namespace, the decode worker in another (tests/netns.py) -----
+_NETNS = netns_unavailable()
+_NIXL_PARAM = pytest.param(
+    "nixl", marks=pytest.mark.skipif(not nixl_available(), reason="nixl is not installed")
+)
+
+
+@pytest.fixture(scope="module", params=["tcp", _NIXL_PARAM])
+def two_hosts(request, tiny_model, tmp_path_factory):
+    """Router + prefill worker (and its tier) on host A, decode worker (and its tier) on host B; pushes forced
+    onto ``request.param`` (the namespaces share /dev/shm, so the default order would take shm)."""
+    if _NETNS:
+        pytest.skip(_NETNS)
+    logs = tmp_path_factory.mktemp(f"two-hosts-{request.param}")
+    with HostPair() as hosts:
+        a, b = hosts.addr["a"], hosts.addr["b"]
+        router_url = f"http://{a}:8000"
+        base = {
+            **os.environ, "PDMESH_CLUSTER_TOKEN": TOKEN, "PDMESH_TIER_TRANSFER_BACKENDS": request.param,
+            "UCX_TLS": "tcp", "PDMESH_RUN_DIR": str(logs), **ALWAYS_PD_ENV,
+        }  # fmt: skip
+        cli = [sys.executable, "-m", "pdmesh.cli"]
+        worker = ["--model", tiny_model, "--served-model-name", MODEL, "--tier-http-port", "8300"]
+        procs = [
+            ManagedProcess("router", hosts.argv("a", [*cli, "router", "--host", a, "--port", "8000"]),
+                           base, str(logs / "router.log")),
+            ManagedProcess("prefill-0", hosts.argv("a", [*cli, "prefiller", "--router", router_url, "--host", a,
+                           "--port", "8100", "--worker-id", "prefill-0", *worker, "--", *ENGINE_ARGS]),
+                           {**base, "UCX_NET_DEVICES": hosts.dev["a"], "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                           str(logs / "prefill-0.log")),
+            ManagedProcess("decode-0", hosts.argv("b", [*cli, "decoder", "--router", router_url, "--host", b,
+                           "--port", "8200", "--worker-id", "decode-0", *worker, "--", *ENGINE_ARGS]),
+                           {**base, "UCX_NET_DEVICES": hosts.dev["b"], "VLLM_CPU_OMP_THREADS_BIND": "1"},
+                           str(logs / "decode-0.log")),
+        ]  # fmt: skip
+        try:
+            client = [sys.executable, "-m", "tests.e2e.netns_client"]
+            up = subprocess.run(
+                hosts.argv("a", [*client, "health", router_url, "300"]), cwd=REPO, timeout=330
+            )
+            assert up.returncode == 0, f"two-host cluster not ready; logs in {logs}"
+            yield hosts, router_url, request.param, logs
+        finally:
+            for p in reversed(procs):
+                p.stop(15)
+
+
+def test_push_between_two_hosts_equals_single_engine(two_hosts, expected):
+    hosts, url, backend, logs = two_hosts
+    client = [sys.executable, "-m", "tests.e2e.netns_client", "tokens", url]
+    done = subprocess.run(hosts.argv("a", client), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+    # the prompts really crossed the link, over the backend asked for
+    prefill_tier = "".join(p.read_text() for p in logs.glob("*prefill-0*tier*.log"))
+    assert f"pushing to {hosts.addr['b']}:" in prefill_tier and f"over {backend}" in prefill_tier, (
+        prefill_tier[-2000:]
+    )

@@ -2,7 +2,7 @@
 
 ``receive``: a receiver on ``--host`` over a fresh pool; prints ``{"address": [host, port]}``, then answers lines
 on stdin: ``stats`` -> pool and receiver counters; ``check <seed> <chunks> <chunk_bytes>`` -> whether every chunk
-``c{i}`` is committed with the seeded pattern's bytes; ``quit``.
+``c{i}`` is committed with the seeded pattern's bytes; ``free <chunks>`` -> consume them; ``quit``.
 
 ``send``: pushes ``--chunks`` chunks of ``--chunk-bytes`` (the seeded pattern) to ``--peer`` in one push per
 ``--per-push`` chunks over ``--backend``; prints ``{"ok": ...}`` with the backend, bytes and seconds, or the typed
@@ -56,6 +56,8 @@ def receive(a: argparse.Namespace) -> None:
                 _print(
                     {"leased": ps.leased, "ready": ps.ready, "leases": rs.leases, "committed": rs.committed}
                 )
+            elif cmd[0] == "free":  # consume chunks c0..c{n-1}: the next push of the same keys writes again
+                _print({"freed": sum(pool.consume(f"c{i}".encode()) for i in range(int(cmd[1])))})
             elif cmd[0] == "check":
                 seed, n, size = int(cmd[1]), int(cmd[2]), int(cmd[3])
                 want = pattern(seed, n * size).tobytes()
