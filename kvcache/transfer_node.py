@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -139,9 +140,11 @@ class TransferNode:
         self.address: str | None = None
 
     def start(self) -> str:
-        """Start the receiver; returns the ``host:port`` peers push to."""
+        """Start the receiver and, in a background thread, the sender's backends (so the first push to another
+        host does not wait seconds for NIXL's agent and registration); returns the ``host:port`` peers push to."""
         _, port = self.receiver.start()
         self.address = f"{self.advertise_host}:{port}"
+        threading.Thread(target=self.sender.warm, name="transfer-warm", daemon=True).start()
         return self.address
 
     def push(

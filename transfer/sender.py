@@ -175,15 +175,41 @@ class Sender:
         for b in built:
             b.close()
 
+    def warm(self) -> list[str]:
+        """Build every backend and register the buffer with it now (blocking), so that the first push does not pay
+        for it (NIXL: creating the agent and registering the pool take seconds). A backend that cannot start is
+        skipped (a push will report it). Returns the names built. Safe to run in a thread beside pushes and
+        :meth:`close`."""
+        built = []
+        for name in self.config.backends:
+            if name not in self._factories:
+                continue
+            try:
+                self._backend(name)
+                built.append(name)
+            except Exception as exc:
+                log.warning("transfer backend %s cannot start (%s); pushes will use the others", name, exc)
+        return built
+
     # connections
     def _backend(self, name: str) -> TransferBackend:
         with self._lock:
+            if self._closed:
+                raise PeerUnavailable("sender is closed")
             b = self._built.get(name)
-            if b is None:
-                b = self._factories[name]()
-                b.register_memory(self.buffer, self.segment_name)
-                self._built[name] = b
-            return b
+            if b is not None:
+                return b
+        made = self._factories[name]()  # outside the lock: building NIXL takes seconds
+        made.register_memory(self.buffer, self.segment_name)
+        with self._lock:
+            b = self._built.get(name)
+            if b is None and not self._closed:
+                self._built[name] = made
+                return made
+        made.close()  # built twice concurrently, or closed meanwhile
+        if b is None:
+            raise PeerUnavailable("sender is closed")
+        return b
 
     def _checkout(self, address: Address, deadline: float) -> tuple[_Conn, bool]:
         with self._lock:

@@ -5,8 +5,9 @@ on stdin: ``stats`` -> pool and receiver counters; ``check <seed> <chunks> <chun
 ``c{i}`` is committed with the seeded pattern's bytes; ``free <chunks>`` -> consume them; ``quit``.
 
 ``send``: pushes ``--chunks`` chunks of ``--chunk-bytes`` (the seeded pattern) to ``--peer`` in one push per
-``--per-push`` chunks over ``--backend``; prints ``{"ok": ...}`` with the backend, bytes and seconds, or the typed
-error. Both sides use the cluster token ``--token``.
+``--per-push`` chunks over ``--backend`` (keys ``c{i}``), then ``--repeat`` more times (keys ``r{n}c{i}``: warm
+pushes on the same connection); prints ``{"ok": ...}`` with the backend, the cold push's seconds and the warm
+pushes' GB/s, or the typed error. Both sides use the cluster token ``--token``.
 """
 
 from __future__ import annotations
@@ -77,31 +78,29 @@ def send(a: argparse.Namespace) -> None:
     factory = {a.backend: lambda: _backend(a.backend, a.token, a.host)}
     sender = Sender(buf, SenderConfig(fingerprint=FP, token=a.token, backends=(a.backend,)), factory)
     host, port = a.peer.rsplit(":", 1)
-    t0 = time.perf_counter()
+    times: list[float] = []
+    backend = None
     try:
-        backend = None
-        for first in range(0, a.chunks, a.per_push):
-            chunks = [
-                Chunk(f"c{i}".encode(), i * a.chunk_bytes, a.chunk_bytes)
-                for i in range(first, min(a.chunks, first + a.per_push))
-            ]
-            result = sender.push(
-                (host, int(port)), f"x{a.seed}-{first}", chunks, time.monotonic() + a.deadline
-            )
-            backend = result.backend
-        seconds = time.perf_counter() - t0
-        _print(
-            {
-                "ok": True,
-                "backend": backend,
-                "bytes": total,
-                "seconds": seconds,
-                "gbps": total / seconds / 1e9,
-            }
-        )
+        for round_ in range(1 + a.repeat):  # round 0 (keys c{i}) is cold: connection, agent, registration
+            prefix = "" if round_ == 0 else f"r{round_}"
+            t0 = time.perf_counter()
+            for first in range(0, a.chunks, a.per_push):
+                chunks = [
+                    Chunk(f"{prefix}c{i}".encode(), i * a.chunk_bytes, a.chunk_bytes)
+                    for i in range(first, min(a.chunks, first + a.per_push))
+                ]
+                tid = f"x{a.seed}-{round_}-{first}"
+                result = sender.push((host, int(port)), tid, chunks, time.monotonic() + a.deadline)
+                backend = result.backend
+            times.append(time.perf_counter() - t0)
+        warm = sorted(times[1:]) or times
+        gbps = total / warm[len(warm) // 2] / 1e9
+        _print({"ok": True, "backend": backend, "bytes": total, "cold_s": times[0], "seconds": sum(times),
+                "gbps": gbps, "warm_gbps": [total / t / 1e9 for t in times[1:]]})  # fmt: skip
     except TransferError as e:
-        seconds = time.perf_counter() - t0
-        _print({"ok": False, "code": e.code, "retryable": e.retryable, "error": str(e), "seconds": seconds})
+        _print(
+            {"ok": False, "code": e.code, "retryable": e.retryable, "error": str(e), "seconds": sum(times)}
+        )
     finally:
         sender.close()
 
@@ -119,6 +118,7 @@ def main() -> None:
     ap.add_argument("--peer", default="")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=20.0)
+    ap.add_argument("--repeat", type=int, default=0, help="timed pushes after the cold one (new keys each)")
     a = ap.parse_args()
     receive(a) if a.mode == "receive" else send(a)
 
