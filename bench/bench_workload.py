@@ -8,7 +8,7 @@ asked several questions, interleaved) and no reuse (random prompts). Streamed ch
 Targets, one after the other on this machine, same model and engine flags:
 - ``pdmesh``: ``pdmesh up`` as shipped (1 prefill + 1 decode worker, router defaults);
 - ``pdmesh-overlap``: the same with ``pd_overlap_legs`` (decode leg sent with the prefill leg);
-- ``pdmesh-queue-4k``: the same with ``conditional_pd.max_prefill_queue_tokens: 4096`` (decode-only under load);
+- ``pdmesh-no-queue-rule``: the same with ``conditional_pd.max_prefill_queue_tokens: 0`` (PD whatever the queue);
 - ``pdmesh-always-pd``: the same with ``conditional_pd.min_uncached_tokens: 0`` (every prompt through PD);
 - ``vllm``: one plain vLLM server (prefix caching on), both cores;
 - ``vllm-x2-rr``: two plain vLLM servers (a core each) behind the pdmesh router as a data-parallel pool with
@@ -204,8 +204,8 @@ def dp_target(model: str, engine_args: list[str], log_dir: str, policy: str) -> 
 TARGETS = {
     "pdmesh": lambda m, e, d: pdmesh_target(m, e, d),
     "pdmesh-overlap": lambda m, e, d: pdmesh_target(m, e, d, PDMESH_ROUTER_PD_OVERLAP_LEGS="true"),
-    "pdmesh-queue-4k": lambda m, e, d: pdmesh_target(
-        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS="4096"
+    "pdmesh-no-queue-rule": lambda m, e, d: pdmesh_target(
+        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS="0"
     ),
     "pdmesh-always-pd": lambda m, e, d: pdmesh_target(
         m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS="0"

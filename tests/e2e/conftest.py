@@ -19,9 +19,12 @@ E2E_ENV = {
 }
 # Engine args shared by the reference engine and every cluster worker (the oracle needs identical args).
 ENGINE_ARGS = ["--max-model-len", "2048", "--seed", "0"]
-# Clusters that test the PD path itself send every prompt through both legs (the shipped default sends prompts
-# with fewer than 512 uncached tokens decode-only).
-ALWAYS_PD_ENV = {"PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS": "0"}
+# Clusters that test the PD path itself send every prompt through both legs (the shipped defaults send prompts
+# with fewer than 512 uncached tokens, and prompts that would queue behind a busy prefill pool, decode-only).
+ALWAYS_PD_ENV = {
+    "PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS": "0",
+    "PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS": "0",
+}
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def test_defaults_are_cache_aware_with_conditional_pd():
     cfg = RouterConfig()
     assert cfg.policies.prefill == cfg.policies.decode == "cache_aware"
     assert cfg.conditional_pd.min_uncached_tokens == 512
+    assert cfg.conditional_pd.max_prefill_queue_tokens == 4096
 
 
 def test_short_prompt_goes_decode_only_long_prompt_takes_both_legs(make_harness):

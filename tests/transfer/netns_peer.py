@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -31,9 +32,9 @@ def _backend(name: str, token: str, host: str):
         from pdmesh.transfer.tcp_backend import TcpBackend
 
         return TcpBackend(FP, token, host, host)
-    from pdmesh.transfer.nixl_backend import NixlBackend
+    from pdmesh.transfer.nixl_backend import NixlBackend, NixlConfig
 
-    return NixlBackend(FP)
+    return NixlBackend(FP, NixlConfig(enable_prog_thread=os.environ.get("NETNS_NIXL_PROG_THREAD") == "1"))
 
 
 def _print(obj: dict) -> None:
