@@ -70,8 +70,12 @@ def one(hosts: HostPair, backend: str, pushes: int) -> dict:
         return {"gbps_median": statistics.median(warm), "gbps_best": max(warm), "cold_push_s": out["cold_s"],
                 "pushes": len(warm)}  # fmt: skip
     finally:
-        rx.kill()
-        rx.wait(10)
+        rx.terminate()  # the receiver unlinks its pool's segment on SIGTERM
+        try:
+            rx.wait(10)
+        except subprocess.TimeoutExpired:
+            rx.kill()
+            rx.wait(10)
 
 
 def main() -> int:

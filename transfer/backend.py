@@ -110,6 +110,8 @@ class TransferBackend(ABC):
     """One side's data path. Thread-safe: many pushes may call write/wait concurrently."""
 
     name: str = ""
+    # The receiving side moves bytes only when progressed (get_notifs): the receiver polls it often during transfers.
+    needs_progress: bool = False
 
     def __init__(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint

@@ -37,7 +37,7 @@ from pdmesh.transfer.backend import (
 from pdmesh.transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
 
 POLL_MIN_S = 50e-6
-POLL_MAX_S = 2e-3
+POLL_MAX_S = 200e-6
 
 
 def nixl_available() -> bool:
@@ -76,6 +76,7 @@ class _Handle:
 
 class NixlBackend(TransferBackend):
     name = "nixl"
+    needs_progress = True  # UCX's TCP transport moves a WRITE's bytes on the target only when progressed
 
     def __init__(self, fingerprint: str, config: NixlConfig | None = None) -> None:
         super().__init__(fingerprint)

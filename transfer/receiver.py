@@ -43,6 +43,7 @@ from pdmesh.transfer.peer_auth import server_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
 from pdmesh.transfer.provider import RegionProvider
 
+ACTIVE_POLL_S = 500e-6  # notification/progress poll interval while a transfer is in flight
 log = logging.getLogger(__name__)
 
 
@@ -94,6 +95,7 @@ class Receiver:
         self.provider = provider
         self.config = config
         self.backends = {b.name: b for b in backends}
+        self._progressed = any(b.needs_progress for b in backends)
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
         self._committed: OrderedDict[str, int] = OrderedDict()
@@ -380,6 +382,9 @@ class Receiver:
         return freed
 
     def _notif_loop(self) -> None:
+        """Drain the one-sided backends' notifications, which also progresses them: UCX moves the bytes of a WRITE
+        over its TCP transport only when the target's worker is progressed, so while a lease is open (a transfer
+        between ALLOC and COMMIT) this polls every ``ACTIVE_POLL_S``; idle, it backs off to 20 ms."""
         delay = 1e-3
         while not self._stop.wait(delay):
             n = 0
@@ -394,3 +399,5 @@ class Receiver:
                 delay = 1e-3
             else:
                 delay = min(delay * 2, 20e-3)
+            if self._progressed and self._leases:  # a transfer is in flight (read without the lock: a hint)
+                delay = min(delay, ACTIVE_POLL_S)

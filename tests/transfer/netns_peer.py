@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -43,6 +44,7 @@ def _print(obj: dict) -> None:
 
 
 def receive(a: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM still unlinks the pool's segment
     pool = ReferencePool(a.chunk_bytes, a.slots)
     cfg = ReceiverConfig(fingerprint=FP, host=a.host, port=0, token=a.token)
     rx = Receiver(pool, cfg, [_backend(b, a.token, a.host) for b in a.backend.split(",")])

@@ -61,8 +61,13 @@ class _Receiver:
         return _line(self.proc, 30)
 
     def close(self) -> None:
+        """Stop it so that it unlinks its pool's shared-memory segment (a SIGKILL would leave it in /dev/shm)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(10)
 
 
