@@ -368,8 +368,13 @@ def main() -> int:
     else:
         from bench_ttft import QWEN_SHAPE
 
-        model = str(make_model(Path.home() / ".cache/pdmesh/models/bench-qwen-shape-v1", QWEN_SHAPE))
+        home = Path(os.environ.get("PDMESH_HOME", Path.home() / ".cache" / "pdmesh"))
+        model = str(
+            make_model(home / "models" / "bench-qwen2.5-0.5b-shape", QWEN_SHAPE)
+        )  # shared with bench_ttft
     engine_args = ["--max-model-len", "8192", "--seed", "0"]
+    if a.model == "qwen":  # as bench_ttft runs it: bf16, a bounded KV cache per engine
+        engine_args += ["--dtype", "bfloat16", "--kv-cache-memory-bytes", str(2 << 30)]
     texts_seed = a.seed
     log_root = tempfile.mkdtemp(prefix="pdmesh-workload-")
     print(f"model {model}; logs {log_root}", flush=True)
