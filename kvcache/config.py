@@ -98,10 +98,12 @@ class RemoteConfig(_Strict):
 
 
 def default_backends() -> list[str]:
-    """``shm, nixl, tcp`` where NIXL is importable, else ``shm, tcp``."""
-    from pdmesh.transfer.nixl_backend import nixl_available
+    """``shm, nixl, tcp`` where NIXL is installed, else ``shm, tcp``. Only looks the package up (importing NIXL
+    pulls in torch, which the storage layers never load); a NIXL that cannot start is dropped when the tier
+    builds its backends."""
+    import importlib.util
 
-    return ["shm", "nixl", "tcp"] if nixl_available() else ["shm", "tcp"]
+    return ["shm", "nixl", "tcp"] if importlib.util.find_spec("nixl") is not None else ["shm", "tcp"]
 
 
 class TransferConfig(_Strict):
