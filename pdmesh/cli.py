@@ -100,31 +100,38 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _demo_request(url: str) -> int:
+    """Two streamed chat requests: a short question (served by the decode worker alone: conditional PD) and one
+    over a ~700-token document (prefill worker computes it and pushes the KV to the decode worker)."""
     import httpx
 
     models = httpx.get(url + "/v1/models", timeout=10, trust_env=False).json()["data"]
     model = models[0]["id"]
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Explain prefill and decode disaggregation."}],
-        "max_tokens": 32,
-        "temperature": 0,
-    }
-    print(f"POST {url}/v1/chat/completions  model={model}  (streaming)")
-    text = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-            text.append(delta)
-            print(delta, end="", flush=True)
-    print("\n(the tiny built-in model has random weights: the text is gibberish, but every token is exact)")
+    document = " ".join(["prefill workers compute the prompt and push its KV cache to a decode worker."] * 50)
+    questions = [
+        "Explain prefill and decode disaggregation.",
+        f"{document}\n\nSummarise the text above in one sentence.",
+    ]
+    ok = True
+    for question in questions:
+        body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+                "temperature": 0, "stream": True}  # fmt: skip
+        print(f"POST {url}/v1/chat/completions  model={model}  prompt: {len(question)} chars  (streaming)")
+        text = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120, trust_env=False) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                text.append(delta)
+                print(delta, end="", flush=True)
+        print()
+        ok = ok and bool(text)
+    print("(the tiny built-in model has random weights: the text is gibberish, but every token is exact)")
     metrics = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
     pd = [ln for ln in metrics.splitlines() if ln.startswith("pdmesh_router_pd_requests_total")]
-    print("router:", *pd)
-    return 0 if text else 1
+    print("router (short prompts go decode-only, long ones prefill + push + decode):", *pd)
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
