@@ -13,14 +13,15 @@ from pdmesh.procs import free_port
 class ThreadServer:
     """Owns a uvicorn server thread; ``stop()`` (idempotent) shuts it down within a few seconds."""
 
-    def __init__(self, app, port: int | None = None, **uvicorn_options) -> None:
-        """``uvicorn_options``: extra ``uvicorn.Config`` arguments (e.g. ``ssl_certfile``/``ssl_keyfile``:
+    def __init__(self, app, port: int | None = None, host: str = "127.0.0.1", **uvicorn_options) -> None:
+        """``host``: a loopback address to bind (127.0.0.2 stands for a second machine's router in name tests).
+        ``uvicorn_options``: extra ``uvicorn.Config`` arguments (e.g. ``ssl_certfile``/``ssl_keyfile``:
         the server then speaks https and ``url`` names localhost, the certificate's name)."""
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         tls = "ssl_certfile" in uvicorn_options
-        self.url = f"https://localhost:{self.port}" if tls else f"http://127.0.0.1:{self.port}"
+        self.url = f"https://localhost:{self.port}" if tls else f"http://{host}:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **uvicorn_options
+            app, host=host, port=self.port, log_level="warning", lifespan="on", **uvicorn_options
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

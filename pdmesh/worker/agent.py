@@ -3,8 +3,9 @@
 Lifecycle (blocking, :func:`run_worker`):
 1. start one vLLM OpenAI server subprocess with the kv-transfer-config of the role;
 2. wait until it is healthy (``--startup-timeout``; exit 1 if it dies or times out);
-3. register with the router and heartbeat; while the router is unreachable, retry with capped exponential
-   backoff and say so in the log (the worker keeps serving whoever reaches it);
+3. register with every router and heartbeat (:mod:`pdmesh.worker.heartbeat`: ``--router`` may list several, and a
+   name resolving to several addresses is one router per address); while a router is unreachable, retry with
+   capped exponential backoff and say so in the log (the worker keeps serving whoever reaches it);
 4. on SIGTERM/SIGINT: deregister (best effort, 2 s timeout), stop vLLM (SIGTERM, then SIGKILL after 20 s),
    exit 0.
 If vLLM exits on its own, the worker deregisters, restarts it with the same command (:class:`EngineWatch`) and
@@ -24,11 +25,10 @@ import signal
 import socket
 import tempfile
 
-import httpx
-
 from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
-from pdmesh.security import TOKEN_HEADER, cluster_token_from_env, worker_api_key
+from pdmesh.security import cluster_token_from_env, worker_api_key
+from pdmesh.worker.heartbeat import RouterTargets, heartbeat_until_stopped
 from pdmesh.worker.roles import WorkerRole
 from pdmesh.worker.supervision import CrashLoop, EngineWatch, TierWatch
 from pdmesh.worker.tier_process import (
@@ -143,6 +143,11 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
     nixl_port = args.nixl_port or free_port()
     extra = [a for a in args.vllm_args if a != "--"]
     worker_id = args.worker_id or f"{role.name}-{host}-{args.port}"
+    try:
+        routers = RouterTargets(args.router)
+    except ValueError as e:
+        log.error("--router: %s", e)
+        return 2
     tier: TierProcess | None = None
     server: VLLMServer | None = None
     try:
@@ -185,7 +190,7 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
                 tier, lambda: _start_tier(args, worker_id, model, device, host, extra, wait=False)[0]
             )
         try:
-            return asyncio.run(_run_until_signalled(engine, reg, args.router.rstrip("/"), watch))
+            return asyncio.run(_run_until_signalled(engine, reg, routers, watch))
         except CrashLoop as e:
             log.error("%s worker stops: %s", role.name, e)
             return 2
@@ -246,7 +251,7 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 async def _run_until_signalled(
-    engine: EngineWatch, reg: WorkerRegistration, router: str, tier: TierWatch | None = None
+    engine: EngineWatch, reg: WorkerRegistration, router: RouterTargets, tier: TierWatch | None = None
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -256,78 +261,3 @@ async def _run_until_signalled(
         return await heartbeat_until_stopped(engine, reg, router, stop, tier)
     finally:
         await engine.aclose()
-
-
-async def heartbeat_until_stopped(
-    engine: EngineWatch,
-    reg: WorkerRegistration,
-    router: str,
-    stop: asyncio.Event,
-    tier: TierWatch | None = None,
-) -> int:
-    """Register and heartbeat until ``stop`` is set (returns 0); deregisters on the way out.
-
-    The engine is checked every 0.5 s: while it is down (``engine.serving()`` False: it is being restarted) the
-    worker is deregistered; it registers again once the engine is healthy. :class:`CrashLoop` from the engine watch
-    propagates after deregistering. While the router is unreachable or refuses, retries with exponential backoff
-    (0.5 s doubling to 10 s) and logs each failure. Each HTTP call has a 5 s timeout (2 s to connect, 2 s for
-    the final deregistration). With ``tier``, each heartbeat carries the tier's current addresses (none while it
-    is down; it is restarted).
-    """
-    headers = {TOKEN_HEADER: cluster_token_from_env()}
-    interval, backoff, registered, next_beat = 2.0, 0.5, False, 0.0
-    loop = asyncio.get_running_loop()
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(5.0, connect=2.0), headers=headers, trust_env=False
-    ) as client:
-        while not stop.is_set():
-            try:
-                serving = await engine.serving()
-            except CrashLoop:
-                await _deregister(client, router, reg.worker_id)
-                raise
-            if not serving and registered:
-                await _deregister(client, router, reg.worker_id)
-                registered, next_beat = False, 0.0
-            if serving and loop.time() >= next_beat:
-                if tier is not None:
-                    reg = await tier.advertised(reg)
-                try:
-                    r = await client.post(f"{router}/internal/workers", content=reg.model_dump_json())
-                    r.raise_for_status()
-                    interval = float(r.json().get("heartbeat_interval_s", interval))
-                    if not registered:
-                        log.info("registered with router %s as %s", router, reg.worker_id)
-                    registered, backoff, wait = True, 0.5, interval
-                except httpx.HTTPStatusError as e:
-                    log.error(
-                        "router %s refused registration: %s %s",
-                        router,
-                        e.response.status_code,
-                        e.response.text[:300],
-                    )
-                    registered, wait = False, backoff
-                    backoff = min(backoff * 2, 10.0)
-                except httpx.HTTPError as e:
-                    log.warning(
-                        "router %s unreachable (%s); retrying in %.1fs", router, type(e).__name__, backoff
-                    )
-                    registered, wait = False, backoff
-                    backoff = min(backoff * 2, 10.0)
-                next_beat = loop.time() + wait
-            # the engine is checked every 0.5 s, the router told at its own interval
-            try:
-                tick = max(0.05, min(0.5, next_beat - loop.time())) if serving else 0.5
-                await asyncio.wait_for(stop.wait(), timeout=tick)
-            except asyncio.TimeoutError:
-                pass
-        log.info("stopping worker %s", reg.worker_id)
-        await _deregister(client, router, reg.worker_id)
-    return 0
-
-
-async def _deregister(client: httpx.AsyncClient, router: str, worker_id: str) -> None:
-    try:
-        await client.delete(f"{router}/internal/workers/{worker_id}", timeout=2.0)
-    except httpx.HTTPError as e:
-        log.warning("could not deregister from router: %s", e)

@@ -74,7 +74,7 @@ def test_workers_are_pools_with_shm_probes_and_autoscalers(overlay):
         assert c["args"][:1] == [cmd] and str(port) in c["args"]
         env = {e["name"]: e for e in c["env"]}
         assert env["PDMESH_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        assert env["PDMESH_ROUTER_URL"]["value"] == "http://pdmesh-router:8000"
+        assert env["PDMESH_ROUTER_URL"]["value"] == "http://pdmesh-router-peers:8000"  # every router pod
         assert env["PDMESH_TIER_REMOTE_URL"]["value"] == "pdmesh://pdmesh-cache-server:8400"
         # the tier pool lives in /dev/shm: a memory-backed volume larger than the pool
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
@@ -102,6 +102,19 @@ def test_workers_are_pools_with_shm_probes_and_autoscalers(overlay):
     services = by_kind(docs, "Service")
     assert services["pdmesh-router"]["spec"]["ports"][0]["port"] == 8000
     assert services["pdmesh-prefill"]["spec"]["clusterIP"] == "None"  # one DNS record per pod
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_workers_register_with_every_router_pod(overlay):
+    """Several router pods each hold the whole registry: workers heartbeat every address of a headless Service
+    that publishes router pods before they are ready (a router is ready only once workers registered)."""
+    docs = render(overlay)
+    router = by_kind(docs, "Deployment")["pdmesh-router"]
+    peers = by_kind(docs, "Service")["pdmesh-router-peers"]["spec"]
+    assert router["spec"]["replicas"] >= 2
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert peers["selector"] == router["spec"]["selector"]["matchLabels"]
+    assert by_kind(docs, "PodDisruptionBudget")["pdmesh-router"]["spec"]["maxUnavailable"] == 1
 
 
 def test_images_are_the_compose_images():

@@ -1,0 +1,269 @@
+"""The planner's inputs from a running cluster: service times and the current load, from live metrics.
+
+``pdmesh plan --from-router URL`` scrapes, every ``interval_s`` for ``window_s``:
+
+- the router's ``GET /internal/workers`` (cluster token) for the workers and their roles, and its ``/metrics`` for
+  the load: requests/s (``pdmesh_router_requests_total``), prompt tokens per request
+  (``pdmesh_router_prompt_tokens_total``);
+- each worker's vLLM ``/metrics`` (the engine's own counters and histograms):
+  prefill engines: ``vllm:request_prefill_time_seconds`` and ``vllm:prompt_tokens_by_source{source}`` — each
+  interval gives one point (computed tokens per request, prefill seconds per request); decode engines:
+  ``vllm:inter_token_latency_seconds`` and ``vllm:num_requests_running`` — each interval gives one point
+  (running requests, mean inter-token latency); ``vllm:generation_tokens`` gives output tokens per request.
+
+:func:`fit_profile` turns the points into a :class:`~pdmesh.planner.WorkerProfile`: a least-squares line through
+each set of points when they spread (prompt lengths differing by 1.5x or more, running counts by 2 or more);
+otherwise the mean alone with the slope (prefill overhead, per-request decode cost) taken from ``base`` (a
+measured profile) or 0, and the result says which (``assumed``). A window with no prefill or no decode work
+cannot be fitted: :class:`NotEnoughTraffic` names what was missing.
+
+Blocking (httpx, one client, every call bounded by ``timeout_s``); a worker that does not answer is left out of
+that interval, a router that does not answer fails the observation (``httpx.HTTPError``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdmesh.planner import WorkerProfile, Workload
+from pdmesh.security import TOKEN_HEADER, worker_api_key
+
+
+class NotEnoughTraffic(ValueError):
+    """The window held too little work of one kind to measure it."""
+
+
+def engine_values(text: str) -> dict[str, float]:
+    """What the planner reads from one vLLM ``/metrics`` page, summed over label sets (engines, sources)."""
+    out = {
+        "prefill_s": 0.0,
+        "prefill_n": 0.0,
+        "computed_tokens": 0.0,
+        "prompt_tokens": 0.0,
+        "itl_s": 0.0,
+        "itl_n": 0.0,
+        "generated": 0.0,
+        "running": 0.0,
+    }
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = None
+            if s.name == "vllm:request_prefill_time_seconds_sum":
+                key = "prefill_s"
+            elif s.name == "vllm:request_prefill_time_seconds_count":
+                key = "prefill_n"
+            elif s.name == "vllm:prompt_tokens_by_source_total" and s.labels.get("source") == "local_compute":
+                key = "computed_tokens"
+            elif s.name == "vllm:prompt_tokens_total":
+                key = "prompt_tokens"
+            elif s.name == "vllm:inter_token_latency_seconds_sum":
+                key = "itl_s"
+            elif s.name == "vllm:inter_token_latency_seconds_count":
+                key = "itl_n"
+            elif s.name == "vllm:generation_tokens_total":
+                key = "generated"
+            elif s.name == "vllm:num_requests_running":
+                key = "running"
+            if key is not None:
+                out[key] += s.value
+    return out
+
+
+def router_values(text: str) -> dict[str, float]:
+    """Completed requests and prompt tokens from the router's ``/metrics`` (one router process's view)."""
+    out = {"requests": 0.0, "prompt_tokens": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "pdmesh_router_requests_total" and s.labels.get("status") == "200":
+                out["requests"] += s.value
+            elif s.name == "pdmesh_router_prompt_tokens_total":
+                out["prompt_tokens"] += s.value
+    return out
+
+
+@dataclass
+class Points:
+    """One point per worker and interval: prefill (tokens computed per request, seconds per request), decode
+    (running, inter-token seconds), load (prompt tokens per request, seconds per request that a decode engine
+    spends before a request's first token: taking in its pushed KV)."""
+
+    prefill: list[tuple[float, float]] = field(default_factory=list)
+    decode: list[tuple[float, float]] = field(default_factory=list)
+    load: list[tuple[float, float]] = field(default_factory=list)
+
+    def add_interval(self, role: str, before: dict[str, float], after: dict[str, float]) -> None:
+        d = {k: after[k] - before[k] for k in before}
+        if role in ("prefill", "both") and d["prefill_n"] >= 1 and d["computed_tokens"] > 0:
+            self.prefill.append((d["computed_tokens"] / d["prefill_n"], d["prefill_s"] / d["prefill_n"]))
+        if role == "decode" and d["prefill_n"] >= 1 and d["prompt_tokens"] > 0:
+            self.load.append((d["prompt_tokens"] / d["prefill_n"], d["prefill_s"] / d["prefill_n"]))
+        if role in ("decode", "both") and d["itl_n"] >= 1:
+            running = (before["running"] + after["running"]) / 2
+            self.decode.append((max(running, 1.0), d["itl_s"] / d["itl_n"]))
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def _load_line(
+    points: list[tuple[float, float]], base: WorkerProfile | None, assumed: list[str]
+) -> tuple[float, float]:
+    """(fixed, per token) KV-load cost on a decode engine; from ``base`` (or 0) when the window had no PD load."""
+    if not points:
+        assumed.append("decode_load_s")
+        return (base.decode_load_s, base.decode_load_per_token_s) if base else (0.0, 0.0)
+    xs = [x for x, _ in points]
+    if len(points) >= 2 and max(xs) >= 1.5 * min(xs):
+        fixed, per_token = _line(points)
+        if fixed >= 0 and per_token >= 0:
+            return fixed, per_token
+    return statistics.fmean(y for _, y in points), 0.0
+
+
+@dataclass(frozen=True)
+class FittedProfile:
+    profile: WorkerProfile
+    assumed: tuple[str, ...]  # fields not measured in the window (taken from the base profile, or 0)
+    prefill_points: int
+    decode_points: int
+
+
+def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProfile:
+    """Service times from the points (see the module docstring); raises :class:`NotEnoughTraffic`."""
+    if not points.prefill:
+        raise NotEnoughTraffic("no prefill finished on a prefill engine in the window")
+    if not points.decode:
+        raise NotEnoughTraffic("no token was generated on a decode engine in the window")
+    assumed: list[str] = []
+    xs = [x for x, _ in points.prefill]
+    if len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
+        overhead, per_token = _line(points.prefill)
+    else:
+        per_token = -1.0
+    if per_token <= 0 or overhead < 0:  # no spread, or a line the noise tilted: the mean, overhead from base
+        overhead = base.prefill_overhead_s if base else 0.0
+        tokens = sum(x for x, _ in points.prefill)
+        secs = sum(y for _, y in points.prefill) - overhead * len(points.prefill)
+        per_token = max(secs, 1e-9) / tokens
+        assumed.append("prefill_overhead_s")
+    ns = [n for n, _ in points.decode]
+    if len(points.decode) >= 2 and max(ns) - min(ns) >= 2:
+        step, per_seq = _line(points.decode)
+    else:
+        per_seq = -1.0
+    if per_seq < 0 or step <= 0:
+        per_seq = base.decode_step_per_seq_s if base else 0.0
+        step = statistics.fmean(itl - per_seq * n for n, itl in points.decode)
+        assumed.append("decode_step_per_seq_s")
+    load_fixed, load_per_token = _load_line(points.load, base, assumed)
+    profile = WorkerProfile(
+        prefill_tokens_per_s=1.0 / per_token,
+        prefill_overhead_s=overhead,
+        decode_step_s=max(step, 1e-5),
+        decode_step_per_seq_s=max(per_seq, 0.0),
+        transfer_s=base.transfer_s if base else 0.0,
+        decode_load_s=load_fixed,
+        decode_load_per_token_s=load_per_token,
+    )
+    return FittedProfile(profile, tuple(assumed), len(points.prefill), len(points.decode))
+
+
+@dataclass(frozen=True)
+class Observation:
+    fitted: FittedProfile
+    workload: Workload  # the load seen in the window (rate, prompt/output tokens per request, hit rate)
+    workers: dict[str, int]  # role -> workers scraped
+    window_s: float
+
+
+class ClusterScraper:
+    """Snapshots of a running cluster's metrics (router + every registered, healthy worker)."""
+
+    def __init__(self, router_url: str, token: str, timeout_s: float = 5.0) -> None:
+        self.router = router_url.rstrip("/")
+        self.token = token
+        headers = {TOKEN_HEADER: token} if token else {}
+        self.client = httpx.Client(timeout=timeout_s, trust_env=False, headers=headers)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> ClusterScraper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def workers(self) -> dict[str, str]:
+        """Healthy workers' vLLM base URL -> role."""
+        r = self.client.get(self.router + "/internal/workers")
+        r.raise_for_status()
+        return {w["url"].rstrip("/"): w["role"] for w in r.json() if w.get("healthy")}
+
+    def snapshot(self, workers: dict[str, str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(router values, {worker URL: engine values}); workers that fail to answer are missing."""
+        r = self.client.get(self.router + "/metrics")
+        r.raise_for_status()
+        engines: dict[str, dict[str, float]] = {}
+        auth = {"Authorization": f"Bearer {worker_api_key(self.token)}"} if self.token else {}
+        for url in workers:
+            try:
+                w = self.client.get(url + "/metrics", headers=auth)
+                w.raise_for_status()
+                engines[url] = engine_values(w.text)
+            except (httpx.HTTPError, ValueError):
+                continue
+        return router_values(r.text), engines
+
+    def observe(
+        self, window_s: float, interval_s: float = 2.0, base: WorkerProfile | None = None, sleep=time.sleep
+    ) -> Observation:
+        """Scrape for ``window_s`` (blocking) and fit; raises :class:`NotEnoughTraffic` on an idle window."""
+        workers = self.workers()
+        points = Points()
+        t0 = time.monotonic()
+        first_router, prev = self.snapshot(workers)
+        first_engines = prev
+        last_router, last_engines = first_router, prev
+        while time.monotonic() - t0 < window_s:
+            sleep(interval_s)
+            last_router, last_engines = self.snapshot(workers)
+            for url, after in last_engines.items():
+                if url in prev:
+                    points.add_interval(workers[url], prev[url], after)
+            prev = last_engines
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        fitted = fit_profile(points, base)
+        requests = last_router["requests"] - first_router["requests"]
+        if requests < 1:
+            raise NotEnoughTraffic("the router completed no request in the window")
+
+        def delta(role: str, key: str) -> float:
+            return sum(
+                last_engines[u][key] - first_engines[u][key]
+                for u in last_engines
+                if u in first_engines and workers[u] == role
+            )
+
+        prompt = (last_router["prompt_tokens"] - first_router["prompt_tokens"]) / requests
+        output = max(1.0, delta("decode", "generated") / requests)
+        computed = sum(
+            last_engines[u]["computed_tokens"] - first_engines[u]["computed_tokens"]
+            for u in last_engines
+            if u in first_engines
+        )
+        hit = min(max(1.0 - computed / (prompt * requests), 0.0), 0.99) if prompt > 0 else 0.0
+        roles: dict[str, int] = {}
+        for role in workers.values():
+            roles[role] = roles.get(role, 0) + 1
+        return Observation(fitted, Workload(requests / elapsed, prompt, output, hit), roles, elapsed)

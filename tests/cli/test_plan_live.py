@@ -1,0 +1,119 @@
+"""The planner's live inputs: vLLM's metrics pages parsed, interval points formed, service times fitted."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdmesh.plan_live import NotEnoughTraffic, Points, engine_values, fit_profile, router_values
+from pdmesh.planner import WorkerProfile
+
+
+def _engine_page(
+    prefill: list[float], computed: int, cached: int, itl: list[float], generated: int, running: int
+):
+    """A /metrics page with vLLM's metric names and label sets (two engines behind one server, as DP does)."""
+    r = CollectorRegistry()
+    pt = Histogram("vllm:request_prefill_time_seconds", "", ["engine"], registry=r)
+    src = Counter("vllm:prompt_tokens_by_source", "", ["engine", "source"], registry=r)
+    il = Histogram("vllm:inter_token_latency_seconds", "", ["engine"], registry=r)
+    gen = Counter("vllm:generation_tokens", "", ["engine"], registry=r)
+    run = Gauge("vllm:num_requests_running", "", ["engine"], registry=r)
+    for i, v in enumerate(prefill):
+        pt.labels(engine=str(i % 2)).observe(v)
+    src.labels(engine="0", source="local_compute").inc(computed)
+    src.labels(engine="1", source="local_cache_hit").inc(cached)
+    src.labels(engine="1", source="external_kv_transfer").inc(7)
+    for i, v in enumerate(itl):
+        il.labels(engine=str(i % 2)).observe(v)
+    gen.labels(engine="0").inc(generated)
+    run.labels(engine="0").set(running)
+    run.labels(engine="1").set(1)
+    return generate_latest(r).decode()
+
+
+def test_engine_values_sum_engines_and_pick_local_compute():
+    v = engine_values(_engine_page([0.1, 0.3], 900, 100, [0.01, 0.02, 0.03], 48, 3))
+    assert v["prefill_n"] == 2 and v["prefill_s"] == pytest.approx(0.4)
+    assert v["computed_tokens"] == 900  # cache hits and transferred tokens are not computed work
+    assert v["itl_n"] == 3 and v["itl_s"] == pytest.approx(0.06)
+    assert v["generated"] == 48 and v["running"] == 4
+
+
+def test_router_values_count_only_successes():
+    r = CollectorRegistry()
+    req = Counter("pdmesh_router_requests", "", ["endpoint", "status"], registry=r)
+    req.labels(endpoint="/v1/completions", status="200").inc(5)
+    req.labels(endpoint="/v1/chat/completions", status="200").inc(2)
+    req.labels(endpoint="/v1/completions", status="400").inc(9)
+    Counter("pdmesh_router_prompt_tokens", "", registry=r).inc(7000)
+    assert router_values(generate_latest(r).decode()) == {"requests": 7, "prompt_tokens": 7000}
+
+
+def _interval(points: Points, role: str, before: dict, after: dict) -> None:
+    base = dict.fromkeys(
+        (
+            "prefill_s",
+            "prefill_n",
+            "computed_tokens",
+            "prompt_tokens",
+            "itl_s",
+            "itl_n",
+            "generated",
+            "running",
+        ),
+        0,
+    )
+    points.add_interval(role, {**base, **before}, {**base, **after})
+
+
+def test_fit_recovers_the_service_times_that_made_the_points():
+    true = WorkerProfile(4000.0, 0.02, 0.006, 0.0004)
+    points = Points()
+    for tokens, n in ((200, 3), (800, 2), (1600, 4)):  # per interval: n prompts of `tokens`
+        secs = n * (true.prefill_overhead_s + tokens / true.prefill_tokens_per_s)
+        _interval(points, "prefill", {}, {"prefill_s": secs, "prefill_n": n, "computed_tokens": tokens * n})
+    for running in (1, 6, 16):
+        itl = true.decode_step_s + true.decode_step_per_seq_s * running
+        _interval(
+            points, "decode", {"running": running}, {"running": running, "itl_s": 50 * itl, "itl_n": 50}
+        )
+    for tokens in (200, 1600):  # the decode engine taking in pushed KV: 2 ms + 10 us per token
+        load = {"prefill_n": 2, "prefill_s": 2 * (0.002 + 1e-5 * tokens), "prompt_tokens": 2 * tokens}
+        _interval(points, "decode", {}, {**load, "computed_tokens": 2})
+    fitted = fit_profile(points)
+    assert fitted.assumed == () and (fitted.prefill_points, fitted.decode_points) == (3, 3)
+    got = fitted.profile
+    assert got.prefill_tokens_per_s == pytest.approx(4000, rel=1e-6)
+    assert got.prefill_overhead_s == pytest.approx(0.02, rel=1e-6)
+    assert got.decode_step_s == pytest.approx(0.006, rel=1e-6)
+    assert got.decode_step_per_seq_s == pytest.approx(0.0004, rel=1e-6)
+    assert got.decode_load_s == pytest.approx(0.002, rel=1e-6)
+    assert got.decode_load_per_token_s == pytest.approx(1e-5, rel=1e-6)
+    assert len(points.prefill) == 3  # the decode engine's prefill time is a load point, not a prefill point
+
+
+def test_without_spread_the_slopes_come_from_the_base_profile():
+    base = WorkerProfile(1000.0, 0.05, 0.01, 0.001, transfer_s=0.003)
+    points = Points()
+    for _ in range(3):  # same prompt length and batch every interval: only the means are measured
+        _interval(points, "both", {"running": 4}, {"running": 4, "prefill_s": 2 * 0.25, "prefill_n": 2,
+                  "computed_tokens": 2 * 500, "itl_s": 10 * 0.012, "itl_n": 10})  # fmt: skip
+    fitted = fit_profile(points, base)
+    assert set(fitted.assumed) == {"prefill_overhead_s", "decode_step_per_seq_s", "decode_load_s"}
+    got = fitted.profile
+    assert got.prefill_overhead_s == 0.05 and got.prefill_tokens_per_s == pytest.approx(500 / 0.2)
+    assert got.decode_step_per_seq_s == 0.001 and got.decode_step_s == pytest.approx(0.012 - 4 * 0.001)
+    assert got.transfer_s == 0.003
+    no_base = fit_profile(points).profile
+    assert no_base.prefill_overhead_s == 0 and no_base.prefill_tokens_per_s == pytest.approx(500 / 0.25)
+
+
+def test_an_idle_window_is_not_enough_traffic():
+    points = Points()
+    _interval(points, "prefill", {"prefill_n": 4}, {"prefill_n": 4})  # nothing finished in the interval
+    with pytest.raises(NotEnoughTraffic, match="prefill"):
+        fit_profile(points)
+    _interval(points, "prefill", {}, {"prefill_n": 1, "prefill_s": 0.1, "computed_tokens": 100})
+    with pytest.raises(NotEnoughTraffic, match="decode"):
+        fit_profile(points)
