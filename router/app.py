@@ -110,7 +110,7 @@ def create_app(config: RouterConfig, peers: Peers | None = None) -> RouterApp:
         config.failure_cooldown_s,
         breaker=BreakerSettings(b.failures, b.open_s or 0.0, b.max_open_s),
     )
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(config.slo.ttft_s, config.slo.itl_s)
     discovery = Discovery(config.discovery, registry)
     discovery.load_static()
 

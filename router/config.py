@@ -132,6 +132,14 @@ class TracingConfig(_Section):
     service_name: str = "pdmesh-router"
 
 
+class SloConfig(_Section):
+    """Latency goals the router counts requests against (``pdmesh_router_slo_requests_total``), for autoscaling and
+    alerts. Unset: not counted. Streamed requests only (a non-streamed answer has no first token to time)."""
+
+    ttft_s: float | None = Field(None, gt=0)  # time to first token of a streamed request
+    itl_s: float | None = Field(None, gt=0)  # a streamed request's mean time between tokens (chunks)
+
+
 class LimitsConfig(_Section):
     """Admission limits (429 + Retry-After). 0 disables a limit. Per-key limits apply to each API key
     (to all anonymous clients together when no API keys are configured)."""
@@ -204,6 +212,7 @@ class RouterConfig(BaseModel):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    slo: SloConfig = Field(default_factory=SloConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RouterConfig:

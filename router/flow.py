@@ -208,6 +208,7 @@ async def _relay(
                 if first:
                     marks.first_byte = time.perf_counter()
                     ttft.observe(marks.first_byte - marks.arrived)
+                    st.metrics.count_ttft(marks.first_byte - marks.arrived)
                     first = False
                 await ex.send_chunk(chunk)
             await ex.end()

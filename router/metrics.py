@@ -8,9 +8,17 @@ _LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, ttft_slo_s: float | None = None, itl_slo_s: float | None = None) -> None:
+        """``ttft_slo_s`` / ``itl_slo_s``: the configured goals (``slo`` section); None: not counted."""
         self.registry = CollectorRegistry()
         r = self.registry
+        self.ttft_slo_s, self.itl_slo_s = ttft_slo_s, itl_slo_s
+        self.slo = Counter(
+            "pdmesh_router_slo_requests",
+            "Streamed requests against the configured goals (slo.ttft_s, slo.itl_s), by signal and whether met",
+            ["signal", "met"],
+            registry=r,
+        )
         self.requests = Counter(
             "pdmesh_router_requests",
             "Client requests by endpoint and final status",
@@ -125,3 +133,13 @@ class RouterMetrics:
             ["role"],
             registry=r,
         )
+
+    def count_ttft(self, seconds: float) -> None:
+        """One streamed request's time to first token against ``slo.ttft_s`` (nothing when unset)."""
+        if self.ttft_slo_s is not None:
+            self.slo.labels("ttft", "true" if seconds <= self.ttft_slo_s else "false").inc()
+
+    def count_itl(self, mean_seconds: float) -> None:
+        """One streamed request's mean inter-token latency against ``slo.itl_s`` (nothing when unset)."""
+        if self.itl_slo_s is not None:
+            self.slo.labels("itl", "true" if mean_seconds <= self.itl_slo_s else "false").inc()

@@ -275,19 +275,23 @@ class Upstream:
         tail = b""
         itl = self.metrics.itl.labels(endpoint)
         loop = asyncio.get_running_loop()
-        last_t = 0.0
+        first_t = last_t = 0.0
+        gaps = 0
         try:
             async for chunk in resp.chunks(deadline):
                 now = loop.time()
                 if first:
-                    first = False
+                    first, first_t = False, now
                 else:
                     itl.observe(now - last_t)
+                    gaps += 1
                 last_t = now
                 tail = (tail + chunk)[-64:]
                 yield chunk
             if done_marker is None or done_marker in tail:
                 result.complete = True
+                if gaps:
+                    self.metrics.count_itl((last_t - first_t) / gaps)
                 return
             raise _StreamIncomplete("stream ended without [DONE]")
         except LegDeadline:

@@ -160,3 +160,26 @@ def test_router_edge_closes_slowloris_and_caps_connections():
             s.close()
     finally:
         srv.stop()
+
+
+def test_streamed_requests_are_counted_against_the_configured_slos(make_harness):
+    """slo.ttft_s / slo.itl_s: each streamed request counts once per signal, met or not; unset: nothing counted."""
+    h = make_harness(slo={"ttft_s": 0.5, "itl_s": 0.05})
+    h.add("prefill", "p0")
+    d = h.add("decode", "d0")
+    body = {"model": "m", "prompt": "a b c", "max_tokens": 4, "stream": True}
+    for delay in (0.01, 0.01, 0.12):  # the last one's chunks come 120 ms apart: above the ITL goal
+        d.chunk_delay_s = delay
+        with h.client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            r.read()
+    assert h.metric("pdmesh_router_slo_requests_total", signal="ttft", met="true") == 3
+    assert h.metric("pdmesh_router_slo_requests_total", signal="ttft", met="false") == 0
+    assert h.metric("pdmesh_router_slo_requests_total", signal="itl", met="true") == 2
+    assert h.metric("pdmesh_router_slo_requests_total", signal="itl", met="false") == 1
+    off = make_harness()
+    off.add("prefill", "p0")
+    off.add("decode", "d0")
+    with off.client.stream("POST", "/v1/completions", json=body) as r:
+        r.read()
+    assert "pdmesh_router_slo_requests_total{" not in off.client.get("/metrics").text  # no sample
