@@ -95,9 +95,16 @@ def id_lists(num_blocks: int, seed: int) -> list[list[int]]:
 
 
 def _cpu(caches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies (never aliases, also for CPU tensors) of the caches' logical values; ``reference_pack`` reads
-    them in the layout's memory order whatever their strides."""
-    return [t.to("cpu", copy=True) for t in caches]
+    """Host copies of the caches that never alias them: each tensor's whole storage copied byte for byte, viewed
+    with the same offset, shape and strides (no dtype kernel runs on the device, so fp8 needs nothing there)."""
+    copies = []
+    for t in caches:
+        host = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8)
+        host.untyped_storage().copy_(t.untyped_storage())
+        view = torch.empty(0, dtype=t.dtype)
+        view.set_(host.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        copies.append(view)
+    return copies
 
 
 def check_case(
