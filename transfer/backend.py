@@ -14,6 +14,11 @@ Shaped like NIXL's agent API. One backend instance lives on each side of a trans
 
 Offsets are byte offsets into the registered buffers. Backends never allocate: the receiver's RegionProvider
 does (see :mod:`transfer.provider`).
+
+Device memory: a side may expose a :class:`MemoryRegion` (raw address, size, ``DRAM`` or ``VRAM`` + CUDA device)
+instead of, or besides, a host buffer (:mod:`pdmesh.transfer.device_staging`). :func:`register_into` registers
+what a backend can reach: the region with backends whose ``region_mem_types`` include its kind (NIXL: both), the
+host buffer with the others; a backend that can reach neither (TCP or shm and device memory) is left out.
 """
 
 from __future__ import annotations
@@ -30,6 +35,25 @@ import msgpack
 from pdmesh.transfer.errors import IncompatiblePeer
 
 METADATA_VERSION = 1
+MEM_TYPES = ("DRAM", "VRAM")
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """Raw memory for a backend to register: host memory (``DRAM``) or device memory (``VRAM`` on CUDA device
+    ``device``). Whoever built it owns the memory and keeps it allocated, at the same address, until every backend
+    it was registered with is closed (backends never free it)."""
+
+    address: int
+    size: int
+    mem_type: str = "DRAM"
+    device: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mem_type not in MEM_TYPES:
+            raise ValueError(f"mem_type must be one of {MEM_TYPES}, not {self.mem_type!r}")
+        if self.address <= 0 or self.size <= 0 or self.device < 0:
+            raise ValueError(f"bad memory region {self}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +136,8 @@ class TransferBackend(ABC):
     name: str = ""
     # The receiving side moves bytes only when progressed (get_notifs): the receiver polls it often during transfers.
     needs_progress: bool = False
+    # Kinds of raw MemoryRegion this backend registers with register_region (empty: host buffers only).
+    region_mem_types: tuple[str, ...] = ()
 
     def __init__(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
@@ -119,6 +145,10 @@ class TransferBackend(ABC):
     @abstractmethod
     def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
         """Register the whole pool buffer (writable, contiguous). ``segment_name`` is its shared-memory name."""
+
+    def register_region(self, address: int, size: int, mem_type: str = "DRAM", device: int = 0) -> None:
+        """Register raw memory of a kind in ``region_mem_types`` instead of a buffer (the caller keeps it alive)."""
+        raise NotImplementedError(f"{self.name} backend registers host buffers only")
 
     @abstractmethod
     def local_metadata(self) -> bytes:
@@ -150,3 +180,22 @@ class TransferBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release all resources. Idempotent."""
+
+
+def register_into(
+    backend: TransferBackend,
+    buffer: memoryview | None,
+    segment_name: str | None,
+    region: MemoryRegion | None,
+) -> bool:
+    """Register a side's memory with ``backend``: ``region`` when given and of a kind the backend takes, else the
+    host ``buffer`` (only when there is no region or the region is host memory: the buffer is then a view of it).
+    Returns False, registering nothing, when the backend cannot reach the memory (e.g. TCP and device memory);
+    the caller leaves that backend out. Errors of the registration itself propagate."""
+    if region is not None and region.mem_type in backend.region_mem_types:
+        backend.register_region(region.address, region.size, region.mem_type, region.device)
+        return True
+    if buffer is not None and (region is None or region.mem_type == "DRAM"):
+        backend.register_memory(buffer, segment_name)
+        return True
+    return False

@@ -9,8 +9,10 @@ the NIC could still finish after that.
 
 Config: ``NixlConfig.ucx_env`` (e.g. ``{"UCX_NET_DEVICES": "lo", "UCX_TLS": "cma,tcp"}``) is put into the
 process environment before the agent is created (UCX reads its settings from there); existing values win unless
-``override_env``. ``mem_type="VRAM"`` + ``register_region(ptr, size, "VRAM", device)`` registers device memory on
-GPU nodes (untested here: no GPU). The agent runs with ``NIXL_THREAD_SYNC_STRICT`` because pushes call it from
+``override_env``. ``register_region(ptr, size, "VRAM", device)`` registers device memory on GPU nodes (a
+:class:`pdmesh.transfer.device_staging.StagingRegion` on CUDA; UCX then moves it with cuda_ipc on one node, rc
+with GPUDirect RDMA between nodes: not run here, no GPU); a WRITE may go from either kind to either kind, each
+side's descriptors carry its own. The agent runs with ``NIXL_THREAD_SYNC_STRICT`` because pushes call it from
 several threads; the receiver service drains notifications (which also progresses UCX) from one polling thread.
 """
 
@@ -50,6 +52,18 @@ def nixl_available() -> bool:
 
 @dataclass
 class NixlConfig:
+    """How the NIXL agent is built. The defaults are the measured best on loopback (``bench/bench_transfer.py``,
+    docs/transfer.md), where UCX moves host memory with cma (``process_vm_writev``, done by the sender):
+
+    * ``UCX_TLS``: left to UCX. ``tcp`` runs 0.18x memcpy against cma's 0.43x; UCX's shared-memory transports
+      alone (``posix``, ``sysv``) cannot serve NIXL (creating the backend fails: no RMA).
+    * descriptors per WRITE (1, 8, 64 pieces of 256 MiB), 4 WRITEs in flight, 2 posting threads, UCX
+      ``num_workers=2``: all within 5 % of one descriptor (one copying thread does the work either way).
+    * registration is already once per pool (at start), not per push.
+    What moves cma is the page size of the receiving pool: into 4 KiB tmpfs pages (``/dev/shm``) 0.43x memcpy,
+    into huge pages 0.58x (a tmpfs mounted ``huge=within_size``/``always``) and 0.86x (anonymous THP memory).
+    That is a mount option of the node, not a setting here."""
+
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     ucx_env: dict[str, str] = field(default_factory=dict)
     override_env: bool = False
@@ -77,6 +91,7 @@ class _Handle:
 class NixlBackend(TransferBackend):
     name = "nixl"
     needs_progress = True  # UCX's TCP transport moves a WRITE's bytes on the target only when progressed
+    region_mem_types = ("DRAM", "VRAM")
 
     def __init__(self, fingerprint: str, config: NixlConfig | None = None) -> None:
         super().__init__(fingerprint)
@@ -109,9 +124,15 @@ class NixlBackend(TransferBackend):
         self.register_region(buffer_address(buffer), buffer.nbytes, "DRAM", 0)
 
     def register_region(self, address: int, size: int, mem_type: str = "DRAM", device: int = 0) -> None:
-        """Register raw memory (host ``DRAM`` or device ``VRAM`` on ``device``). The caller keeps it alive."""
+        """Register raw memory (host ``DRAM`` or device ``VRAM`` on CUDA device ``device``) with the agent, once.
+        The caller keeps it allocated until :meth:`close` (which deregisters it). VRAM needs a CUDA build of UCX
+        and a CUDA context on ``device`` in this process (allocate the memory there first)."""
         if self._reg is not None:
             raise TransferFailed("nixl backend: memory already registered")
+        if mem_type not in self.region_mem_types:
+            raise ValueError(
+                f"nixl backend: mem_type must be one of {self.region_mem_types}, not {mem_type!r}"
+            )
         self._reg = self._agent.register_memory([(address, size, device, "")], mem_type)
         self._base, self._size, self._mem_type, self._device = address, size, mem_type, device
 

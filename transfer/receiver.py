@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import pdmesh.failpoints as failpoints
 from pdmesh.security import require_token_for_bind
-from pdmesh.transfer.backend import TransferBackend
+from pdmesh.transfer.backend import TransferBackend, register_into
 from pdmesh.transfer.errors import IncompatiblePeer, TransferError, TransferFailed
 from pdmesh.transfer.peer_auth import server_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
@@ -110,8 +110,16 @@ class Receiver:
 
     # lifecycle
     def start(self) -> tuple[str, int]:
+        """Register the provider's memory with each backend and start serving. A provider with a
+        ``memory_region`` (a device staging region) is registered as that region where a backend takes it;
+        a backend that cannot reach the memory (TCP, shm and device memory) is not offered."""
+        region = getattr(self.provider, "memory_region", None)
         for b in self.backends.values():
-            b.register_memory(self.provider.buffer, self.provider.segment_name)
+            if not register_into(b, self.provider.buffer, self.provider.segment_name, region):
+                log.info(
+                    "backend %s not offered: it cannot reach %s memory", b.name, region and region.mem_type
+                )
+                continue
             b.set_write_guard(self)
             try:
                 self._metadata[b.name] = b.local_metadata()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pdmesh.failpoints as failpoints
-from pdmesh.transfer.backend import Segment, TransferBackend
+from pdmesh.transfer.backend import MemoryRegion, Segment, TransferBackend, register_into
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
 from pdmesh.transfer.peer_auth import client_handshake
 from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
@@ -82,16 +82,27 @@ class _Pool:
 
 class Sender:
     """``backends`` maps name -> a factory building that backend (called lazily, once); each built backend gets
-    ``buffer`` registered. Example: ``{"tcp": lambda: TcpBackend(fp, token)}``."""
+    ``buffer`` registered. Example: ``{"tcp": lambda: TcpBackend(fp, token)}``.
+
+    ``region``: the chunks' memory as a raw :class:`MemoryRegion` instead (a device staging region: ``VRAM``,
+    ``buffer`` None; or host memory, ``buffer`` a view of it). Chunk offsets are then offsets into the region.
+    Backends that take regions (NIXL) register it; the others use ``buffer``, and where there is none (device
+    memory) they cannot start and the next backend is tried. The caller keeps the memory alive until
+    :meth:`close`."""
 
     def __init__(
         self,
-        buffer: memoryview,
+        buffer: memoryview | None,
         config: SenderConfig,
         backends: dict[str, Callable[[], TransferBackend]],
         segment_name: str | None = None,
+        *,
+        region: MemoryRegion | None = None,
     ) -> None:
+        if buffer is None and region is None:
+            raise ValueError("a sender needs a buffer or a memory region")
         self.buffer = buffer
+        self.region = region
         self.segment_name = segment_name
         self.config = config
         self._factories = backends
@@ -200,7 +211,15 @@ class Sender:
             if b is not None:
                 return b
         made = self._factories[name]()  # outside the lock: building NIXL takes seconds
-        made.register_memory(self.buffer, self.segment_name)
+        try:
+            reached = register_into(made, self.buffer, self.segment_name, self.region)
+        except BaseException:
+            made.close()
+            raise
+        if not reached:
+            made.close()
+            kind = self.region.mem_type if self.region is not None else "host"
+            raise PeerUnavailable(f"{name} backend cannot read {kind} memory")
         with self._lock:
             b = self._built.get(name)
             if b is None and not self._closed:
