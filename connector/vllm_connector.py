@@ -19,6 +19,7 @@ outputs never change (they are only computed instead of loaded).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,9 +45,14 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from pdmesh.connector.device_push import DevicePush
+    from pdmesh.kernels import BoundKVCaches
+
 from vllm.logger import init_logger
 
 log = init_logger("pdmesh.connector")
+# the tier servers' transfer fingerprint (kvcache config transfer.fingerprint): the device path's pushes must match
+TRANSFER_FP_ENV = "PDMESH_TIER_TRANSFER_FINGERPRINT"
 
 
 def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
@@ -109,13 +115,42 @@ class PdmeshConnector(KVConnectorBase_V1):
             resolved = self._vllm_config.cache_config.get_resolved_kv_cache_layout().name
             layout = layout_for(backend, first.shape, kv_cache_layout=resolved)
         bound = bind(list(kv_caches.values()), layout)
-        self._worker = ConnectorWorker(self.tier, bound, self.chunk_tokens // self.block_size)
+        blocks_per_chunk = self.chunk_tokens // self.block_size
+        self._worker = ConnectorWorker(
+            self.tier, bound, blocks_per_chunk, self._device_push(bound, blocks_per_chunk)
+        )
         log.info(
             "pdmesh connector: %d layers, layout %s, %d bytes per chunk",
             len(kv_caches),
             layout.name,
             self._worker.chunk_nbytes,
         )
+
+    def _device_push(self, bound: BoundKVCaches, blocks_per_chunk: int) -> DevicePush | None:
+        """The device path for pushes (connector/device_push.py) when ``device_staging`` is on, the caches are on
+        CUDA and NIXL imports; else None (pushes go through the host tier pool). Never raises: a device path
+        that cannot start is logged and left out."""
+        from pdmesh.connector.device_path import DevicePathConfig, device_path_decision
+
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        try:
+            cfg = DevicePathConfig.from_extra(extra)
+            use, why = device_path_decision(cfg, bound.device)
+            log.info("pdmesh connector: device path %s", why)
+            if not use:
+                return None
+            from pdmesh.connector.device_push import DevicePush
+            from pdmesh.kvcache.config import TransferConfig
+
+            fingerprint = str(
+                extra.get("transfer_fingerprint")
+                or os.environ.get(TRANSFER_FP_ENV)
+                or TransferConfig.model_fields["fingerprint"].default
+            )
+            return DevicePush.build(bound, blocks_per_chunk, cfg.slots, fingerprint, cluster_token_from_env())
+        except Exception as e:
+            log.warning("pdmesh connector: device path not started (%s); pushes use the host tier pool", e)
+            return None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -139,6 +174,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:
+        if self._worker is not None and self._worker.device_push is not None:
+            self._worker.device_push.close()
         self.tier.close()
 
     # ---------------------------------------------------------------- scheduler side

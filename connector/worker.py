@@ -8,6 +8,10 @@ Runs in the model-runner process/thread. Blocking, by design and by vLLM's contr
 - :meth:`ConnectorWorker.save` runs in ``wait_for_save`` after the forward pass: reserve pool regions
   (chunks the tier already has are skipped), pack the blocks into them, commit. Then, for PD, ask the tier
   server to push the chunks to the decode node; the push itself runs in the tier server, not here.
+- Device path (``device_push`` given: CUDA caches, NIXL, ``device_staging`` on; connector/device_push.py): a save
+  carrying a push packs its chunks on the device into a NIXL-registered staging region and a background thread
+  writes them from there to the decode node; the copy into the local tier (for reuse) runs on a side stream
+  and only this save waits for it. Where the staging region has no room the save takes the host path above.
 A failed save is only a future cache miss (logged and counted), never an engine error.
 """
 
@@ -15,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from vllm.logger import init_logger
 
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
+
+if TYPE_CHECKING:
+    from pdmesh.connector.device_push import DevicePush
 
 log = init_logger("pdmesh.connector")
 
@@ -69,11 +76,19 @@ class WorkerStats:
     pushes: int = 0
     loaded_bytes: int = 0
     saved_bytes: int = 0
+    device_pushes: int = 0  # pushes queued from device staging (also counted in ``pushes``)
 
 
 class ConnectorWorker:
-    def __init__(self, tier: TierWorkerClient, packer: Packer, blocks_per_chunk: int) -> None:
+    def __init__(
+        self,
+        tier: TierWorkerClient,
+        packer: Packer,
+        blocks_per_chunk: int,
+        device_push: DevicePush | None = None,
+    ) -> None:
         self.tier = tier
+        self.device_push = device_push
         self.packer = packer
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_nbytes = packer.chunk_nbytes(blocks_per_chunk)
@@ -142,6 +157,8 @@ class ConnectorWorker:
         if not keys:
             return
         blocks_of = dict(zip(op.keys, op.block_ids, strict=True))
+        if op.push is not None and self.device_push is not None and self._device_save_op(op, keys, blocks_of):
+            return
         try:
             pool = self._pool_tensor()
             offsets = self.tier.alloc(keys, self.chunk_nbytes)
@@ -177,3 +194,53 @@ class ConnectorWorker:
                 self.stats.pushes += 1
             except Exception as e:
                 log.warning("PD push %s to %s could not be queued: %s", op.push.transfer_id, op.push.peer, e)
+
+    def _device_save_op(self, op: ChunkOp, keys: list[bytes], blocks_of: dict[bytes, list[int]]) -> bool:
+        """Stage ``keys`` on the device, queue their push from there, save them into the tier from the staging
+        region. False (nothing done) when they cannot be staged: the caller takes the host path."""
+        dp, push = self.device_push, op.push
+        assert dp is not None and push is not None
+        try:
+            chunks = dp.stage(keys, [blocks_of[k] for k in keys])
+        except Exception as e:
+            log.warning("staging chunks of %s on the device failed (%s); host path", op.req_id, e)
+            return False
+        if chunks is None:
+            return False
+        pushed = dp.submit(push.peer, push.transfer_id, push.deadline_s, chunks)
+        if pushed:
+            self.stats.pushes += 1
+            self.stats.device_pushes += 1
+        written: list[bytes] = []
+        offsets: list[int | None] = []
+        try:
+            pool = self._pool_tensor()
+            offsets = self.tier.alloc(keys, self.chunk_nbytes)
+            copies = []
+            for key, off in zip(keys, offsets, strict=True):
+                if off is None:
+                    self.stats.skipped_saves += 1
+                    continue
+                copies.append(dp.copy_to_host(key, pool[off : off + self.chunk_nbytes]))
+                written.append(key)
+            for c in copies:  # before COMMIT, and before this thread stages again (slot reuse)
+                c.wait()
+            if written:
+                self.tier.commit(written)
+                self.stats.saved_chunks += len(written)
+                self.stats.saved_bytes += len(written) * self.chunk_nbytes
+        except Exception as e:
+            self.stats.save_errors += len(keys)
+            log.warning("saving chunks of %s from device staging failed: %s", op.req_id, e)
+            try:
+                self.tier.abort([k for k, off in zip(keys, offsets, strict=False) if off is not None])
+            except Exception:
+                pass
+            written = []
+        if not pushed and written:  # the device queue was full: the tier pushes what it now holds
+            try:
+                self.tier.push(op.keys, push.peer, push.transfer_id, push.deadline_s)
+                self.stats.pushes += 1
+            except Exception as e:
+                log.warning("PD push %s to %s could not be queued: %s", push.transfer_id, push.peer, e)
+        return True

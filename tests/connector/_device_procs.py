@@ -119,3 +119,28 @@ def run_prefill(
         for k in keys:
             st.discard(k)
         st.staging.close()
+
+
+def run_pool_receiver(conn: Any, fp: str) -> None:
+    """A decode tier's receiver as the tier server runs it (host pool, NIXL). Reports its address; answers
+    ("get", keys) with {key: bytes} of the committed chunks; stops on anything else."""
+    from pdmesh.transfer.nixl_backend import NixlBackend
+    from pdmesh.transfer.receiver import Receiver
+    from pdmesh.transfer.reference_pool import ReferencePool
+
+    pool = ReferencePool(64 << 10, 16)
+    rx = Receiver(pool, ReceiverConfig(fingerprint=fp), [NixlBackend(fp)])
+    conn.send(rx.start())
+    while conn.poll(120):
+        msg = conn.recv()
+        if msg[0] != "get":
+            break
+        got = {}
+        for k in msg[1]:
+            view = pool.get(k)
+            if view is not None:
+                got[k] = bytes(view)
+                view.release()
+        conn.send(got)
+    rx.close()
+    pool.close()

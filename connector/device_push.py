@@ -1,0 +1,171 @@
+"""Pushes from device memory: the prefill worker's side of the device path (docs/transfer.md, "Device memory").
+
+:class:`DevicePush` lives in the vLLM worker process, beside the engine's KV caches. For a save that carries a
+PD push, :class:`pdmesh.connector.worker.ConnectorWorker` asks it to :meth:`~DevicePush.stage` the chunks (the
+unpack kernels pack them on the device into a NIXL-registered staging region), then to :meth:`~DevicePush.submit`
+the push: a background thread writes them from the staging region straight into the decode node's receiver
+(the tier server's, host pool: a device-to-host NIXL WRITE, UCX rc/cuda_ipc/cuda_copy picking the path), with
+the transfer layer's ALLOC/WRITE/COMMIT, leases and typed errors. The copy of the same chunks into the local
+host tier (for reuse) is queued on a side CUDA stream and only the worker waits for it, not the push.
+
+Contracts:
+
+* :meth:`stage` blocks until the chunks are packed (the engine may then reuse its blocks); it returns None,
+  staging nothing, when the region lacks room or a chunk is still staged for an earlier push: the caller uses
+  the host path (pack into the tier pool, the tier server pushes).
+* :meth:`submit` never blocks: a bounded queue, False when full (the slots are freed at once; the caller then
+  pushes through the tier). The background thread frees the chunks' slots when their push ends, however it
+  ends; a push is bounded by its deadline (``Sender.push``). Only the thread calling :meth:`stage` reuses slots,
+  so a host copy still reading a slot is safe as long as that thread waits for it before staging again.
+* :meth:`close` stops the thread (bounded join), closes the sender, then the staging region.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdmesh.connector.device_path import HostCopy, StagedChunks, StagePacker, staging_sender
+from pdmesh.kvcache.transfer_node import parse_address
+from pdmesh.transfer.device_staging import StagingRegion
+from pdmesh.transfer.errors import PoolExhausted, TransferError
+from pdmesh.transfer.nixl_backend import NixlConfig
+from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
+
+log = logging.getLogger("pdmesh.connector")
+_STOP = object()
+
+
+@dataclass
+class DevicePushStats:
+    pushes: int = 0
+    failures: int = 0
+    refused: int = 0  # submit found the queue full
+    chunks: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    peer: str
+    transfer_id: str
+    deadline: float  # time.monotonic
+    chunks: list[Chunk]
+
+
+class DevicePush:
+    def __init__(self, staged: StagedChunks, sender: Sender, max_queued: int = 16) -> None:
+        self.staged = staged
+        self.sender = sender
+        self.stats = DevicePushStats()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queued)
+        self._thread = threading.Thread(target=self._run, name="pdmesh-device-push", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def build(
+        cls,
+        packer: StagePacker,
+        blocks_per_chunk: int,
+        slots: int,
+        fingerprint: str,
+        token: str,
+        nixl: NixlConfig | None = None,
+    ) -> DevicePush:
+        """A staging region of ``slots`` chunks on the caches' device and a NIXL sender over it; NIXL's agent is
+        built and the region registered in a background thread (seconds), so the first push does not wait."""
+        chunk = packer.chunk_nbytes(blocks_per_chunk)
+        staging = StagingRegion(chunk, slots, str(packer.device))
+        sender = staging_sender(
+            staging, SenderConfig(fingerprint=fingerprint, token=token, backends=("nixl",)), nixl
+        )
+        threading.Thread(target=sender.warm, name="pdmesh-device-push-warm", daemon=True).start()
+        return cls(StagedChunks(packer, staging, blocks_per_chunk), sender)
+
+    def stage(self, keys: Sequence[bytes], block_ids: Sequence[Sequence[int]]) -> list[Chunk] | None:
+        """Pack every chunk (``keys[i]`` from ``block_ids[i]``) into the staging region; see the module doc."""
+        done: list[Chunk] = []
+        try:
+            for key, ids in zip(keys, block_ids, strict=True):
+                off = self.staged.pack(key, ids)
+                if off is None:  # still staged for an earlier push: its slot is that push's
+                    raise PoolExhausted("chunk already staged")
+                done.append(Chunk(key, off, self.staged.chunk_nbytes))
+        except PoolExhausted:
+            self._free(done)
+            return None
+        except BaseException:
+            self._free(done)
+            raise
+        return done
+
+    def copy_to_host(self, key: bytes, out: torch.Tensor) -> HostCopy:
+        """Queue the copy of staged ``key`` into host memory ``out``; wait on the handle before using ``out``."""
+        return self.staged.copy_to_host(key, out)
+
+    def submit(self, peer: str, transfer_id: str, deadline_s: float, chunks: list[Chunk]) -> bool:
+        """Queue the push of staged ``chunks`` to ``peer`` ("host:port"), bounded by ``deadline_s`` from now."""
+        try:
+            self._queue.put_nowait(_Job(peer, transfer_id, time.monotonic() + deadline_s, chunks))
+        except queue.Full:
+            self.stats.refused += 1
+            self._free(chunks)
+            return False
+        return True
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued push has ended (bounded); True when none is left."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return self._queue.unfinished_tasks == 0
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the push thread (pushes still queued end by their deadlines or are dropped), then free memory."""
+        try:
+            self._queue.put(_STOP, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
+        self.sender.close()
+        self.staged.staging.close()
+
+    def _free(self, chunks: Sequence[Chunk]) -> None:
+        for c in chunks:
+            self.staged.discard(c.key)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is _STOP:
+                    return
+                assert isinstance(job, _Job)
+                self._push(job)
+            finally:
+                self._queue.task_done()
+
+    def _push(self, job: _Job) -> None:
+        try:
+            result = self.sender.push(parse_address(job.peer), job.transfer_id, job.chunks, job.deadline)
+            self.stats.pushes += 1
+            self.stats.chunks += len(result.written)
+            self.stats.bytes += result.nbytes
+        except (TransferError, ValueError) as exc:
+            self.stats.failures += 1
+            log.warning(
+                "device push %s to %s failed (%s); the decoder computes instead",
+                job.transfer_id,
+                job.peer,
+                exc,
+            )
+        finally:
+            self._free(job.chunks)
