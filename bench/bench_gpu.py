@@ -16,8 +16,8 @@ root is put on ``sys.path``, where ``pdmesh/`` maps ``kernels/`` to ``pdmesh.ker
    pinned host memory against a D2H / H2D ``copy_`` of the same bytes. Each row first checks its own result at
    that size (pack == torch path; unpack moved the blocks and nothing else).
 
-Timing (CUDA): CUDA events around ``--iters`` back-to-back calls, rotating over 4 id sets and buffers (a working
-set beyond L2); before each batch a spin kernel (``torch.cuda._sleep``) keeps the GPU busy while the host enqueues
+Timing (CUDA): CUDA events around ``--iters`` back-to-back calls, rotating over 4-32 id sets and buffers (at least
+128 MiB of chunks, beyond L2); before each batch a spin kernel (``torch.cuda._sleep``) keeps the GPU busy while the host enqueues
 the whole batch, so the events measure device time, not Python (``host_overhead_hidden`` says whether that held).
 Median of ``--reps`` batches after a warm-up (which includes Triton's compile). ``api`` numbers are
 ``bind(...).pack/unpack`` as the connector calls them (their small H2D copies of ids and pointer table included);
@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 GOAL = 0.8  # pack and unpack >= 80% of memcpy of the same bytes
+ROTATE_BYTES = 128 << 20  # chunk bytes a timed batch cycles through (H100/H200 L2: 50/60 MB)
 EXIT_BIT_EXACT, EXIT_NO_CUDA, EXIT_NO_TRITON, EXIT_FORBIDDEN_IMPORT = 1, 3, 4, 5
 
 
@@ -137,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--reps", type=int, default=None, help="timed batches per measurement (default 15; smoke 2)"
     )
-    ap.add_argument("--iters", type=int, default=None, help="calls per timed batch (default 20; smoke 2)")
+    ap.add_argument("--iters", type=int, default=None, help="calls per timed batch (default 32; smoke 2)")
     args = ap.parse_args(argv)
     for name in ("reps", "iters"):
         value = getattr(args, name)
@@ -320,10 +321,11 @@ def run_row(case: BenchCase, device: torch.device, timer: Timer, iters: int, rep
     caches = alloc_caches(case, device, seed=1)
     bound = bind(caches, layout)
     n = case.tokens // case.block_size
-    rot = 4 if device.type == "cuda" else 1  # rotate ids/buffers: working set beyond L2
+    nbytes = bound.chunk_nbytes(n)
+    # Rotate over id sets and buffers so that a batch touches >= 128 MiB of chunks (beyond L2) on the GPU.
+    rot = min(max(4, -(-ROTATE_BYTES // nbytes)), 32) if device.type == "cuda" else 1
     src_ids = [random.Random(k).sample(range(case.pool_blocks), n) for k in range(rot)]
     dst_ids = [random.Random(100 + k).sample(range(case.pool_blocks), n) for k in range(rot)]
-    nbytes = bound.chunk_nbytes(n)
     pinned = case.destination == "pinned"
 
     def host_or_device() -> torch.Tensor:
@@ -403,8 +405,10 @@ def run_row(case: BenchCase, device: torch.device, timer: Timer, iters: int, rep
     timer.sync()
     secs: dict[str, float] = {}
     hidden: list[bool | None] = []
+    # The torch path launches one kernel per layer: half the batch keeps it inside CUDA's launch queue (~1k).
+    row_iters = max(1, iters // 2) if impl == "torch" else iters
     for name, calls in timed.items():
-        secs[name], h = timer.per_call(calls, iters, reps)
+        secs[name], h = timer.per_call(calls, row_iters, reps)
         hidden.append(h)
     gbps = {k: nbytes / v / 1e9 for k, v in secs.items()}
     row: dict = {
@@ -418,6 +422,8 @@ def run_row(case: BenchCase, device: torch.device, timer: Timer, iters: int, rep
         "tokens": case.tokens,
         "blocks_per_chunk": n,
         "pool_blocks": case.pool_blocks,
+        "rotation": rot,
+        "iters": row_iters,
         "planes": bound.geometry.num_planes,
         "plane_bytes": bound.geometry.plane_nbytes,
         "chunk_bytes": nbytes,
@@ -549,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(args.cpu_smoke)
     if not args.check_only:
         reps = args.reps or (2 if args.cpu_smoke else 15)
-        iters = args.iters or (2 if args.cpu_smoke else 20)
+        iters = args.iters or (2 if args.cpu_smoke else 32)
         timer = Timer(device)
         results = []
         for case in plan(args.cpu_smoke):
@@ -581,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_rows = [r for r in results if r.get("impl") == "triton" and "error" not in r]
         doc |= {
             "method": "CUDA events around back-to-back batches behind a spin kernel (host overhead hidden), "
-            "median of reps; rotating 4 id sets/buffers; GB/s = chunk bytes / time"
+            "median of reps; rotating 4-32 id sets/buffers (>= 128 MiB, beyond L2); GB/s = chunk bytes / time"
             if device.type == "cuda"
             else "CPU smoke: perf_counter, tiny shapes, Triton interpreter (numbers mean nothing)",
             "reps": reps,

@@ -6,15 +6,16 @@
 #
 # Needs only a Python with torch (CUDA build) and triton: no vLLM, NIXL, network or install (the checkout is put
 # on PYTHONPATH; pdmesh/ maps kernels/ to pdmesh.kernels). PYTHON picks the interpreter (default python3).
-# Steps, each under its own timeout (45 + 120 + 120 s: under 5 min in all):
+# Steps, each under its own timeout (45 + 135 + 120 s: at most 5 min in all):
 #   1. versions: Python, torch, triton, CUDA, GPU; exits 3 with "no CUDA" when torch sees no GPU.
 #   2. kernel tests: pytest on tests/kernels (the CUDA tests must run, not skip) when pytest is importable;
 #      without pytest the self-contained harness of step 3 (tests/kernels/bitexact.py) stands in for it.
 #   3. bench/bench_gpu.py: bit-exactness on every layout x dtype, then pack/unpack GB/s vs device memcpy
 #      (and into/from pinned host memory vs D2H/H2D copies). Writes $OUT/gpu.json when OUT is set, else
 #      bench/results/gpu.json (--cpu-smoke: gpu-smoke.json there).
-# Exit status: 0 all passed (the 0.8x goal is reported in the JSON, not enforced), else the failing step's status
-# (3 no CUDA, 4 no torch or triton, 124 a step timed out, 1 a test or bit-exactness failure, 2 usage).
+# Exit status: 0 all passed (the 0.8x goal is reported in the JSON, not enforced), else the first failing step's
+# status (3 no CUDA, 4 no torch or triton, 124 a step timed out, 1 a test or bit-exactness failure, 2 usage);
+# steps 2 and 3 both run even when the other fails.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ SMOKE=0
 case "${1:-}" in
   "") ;;
   --cpu-smoke) SMOKE=1 ;;
-  -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
 esac
 
@@ -50,7 +51,10 @@ else
 fi
 T0=$SECONDS
 
-# step NAME SECONDS CMD...: run CMD under a timeout; on failure say which step and how, and exit with its status.
+# step NAME SECONDS CMD...: run CMD under a timeout; on failure say which step and how, and remember the first
+# failing status (STATUS). Later steps still run, so one GPU session yields the benchmark even if a test fails.
+STATUS=0
+FAILED=()
 step() {
   local name=$1 limit=$2 rc=0
   shift 2
@@ -58,11 +62,15 @@ step() {
   timeout -k 10 "$limit" "$@" || rc=$?
   if [[ $rc == 124 || $rc == 137 ]]; then
     echo "gpu_check: FAILED: $name timed out after ${limit}s" >&2
-    exit 124
+    rc=124
   elif [[ $rc != 0 ]]; then
     echo "gpu_check: FAILED: $name (exit $rc)" >&2
-    exit "$rc"
   fi
+  if [[ $rc != 0 ]]; then
+    FAILED+=("$name")
+    [[ $STATUS != 0 ]] || STATUS=$rc
+  fi
+  return 0
 }
 
 step "versions" 45 "$PY" - "$SMOKE" <<'PYEOF'
@@ -97,6 +105,9 @@ else:
           "run this on a CUDA machine (or pass --cpu-smoke)", file=sys.stderr)
     sys.exit(3)
 PYEOF
+if [[ $STATUS != 0 ]]; then
+  exit "$STATUS"  # no GPU, torch or triton: nothing else can run
+fi
 
 if "$PY" -c "import pytest" 2>/dev/null; then
   if [[ $SMOKE == 1 ]]; then
@@ -112,14 +123,19 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   LOG=$(mktemp)
   export LOG
   trap 'rm -f "$LOG"' EXIT
-  step "kernel tests (pytest)" 120 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "$LOG"; exit "${PIPESTATUS[0]}"' "$PY" "${TESTS[@]}"
+  step "kernel tests (pytest)" 135 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "$LOG"; exit "${PIPESTATUS[0]}"' "$PY" "${TESTS[@]}"
   if [[ $SMOKE == 0 ]] && grep -Eq '[0-9]+ skipped' "$LOG"; then
     echo "gpu_check: FAILED: kernel tests skipped on a CUDA machine (see the SKIPPED lines above)" >&2
-    exit 1
+    FAILED+=("kernel tests skipped")
+    [[ $STATUS != 0 ]] || STATUS=1
   fi
 else
   echo "== gpu_check: pytest not installed: the bit-exactness harness in the next step stands in for the tests"
 fi
 
 step "bench/bench_gpu.py" 120 "$PY" bench/bench_gpu.py ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} --out "$RESULT"
+if [[ $STATUS != 0 ]]; then
+  echo "gpu_check: FAILED in $((SECONDS - T0))s: ${FAILED[*]} (exit $STATUS); results, if any, in $RESULT" >&2
+  exit "$STATUS"
+fi
 echo "== gpu_check: passed in $((SECONDS - T0))s; results in $RESULT"
