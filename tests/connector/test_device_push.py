@@ -101,3 +101,16 @@ def test_dead_peer_fails_the_push_frees_the_slots_and_keeps_the_save():
         assert push.staged.staging.stats().free == 4 and tier.ready == set(KEYS)
     finally:
         push.close()
+
+
+def test_the_facade_leaves_the_device_path_off_for_cpu_caches_even_when_asked():
+    """vLLM's facade builds a DevicePush only for CUDA caches: on CPU the flag is logged as off, pushes keep the
+    host path (and nothing is started)."""
+    from types import SimpleNamespace
+
+    from pdmesh.connector.vllm_connector import PdmeshConnector
+
+    fake = SimpleNamespace(
+        _kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"device_staging": True})
+    )
+    assert PdmeshConnector._device_push(fake, bind(caches(1), LAYOUT), 2) is None
