@@ -2,7 +2,7 @@
 
 :class:`DevicePush` lives in the vLLM worker process, beside the engine's KV caches. For a save that carries a
 PD push, :class:`pdmesh.connector.worker.ConnectorWorker` asks it to :meth:`~DevicePush.stage` the chunks (the
-unpack kernels pack them on the device into a NIXL-registered staging region), then to :meth:`~DevicePush.submit`
+pack kernel writes them on the device into a NIXL-registered staging region), then to :meth:`~DevicePush.submit`
 the push: a background thread writes them from the staging region straight into the decode node's receiver
 (the tier server's, host pool: a device-to-host NIXL WRITE, UCX rc/cuda_ipc/cuda_copy picking the path), with
 the transfer layer's ALLOC/WRITE/COMMIT, leases and typed errors. The copy of the same chunks into the local
