@@ -1,14 +1,18 @@
 """The planner against real clusters: measure one worker's service times, predict, run, compare.
 
-1. **Profile** (``pdmesh up`` 1 prefill + 1 decode, the tiny model, vLLM multiprocess as shipped): prefill speed
-   from non-streamed one-token requests of fresh prompts of several lengths (a line through time vs prompt
-   tokens: slope = 1 / prefill tokens/s, intercept = fixed cost per request); decode step time from streamed
-   requests at several concurrencies (a line through inter-token latency vs running requests).
+1. **Profile** (``pdmesh up`` 1 prefill + 1 decode, the tiny model, vLLM multiprocess as shipped), read from the
+   engines' own metrics as ``pdmesh plan --from-router`` does (:mod:`pdmesh.plan_live`): prefill seconds per
+   request on the prefill engine for fresh prompts of several lengths (a line: slope = 1 / prefill tokens/s,
+   intercept = fixed cost per request); the decode engine's inter-token latency at several concurrencies (a line
+   through latency vs running requests).
 2. **Runs**: 1P1D, 1P2D and 2P1D, each at saturation (``--clients`` clients sending back to back for
    ``--seconds``; fresh prompts of ``--prompt-tokens``, ``--output-tokens`` each): measured requests/s.
-3. **Prediction** for each configuration from the profile alone: the event model of the planner
-   (:mod:`pdmesh.plan_sim`, closed loop with the same number of clients, workers sharing this machine's cores) and
-   the planner's capacity formula. The goal: predicted within 25% of measured.
+3. **Prediction** for each configuration from the profile alone: the planner's capacity
+   (:func:`pdmesh.planner.capacity`: engines placed on this machine's cores as ``pdmesh up`` pins them, the host's
+   CPU per request taken from the same cores), and the event model (:mod:`pdmesh.plan_sim`, closed loop with the
+   same number of clients) at that operating point.
+   The goal: predicted within 25% of measured. Every request takes the prefill leg (conditional PD's rules off:
+   the planner sizes pure PD pools).
 
     python bench/bench_planner.py [--seconds 60] [--clients 32]
 
@@ -19,29 +23,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
+import dataclasses
 import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
+from pdmesh.plan_live import ClusterScraper, Points, fit_profile
 from pdmesh.plan_sim import simulate
-from pdmesh.planner import WorkerProfile, Workload, predict
+from pdmesh.planner import WorkerProfile, Workload, capacity, core_sharing
 from pdmesh.procs import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "pdmesh-tiny-llama"
 ENGINE_ARGS = ["--max-model-len", "4096"]
+# The planner sizes pure PD pools: every request takes the prefill leg (conditional PD's rules, which send some
+# requests decode-only under load, would move prefill work onto the decoders the model does not count).
+ALWAYS_PD_ENV = {
+    "PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS": "0",
+    "PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS": "0",
+}
 _counter = iter(range(10**9))
 
 
@@ -51,69 +62,128 @@ def fresh_prompt(tokens: int) -> list[int]:
     return [rng.randrange(10, 3000) for _ in range(tokens)]
 
 
-def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares line: (intercept, slope)."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
-
-
-async def stream_itl(client: httpx.AsyncClient, url: str, prompt: list[int], out: int) -> list[float]:
+async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], out: int) -> None:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": out, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    stamps = []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
-    return [b - a for a, b in itertools.pairwise(stamps)]
+        async for _ in r.aiter_lines():
+            pass
+
+
+def _part(cmd: str, is_self: bool) -> str:
+    if is_self:
+        return "client"
+    for needle, part in (("VLLM::Worker", "engine_compute"), ("VLLM::EngineCore", "engine_core"),
+                         ("vllm.entrypoints", "vllm_api_server"), ("tier-server", "tier"),
+                         (" router ", "router"), (" prefiller ", "agent"), (" decoder ", "agent")):  # fmt: skip
+        if needle in cmd:
+            return part
+    return "other"
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and every process it started, by part of the cluster:
+    the engines' model compute (the pinned ``VLLM::Worker`` processes) and everything else on the host."""
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            cmd = " ".join(p.cmdline()) or p.name()
+        except psutil.Error:
+            continue
+        part = _part(f" {cmd} ", p.pid == me.pid)
+        out[part] = out.get(part, 0.0) + t.user + t.system
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    return {k: round((after.get(k, 0.0) - v) / max(requests, 1), 5) for k, v in before.items()}
 
 
 def measure_profile(url: str) -> dict:
-    lengths, times = [], []
-    with httpx.Client(timeout=300, trust_env=False) as c:
-        for tokens in (128, 512, 1024, 2048, 128, 512, 1024, 2048):
-            body = {"model": MODEL, "prompt": fresh_prompt(tokens), "max_tokens": 1, "temperature": 0}
-            t0 = time.perf_counter()
-            c.post(url + "/v1/completions", json=body).raise_for_status()
-            lengths.append(tokens)
-            times.append(time.perf_counter() - t0)
-    intercept, slope = fit(lengths, times)
+    """Service times from the engines' own metrics (the same readings as ``pdmesh plan --from-router``): one
+    prefill point per prompt length (4 fresh prompts one after another, one token out) and one decode point per
+    concurrency (that many streams decoding together), fitted by :func:`pdmesh.plan_live.fit_profile`."""
+    points = Points()
+    raw: dict[str, list] = {"prefill": [], "decode": [], "load": []}
+    with ClusterScraper(url, token="") as scraper:
+        workers = scraper.workers()
 
-    async def itl_at(concurrency: int) -> float:
-        async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-            gaps = await asyncio.gather(
-                *(stream_itl(client, url, fresh_prompt(64), 48) for _ in range(concurrency))
-            )
-        return statistics.median([g for gs in gaps for g in gs[8:]])  # steps once all have joined
+        def interval(fn) -> None:
+            _, before = scraper.snapshot(workers)
+            fn()
+            _, after = scraper.snapshot(workers)
+            for u, role in workers.items():
+                points.add_interval(role, before[u], after[u])
 
-    concurrencies = [1, 4, 8, 16]
-    itls = [asyncio.run(itl_at(n)) for n in concurrencies]
-    s0, s1 = fit(concurrencies, itls)
+        with httpx.Client(timeout=300, trust_env=False) as c:
+            for tokens in (128, 512, 1024, 2048):
+
+                def prompts(tokens: int = tokens) -> None:
+                    for _ in range(4):
+                        body = {
+                            "model": MODEL,
+                            "prompt": fresh_prompt(tokens),
+                            "max_tokens": 1,
+                            "temperature": 0,
+                        }
+                        c.post(url + "/v1/completions", json=body).raise_for_status()
+
+                n, m = len(points.prefill), len(points.load)
+                interval(prompts)
+                raw["prefill"] += points.prefill[n:]
+                raw["load"] += points.load[m:]
+
+        async def decode_at(concurrency: int) -> None:
+            async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+                # long answers, cancelled once measured: every stream decodes through the whole interval
+                streams = [
+                    asyncio.create_task(_stream(client, url, fresh_prompt(64), 2000))
+                    for _ in range(concurrency)
+                ]
+                await asyncio.sleep(1.0)  # all prompts prefilled and decoding together
+                n = len(points.decode)
+                await asyncio.to_thread(interval, lambda: time.sleep(1.5))
+                raw["decode"] += points.decode[n:]
+                for task in streams:
+                    task.cancel()
+                await asyncio.gather(*streams, return_exceptions=True)
+            await asyncio.sleep(1.0)  # the aborted requests leave the engine
+
+        for concurrency in (1, 4, 8, 16):
+            asyncio.run(decode_at(concurrency))
+    # host CPU per request (router, API servers, engine cores, tiers, agents, this client): what the engines lose
+    # of their cores to everything else when all share one machine; measured under load, 16 clients for 10 s
+    before = cpu_by_part()
+    burst = asyncio.run(saturate(url, 16, 10.0, 512, 32))
+    per_part = cpu_per_request(before, cpu_by_part(), burst["finished"])
+    raw["host_cpu_s_per_request"] = per_part
+    fitted = fit_profile(points)
+    host = sum(v for k, v in per_part.items() if k != "engine_compute")
     return {
-        "prefill_tokens_per_s": 1.0 / slope,
-        "prefill_overhead_s": max(intercept, 0.0),
-        "decode_step_s": max(s0, 1e-4),
-        "decode_step_per_seq_s": max(s1, 1e-5),
-        "transfer_s": 0.0,  # inside the intercept above
-        "raw": {"prompt_tokens": lengths, "seconds": times, "concurrency": concurrencies, "itl_s": itls},
+        **fitted.profile.__dict__,
+        "host_cpu_per_request_s": host,
+        "assumed": list(fitted.assumed),
+        "raw": raw,
     }
 
 
 async def saturate(url: str, clients: int, seconds: float, prompt_tokens: int, output_tokens: int) -> dict:
-    done, errors = 0, 0
+    done, finished, errors = 0, 0, 0  # finished: also those completing after the window
     stop = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients * 2)
     async with httpx.AsyncClient(timeout=600, trust_env=False, limits=limits) as client:
 
         async def user() -> None:
-            nonlocal done, errors
+            nonlocal done, finished, errors
             while time.monotonic() < stop:
                 body = {"model": MODEL, "prompt": fresh_prompt(prompt_tokens), "max_tokens": output_tokens,
                         "temperature": 0, "ignore_eos": True}  # fmt: skip
                 try:
                     r = await client.post(url + "/v1/completions", json=body)
+                    finished += r.status_code == 200
                     if r.status_code == 200 and time.monotonic() < stop:
                         done += 1
                     elif r.status_code != 200:
@@ -123,14 +193,14 @@ async def saturate(url: str, clients: int, seconds: float, prompt_tokens: int, o
 
         t0 = time.monotonic()
         await asyncio.gather(*(user() for _ in range(clients)))
-    return {"completed": done, "errors": errors, "seconds": seconds, "rps": done / seconds,
+    return {"completed": done, "finished": finished, "errors": errors, "seconds": seconds, "rps": done / seconds,
             "wall_s": time.monotonic() - t0}  # fmt: skip
 
 
 def run_cluster(prefill: int, decode: int, log_root: str, fn):
     spec = ClusterSpec(
         port=free_port(), prefillers=prefill, decoders=decode, vllm_args=ENGINE_ARGS, startup_timeout=900,
-        log_dir=os.path.join(log_root, f"{prefill}p{decode}d"),
+        log_dir=os.path.join(log_root, f"{prefill}p{decode}d"), env=dict(ALWAYS_PD_ENV),
     )  # fmt: skip
     with LocalCluster(spec) as cluster:
         return fn(cluster.url)
@@ -149,26 +219,35 @@ def main() -> int:
     log_root = tempfile.mkdtemp(prefix="pdmesh-planner-")
     t0 = time.time()
     measured_profile = run_cluster(1, 1, log_root, measure_profile)
-    profile = WorkerProfile(**{k: v for k, v in measured_profile.items() if k != "raw"})
+    profile = WorkerProfile(**{k: v for k, v in measured_profile.items() if k not in ("raw", "assumed")})
     print("profile:", json.dumps(measured_profile), flush=True)
     w = Workload(1.0, args.prompt_tokens, args.output_tokens)
     rows = []
     for cfg in args.configs.split(","):
         p, d = (int(x) for x in cfg.split(":"))
-        sim = simulate(profile, w, p, d, requests=3000, cores=cores, seed=1, closed_loop=args.clients)
-        formula = predict(profile, w, p, d, cores).max_rate
-        got = run_cluster(
-            p, d, log_root,
-            lambda url: asyncio.run(saturate(url, args.clients, args.seconds, args.prompt_tokens, args.output_tokens)),
-        )  # fmt: skip
+        formula = capacity(profile, w, p, d, cores)
+        # the event model at that operating point (the host's share of the cores depends on the rate)
+        at = dataclasses.replace(w, rate=formula)
+        sim = simulate(profile, at, p, d, requests=3000, cores=cores, seed=1, closed_loop=args.clients)
+
+        def load(url: str) -> dict:
+            before = cpu_by_part()
+            out = asyncio.run(
+                saturate(url, args.clients, args.seconds, args.prompt_tokens, args.output_tokens)
+            )
+            return {**out, "cpu": cpu_per_request(before, cpu_by_part(), out["finished"])}
+
+        got = run_cluster(p, d, log_root, load)
         row = {
             "prefill": p,
             "decode": d,
+            "engines_per_core": dict(zip(("prefill", "decode"), core_sharing(p, d, cores), strict=True)),
             "measured_rps": round(got["rps"], 3),
             "errors": got["errors"],
+            "predicted_rps": round(formula, 3),
             "predicted_rps_event_model": round(sim.throughput, 3),
-            "predicted_rps_capacity_formula": round(formula, 3),
-            "ratio_predicted_to_measured": round(sim.throughput / got["rps"], 3) if got["rps"] else None,
+            "ratio_predicted_to_measured": round(formula / got["rps"], 3) if got["rps"] else None,
+            "cpu_s_per_request": got["cpu"],  # where the machine's time went, by part
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -177,7 +256,8 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "config": vars(args),
-        "profile": {k: v for k, v in measured_profile.items() if k != "raw"},
+        "profile": {k: v for k, v in measured_profile.items() if k not in ("raw", "assumed")},
+        "profile_assumed": measured_profile["assumed"],
         "profile_measurements": measured_profile["raw"],
         "runs": rows,
         "within_25_percent": all(

@@ -187,17 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "plan",
         help="prefill and decode worker counts for a load, with the TTFT/ITL to expect (pdmesh/planner.py)",
+        description="Service times come from --profile (bench/bench_planner.py) or are measured on a running "
+        "cluster (--from-router: the engines' own metrics over --window seconds of its traffic, which also gives "
+        "the load when --rate/--prompt-tokens/--output-tokens are not set).",
     )
-    s.add_argument(
-        "--profile", required=True, help="JSON with one worker's service times (bench/bench_planner.py)"
-    )
-    s.add_argument("--rate", type=float, required=True, help="requests/s")
-    s.add_argument("--prompt-tokens", type=float, required=True)
-    s.add_argument("--output-tokens", type=float, required=True)
-    s.add_argument("--hit-rate", type=float, default=0.0, help="share of the prompt already cached (0-1)")
+    s.add_argument("--profile", help="JSON with one worker's service times (bench/bench_planner.py)")
+    s.add_argument("--from-router", metavar="URL", help="measure service times and load on this cluster")
+    s.add_argument("--window", type=float, default=30.0, help="seconds of traffic to observe (--from-router)")
+    s.add_argument("--token", default=None, help="cluster token (default: $PDMESH_CLUSTER_TOKEN)")
+    s.add_argument("--rate", type=float, help="requests/s (default with --from-router: the observed rate)")
+    s.add_argument("--prompt-tokens", type=float)
+    s.add_argument("--output-tokens", type=float)
+    s.add_argument("--hit-rate", type=float, default=None, help="share of the prompt already cached (0-1)")
     s.add_argument("--ttft-slo", type=float, required=True, help="TTFT p90 goal, seconds")
     s.add_argument("--itl-slo", type=float, required=True, help="inter-token latency goal, seconds")
-    s.add_argument("--cores", type=float, default=None, help="cores all workers share (one small machine)")
+    s.add_argument(
+        "--cores",
+        type=float,
+        default=None,
+        help="cores all workers share on one machine (engines pinned as `pdmesh up` does: pdmesh/placement.py)",
+    )
     s.add_argument("--max-workers", type=int, default=64)
     s.set_defaults(func=_cmd_plan)
 
@@ -206,31 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
+    from pdmesh import plan_command
 
-    from pdmesh.planner import WorkerProfile, Workload, plan
-
-    if not 0.0 <= args.hit_rate < 1.0 or min(args.rate, args.prompt_tokens, args.output_tokens) <= 0:
-        print(
-            "pdmesh plan: rate, prompt and output tokens must be positive and 0 <= hit-rate < 1",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        profile = WorkerProfile.load(args.profile)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        print(f"pdmesh plan: cannot read the profile {args.profile}: {e}", file=sys.stderr)
-        return 2
-    w = Workload(args.rate, args.prompt_tokens, args.output_tokens, args.hit_rate)
-    best = plan(profile, w, args.ttft_slo, args.itl_slo, args.max_workers, args.cores)
-    if best is None:
-        print(
-            f"pdmesh plan: no configuration of up to {args.max_workers} workers meets the SLOs",
-            file=sys.stderr,
-        )
-        return 1
-    print(json.dumps(best.as_dict(), indent=2))
-    return 0
+    return plan_command.main(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ class ClusterSpec:
     env: dict[str, str] = field(default_factory=dict)  # extra env for every process
     log_dir: str | None = None  # per-process logs; default: a temp dir
     startup_timeout: float = 600.0
-    pin_cores: bool = True  # bind each engine's OpenMP threads to one core (round robin)
+    pin_cores: bool = True  # bind each engine's OpenMP threads to one core (pdmesh.placement)
     cache_server: bool = False  # push mode: a shared remote tier (pdmesh cache-server) for every node's tier
     router_processes: int = 1  # router processes sharing the port (router ``processes``)
 
@@ -145,7 +145,7 @@ class LocalCluster:
         if self.cache_server_url:
             env["PDMESH_TIER_REMOTE_URL"] = self.cache_server_url
         if self.spec.pin_cores:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self._n_started % (os.cpu_count() or 1))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self._core_for(role, idx))
         env.update(own or {})
         self._n_started += 1
         if self.spec.vllm_args:
@@ -153,6 +153,16 @@ class LocalCluster:
         self.workers[name] = self._spawn(name, argv, self.log_dir / f"{name}.log", env)
         self.worker_ports[name] = port
         return name
+
+    def _core_for(self, role: str, idx: int) -> int:
+        """The planned core of the ``idx``-th worker of ``role`` (:mod:`pdmesh.placement`); workers beyond the
+        spec's counts go round robin."""
+        from pdmesh.placement import core_plan
+
+        cores = os.cpu_count() or 1
+        prefill, decode = core_plan(self.spec.prefillers, self.spec.decoders, cores)
+        planned = prefill if role == "prefill" else decode
+        return planned[idx] if idx < len(planned) else self._n_started % cores
 
     def kill_worker(self, name: str, sig: int = 9) -> None:
         """Send ``sig`` to every process of a worker (agent, vLLM and its engine), e.g. to simulate a crash.

@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
             return _fail(f"cannot read the profile {args.profile}: {e}")
     observed = None
     if args.from_router is not None:
-        from pdmesh.plan_live import ClusterScraper, NotEnoughTraffic
+        from pdmesh.plan_live import ClusterScraper, ClusterUnreachable, NotEnoughTraffic
         from pdmesh.security import cluster_token_from_env
 
         token = args.token if args.token is not None else cluster_token_from_env()
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
                 observed = scraper.observe(args.window, min(2.0, args.window / 2), base)
         except NotEnoughTraffic as e:
             return _fail(f"not enough traffic to measure: {e} (send load, or widen --window)")
-        except httpx.HTTPError as e:
+        except (ClusterUnreachable, httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             return _fail(f"cannot read the cluster's metrics from {args.from_router}: {e}")
     profile = observed.fitted.profile if observed else base
     seen = observed.workload if observed else None

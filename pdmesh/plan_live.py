@@ -33,6 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdmesh.planner import WorkerProfile, Workload
 from pdmesh.security import TOKEN_HEADER, worker_api_key
 
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
 
 class NotEnoughTraffic(ValueError):
     """The window held too little work of one kind to measure it."""
@@ -75,11 +77,16 @@ def engine_values(text: str) -> dict[str, float]:
 
 
 def router_values(text: str) -> dict[str, float]:
-    """Completed requests and prompt tokens from the router's ``/metrics`` (one router process's view)."""
+    """Completed generation requests (completions and chat) and prompt tokens from one router's ``/metrics`` (all
+    processes of a router pod: it merges them)."""
     out = {"requests": 0.0, "prompt_tokens": 0.0}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == "pdmesh_router_requests_total" and s.labels.get("status") == "200":
+            if (
+                s.name == "pdmesh_router_requests_total"
+                and s.labels.get("status") == "200"
+                and s.labels.get("endpoint") in GENERATION_ENDPOINTS
+            ):
                 out["requests"] += s.value
             elif s.name == "pdmesh_router_prompt_tokens_total":
                 out["prompt_tokens"] += s.value
@@ -96,10 +103,15 @@ class Points:
     decode: list[tuple[float, float]] = field(default_factory=list)
     load: list[tuple[float, float]] = field(default_factory=list)
 
-    def add_interval(self, role: str, before: dict[str, float], after: dict[str, float]) -> None:
+    def add_interval(
+        self, role: str, before: dict[str, float], after: dict[str, float], seconds: float | None = None
+    ) -> None:
+        """``seconds``: the interval's length. Prompts prefilled together each count the whole batched step; an
+        engine cannot have been busy longer than the interval, so their summed time is capped at it."""
         d = {k: after[k] - before[k] for k in before}
         if role in ("prefill", "both") and d["prefill_n"] >= 1 and d["computed_tokens"] > 0:
-            self.prefill.append((d["computed_tokens"] / d["prefill_n"], d["prefill_s"] / d["prefill_n"]))
+            busy = d["prefill_s"] if seconds is None else min(d["prefill_s"], seconds)
+            self.prefill.append((d["computed_tokens"] / d["prefill_n"], busy / d["prefill_n"]))
         if role == "decode" and d["prefill_n"] >= 1 and d["prompt_tokens"] > 0:
             self.load.append((d["prompt_tokens"] / d["prefill_n"], d["prefill_s"] / d["prefill_n"]))
         if role in ("decode", "both") and d["itl_n"] >= 1:
@@ -174,6 +186,7 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         transfer_s=base.transfer_s if base else 0.0,
         decode_load_s=load_fixed,
         decode_load_per_token_s=load_per_token,
+        host_cpu_per_request_s=base.host_cpu_per_request_s if base else 0.0,  # not in the engines' metrics
     )
     return FittedProfile(profile, tuple(assumed), len(points.prefill), len(points.decode))
 
@@ -186,11 +199,25 @@ class Observation:
     window_s: float
 
 
+class ClusterUnreachable(RuntimeError):
+    """No router, or no worker's engine, answered (the message says which and what to check)."""
+
+
+def _router_addresses(url: str) -> list[str]:
+    """Every router process behind ``url`` (a headless Service name: one per pod), as the workers see them."""
+    import asyncio
+
+    from pdmesh.worker.heartbeat import RouterTargets
+
+    return asyncio.run(RouterTargets(url).current())
+
+
 class ClusterScraper:
-    """Snapshots of a running cluster's metrics (router + every registered, healthy worker)."""
+    """Snapshots of a running cluster's metrics: every router behind the URL (their counters summed: each counts
+    the requests it routed) and every registered, healthy worker's engine."""
 
     def __init__(self, router_url: str, token: str, timeout_s: float = 5.0) -> None:
-        self.router = router_url.rstrip("/")
+        self.routers = _router_addresses(router_url)
         self.token = token
         headers = {TOKEN_HEADER: token} if token else {}
         self.client = httpx.Client(timeout=timeout_s, trust_env=False, headers=headers)
@@ -205,15 +232,30 @@ class ClusterScraper:
         self.close()
 
     def workers(self) -> dict[str, str]:
-        """Healthy workers' vLLM base URL -> role."""
-        r = self.client.get(self.router + "/internal/workers")
-        r.raise_for_status()
-        return {w["url"].rstrip("/"): w["role"] for w in r.json() if w.get("healthy")}
+        """Healthy workers' vLLM base URL -> role (from the first router that answers)."""
+        error: Exception | None = None
+        for router in self.routers:
+            try:
+                r = self.client.get(router + "/internal/workers")
+                r.raise_for_status()
+                return {str(w["url"]).rstrip("/"): str(w["role"]) for w in r.json() if w.get("healthy")}
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                error = e
+        raise ClusterUnreachable(f"no router at {', '.join(self.routers)} listed its workers: {error}")
 
     def snapshot(self, workers: dict[str, str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """(router values, {worker URL: engine values}); workers that fail to answer are missing."""
-        r = self.client.get(self.router + "/metrics")
-        r.raise_for_status()
+        """(router values summed over the routers, {worker URL: engine values}); workers that do not answer are
+        missing; a router that does not answer raises :class:`ClusterUnreachable` (its counts would be lost)."""
+        totals = {"requests": 0.0, "prompt_tokens": 0.0}
+        for router in self.routers:
+            try:
+                r = self.client.get(router + "/metrics")
+                r.raise_for_status()
+                values = router_values(r.text)
+            except (httpx.HTTPError, ValueError) as e:
+                raise ClusterUnreachable(f"router {router} /metrics: {e}") from None
+            for k in totals:
+                totals[k] += values[k]
         engines: dict[str, dict[str, float]] = {}
         auth = {"Authorization": f"Bearer {worker_api_key(self.token)}"} if self.token else {}
         for url in workers:
@@ -223,46 +265,54 @@ class ClusterScraper:
                 engines[url] = engine_values(w.text)
             except (httpx.HTTPError, ValueError):
                 continue
-        return router_values(r.text), engines
+        return totals, engines
 
     def observe(
         self, window_s: float, interval_s: float = 2.0, base: WorkerProfile | None = None, sleep=time.sleep
     ) -> Observation:
-        """Scrape for ``window_s`` (blocking) and fit; raises :class:`NotEnoughTraffic` on an idle window."""
+        """Scrape for ``window_s`` (blocking) and fit; raises :class:`NotEnoughTraffic` on an idle window and
+        :class:`ClusterUnreachable` when no engine answers (worker addresses unreachable from here).
+
+        Totals are sums of per-interval deltas (a worker missing from one scrape loses one interval, an engine
+        restart's counter reset is skipped). Under live traffic the decode engines' KV loads are inside the
+        measured inter-token latency, so the separate load term is not fitted here (``base`` gives it, else 0)."""
         workers = self.workers()
+        if not workers:
+            raise NotEnoughTraffic("the router lists no healthy worker")
         points = Points()
         t0 = time.monotonic()
-        first_router, prev = self.snapshot(workers)
-        first_engines = prev
-        last_router, last_engines = first_router, prev
+        router_prev, prev = self.snapshot(workers)
+        if not prev:
+            raise ClusterUnreachable(
+                f"no worker's /metrics answered ({', '.join(workers)}): run `pdmesh plan` where the workers' "
+                "addresses are reachable (inside the cluster)"
+            )
+        totals = {"requests": 0.0, "prompt_tokens": 0.0, "generated": 0.0, "computed": 0.0}
+        t_prev = t0
         while time.monotonic() - t0 < window_s:
             sleep(interval_s)
-            last_router, last_engines = self.snapshot(workers)
-            for url, after in last_engines.items():
-                if url in prev:
-                    points.add_interval(workers[url], prev[url], after)
-            prev = last_engines
+            router_now, now = self.snapshot(workers)
+            t_now = time.monotonic()
+            for k in ("requests", "prompt_tokens"):
+                totals[k] += max(0.0, router_now[k] - router_prev[k])
+            for url, after in now.items():
+                before = prev.get(url)
+                if before is None or any(after[k] < before[k] for k in ("prefill_n", "itl_n", "generated")):
+                    continue  # missing last time, or restarted (counters reset)
+                points.add_interval(workers[url], before, after, t_now - t_prev)
+                if workers[url] in ("decode", "both"):  # a prefill leg's one token is not output
+                    totals["generated"] += after["generated"] - before["generated"]
+                totals["computed"] += after["computed_tokens"] - before["computed_tokens"]
+            router_prev, prev, t_prev = router_now, now, t_now
         elapsed = max(time.monotonic() - t0, 1e-6)
+        points.load.clear()
         fitted = fit_profile(points, base)
-        requests = last_router["requests"] - first_router["requests"]
+        requests = totals["requests"]
         if requests < 1:
             raise NotEnoughTraffic("the router completed no request in the window")
-
-        def delta(role: str, key: str) -> float:
-            return sum(
-                last_engines[u][key] - first_engines[u][key]
-                for u in last_engines
-                if u in first_engines and workers[u] == role
-            )
-
-        prompt = (last_router["prompt_tokens"] - first_router["prompt_tokens"]) / requests
-        output = max(1.0, delta("decode", "generated") / requests)
-        computed = sum(
-            last_engines[u]["computed_tokens"] - first_engines[u]["computed_tokens"]
-            for u in last_engines
-            if u in first_engines
-        )
-        hit = min(max(1.0 - computed / (prompt * requests), 0.0), 0.99) if prompt > 0 else 0.0
+        prompt = totals["prompt_tokens"] / requests
+        output = max(1.0, totals["generated"] / requests)
+        hit = min(max(1.0 - totals["computed"] / (prompt * requests), 0.0), 0.99) if prompt > 0 else 0.0
         roles: dict[str, int] = {}
         for role in workers.values():
             roles[role] = roles.get(role, 0) + 1

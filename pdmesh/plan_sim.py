@@ -3,8 +3,9 @@
 Same assumptions as the planner, simulated request by request instead of solved: Poisson arrivals; the router
 sends each prompt to the prefill worker with the fewest requests (queued + running), which serves one at a time;
 then (after ``transfer_s``) to the decode worker with the fewest running requests, which advances all its
-requests one token per step of ``decode_step_s + decode_step_per_seq_s * running``; a request joining a busy
-worker waits for the next step. Service times are stretched by ``workers / cores`` as in the planner.
+requests one token per step of ``decode_step_s + decode_step_per_seq_s * running`` plus the KV load of the
+requests joining in that step; a request joining a busy worker waits for the next step. Service times are per worker, stretched where engines share a core, as in the
+planner (:func:`pdmesh.planner.service_times`).
 Pure Python, deterministic for a seed, no wall clock.
 """
 
@@ -48,6 +49,14 @@ class _Decoder:
     running: dict[int, int] = field(default_factory=dict)  # request -> tokens still to generate
     stepping: bool = False
     batch: list[int] = field(default_factory=list)  # the requests of the step in progress
+    joined: set[int] = field(default_factory=set)  # requests that have not been in a step yet (KV to load)
+
+    def next_step(self, s0: float, s1: float, load: float) -> float:
+        """Start a step over every running request; its duration (newcomers' KV loads included)."""
+        self.batch = list(self.running)
+        new = len(self.joined)
+        self.joined.clear()
+        return s0 + s1 * len(self.batch) + load * new
 
 
 def simulate(
@@ -65,7 +74,7 @@ def simulate(
     saturating benchmark measures throughput)."""
     rng = random.Random(seed)
     times = service_times(profile, w, prefill, decode, cores)
-    s_p, s0, s1 = times.prefill_s, times.step_s, times.step_per_seq_s
+    s0, s1, load = times.step_s, times.step_per_seq_s, times.load_s
     out_tokens = max(1, round(w.output_tokens))
     events: list[tuple[float, int, str, int, int]] = []  # (time, seq, kind, request or worker, worker)
     seq = 0
@@ -93,7 +102,8 @@ def simulate(
             push(t, "arrive", sent)
             sent += 1
 
-    def service(jitter_cv2: float) -> float:
+    def service(worker: int, jitter_cv2: float) -> float:
+        s_p = times.prefill_s[worker]
         if jitter_cv2 <= 0:
             return s_p
         shape = 1.0 / jitter_cv2  # gamma with the requested squared coefficient of variation
@@ -118,10 +128,10 @@ def simulate(
             p_queue[i].append(a)
             if not p_busy[i]:
                 p_busy[i] = True
-                push(t + service(w.prompt_cv2), "prefilled", p_queue[i].pop(0), i)
+                push(t + service(i, w.prompt_cv2), "prefilled", p_queue[i].pop(0), i)
         elif kind == "prefilled":
             if p_queue[b]:
-                push(t + service(w.prompt_cv2), "prefilled", p_queue[b].pop(0), b)
+                push(t + service(b, w.prompt_cv2), "prefilled", p_queue[b].pop(0), b)
             else:
                 p_busy[b] = False
             push(t + times.transfer_s, "to_decode", a)
@@ -129,10 +139,10 @@ def simulate(
             j = min(range(decode), key=lambda k: len(decoders[k].running))
             d = decoders[j]
             d.running[a] = out_tokens
+            d.joined.add(a)
             if not d.stepping:  # a request joining a busy worker waits for the next step
                 d.stepping = True
-                d.batch = list(d.running)
-                push(t + s0 + s1 * len(d.batch), "step", j)
+                push(t + d.next_step(s0[j], s1[j], load[j]), "step", j)
         elif kind == "step":
             d = decoders[a]
             for r in d.batch:
@@ -153,11 +163,10 @@ def simulate(
                     if closed_loop:
                         send(t)
             if d.running:
-                d.batch = list(d.running)
-                push(t + s0 + s1 * len(d.batch), "step", a)
+                push(t + d.next_step(s0[a], s1[a], load[a]), "step", a)
             else:
                 d.stepping = False
     result.duration_s = end - (t_measure_start or 0.0)
     if not result.itl_s:
-        result.itl_s = [s0 + s1]
+        result.itl_s = [s0[0] + s1[0]]
     return result

@@ -134,7 +134,10 @@ class TracingConfig(_Section):
 
 class SloConfig(_Section):
     """Latency goals the router counts requests against (``pdmesh_router_slo_requests_total``), for autoscaling and
-    alerts. Unset: not counted. Streamed requests only (a non-streamed answer has no first token to time)."""
+    alerts. Unset: not counted. Streamed requests only (a non-streamed answer has no first token to time): TTFT once
+    per request, a stream that ends before its first token counting as a miss; ITL once per completed decode
+    stream (each part of a batched or ``n`` > 1 request). Requests refused before streaming are in
+    ``pdmesh_router_requests_total{status}``."""
 
     ttft_s: float | None = Field(None, gt=0)  # time to first token of a streamed request
     itl_s: float | None = Field(None, gt=0)  # a streamed request's mean time between tokens (chunks)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 
@@ -220,6 +221,8 @@ async def _relay(
         await ex.abort_stream(b"\n\n" + sse_error_event(err))
         return
     finally:
+        if first:  # the stream ended before its first token (deadline, broken leg, client gone): a TTFT miss
+            st.metrics.count_ttft(math.inf)
         await chunks.aclose()  # type: ignore[attr-defined]
     st.metrics.e2e.labels(path).observe(time.perf_counter() - marks.arrived)
 

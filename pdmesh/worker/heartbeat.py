@@ -1,16 +1,18 @@
 """Registration with every router: the worker agent's heartbeat loop.
 
 Which routers (:class:`RouterTargets`): ``--router`` / ``PDMESH_ROUTER_URL`` is one URL or a comma-separated list.
-A URL whose host name resolves to several addresses (Kubernetes: a headless Service over the router pods) stands
-for one router per address, so that every router pod holds the whole registry — a router behind a plain Service
-would get only the heartbeats its load balancer happens to send it. A name resolving to one address is used as
-written. Names are resolved on the event loop (``getaddrinfo``, 2 s bound) at most every ``resolve_interval_s``;
-a failed resolution keeps the last known addresses (a DNS blip never drops a router). Registration is idempotent
-(keyed by ``worker_id``), so two addresses of one router cost a duplicate heartbeat, nothing else.
+An ``http`` URL whose host name resolves to several addresses of one family (Kubernetes: a headless Service over
+the router pods) stands for one router per address, so that every router pod holds the whole registry — a router
+behind a plain Service would get only the heartbeats its load balancer happens to send it. Only addresses of the
+first answer's family count (``localhost`` -> ``::1`` + ``127.0.0.1`` is one router); a name resolving to one
+address, and every ``https`` URL (its certificate names the host), is used as written. Names are resolved on the
+event loop (``getaddrinfo``, 2 s bound) at most every ``resolve_interval_s``; a failed resolution keeps the last
+known addresses (a DNS blip never drops a router). Registration is idempotent (keyed by ``worker_id``): two
+addresses of one router cost a duplicate heartbeat, nothing else.
 
-The loop (:func:`heartbeat_until_stopped`): each router has its own state (registered, backoff, next beat); a
-router that is down or refuses does not delay the others. A router that leaves the resolution is no longer told
-anything (its registration expires by its TTL).
+The loop (:func:`heartbeat_until_stopped`): each router has its own state (registered, backoff, next beat) and
+its own in-flight call; a router that is down, hangs or refuses delays neither the others nor the 0.5 s engine
+check. A router that leaves the resolution is no longer told anything (its registration expires by its TTL).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class RouterTargets:
     async def _expand(self, url: str) -> list[str]:
         parts = urlsplit(url)
         host = parts.hostname or ""
-        if _is_ip(host):
+        if _is_ip(host) or parts.scheme == "https":
             return [url]
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -95,6 +97,8 @@ class RouterTargets:
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
             log.warning("cannot resolve router host %s (%s); keeping %s", host, e, self._known[url])
             return self._known[url]
+        v6 = bool(addresses) and ":" in addresses[0]
+        addresses = [a for a in addresses if (":" in a) == v6]  # one family: dual-stack names are one router
         if len(addresses) <= 1:
             return [url]
         return [_with_host(url, a) for a in addresses]
@@ -103,9 +107,11 @@ class RouterTargets:
 @dataclass
 class _Peer:
     registered: bool = False
+    contacted: bool = False  # told something since the last deregistration: may hold the registration
     backoff: float = 0.5
     next_beat: float = 0.0
     interval: float = 2.0
+    call: asyncio.Task | None = None  # the heartbeat in flight
 
 
 async def heartbeat_until_stopped(
@@ -121,8 +127,9 @@ async def heartbeat_until_stopped(
     worker is deregistered everywhere; it registers again once the engine is healthy. :class:`CrashLoop` from the
     engine watch propagates after deregistering. A router that is unreachable or refuses is retried with
     exponential backoff (0.5 s doubling to 10 s), each failure logged; the others keep their own rhythm (the
-    interval each router asks for). Each HTTP call has a 5 s timeout (2 s to connect, 2 s for the final
-    deregistration). With ``tier``, each heartbeat carries the tier's current addresses (none while it is down).
+    interval each router asks for). Each HTTP call has a 5 s timeout (2 s to connect; 2 s for a deregistration,
+    sent to every router told anything since the last one, in parallel). With ``tier``, each heartbeat carries
+    the tier's current addresses (none while it is down).
     """
     targets = routers if isinstance(routers, RouterTargets) else RouterTargets(routers)
     headers = {TOKEN_HEADER: cluster_token_from_env()}
@@ -132,10 +139,16 @@ async def heartbeat_until_stopped(
         timeout=httpx.Timeout(5.0, connect=2.0), headers=headers, trust_env=False
     ) as client:
 
+        async def settle(calls: list[asyncio.Task]) -> None:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
         async def deregister_all() -> None:
-            gone = [url for url, p in peers.items() if p.registered]
-            await asyncio.gather(*(_deregister(client, url, reg.worker_id) for url in gone))
-            for url in gone:
+            await settle([p.call for p in peers.values() if p.call is not None])
+            told = [url for url, p in peers.items() if p.contacted]
+            await asyncio.gather(*(_deregister(client, url, reg.worker_id) for url in told))
+            for url in peers:
                 peers[url] = _Peer()
 
         async def beat(url: str, peer: _Peer, body: str) -> None:
@@ -161,38 +174,51 @@ async def heartbeat_until_stopped(
                 )
                 peer.registered, wait = False, peer.backoff
                 peer.backoff = min(peer.backoff * 2, 10.0)
+            finally:
+                peer.call = None
             peer.next_beat = loop.time() + wait
 
-        while not stop.is_set():
-            try:
-                serving = await engine.serving()
-            except CrashLoop:
-                await deregister_all()
-                raise
-            if not serving:
-                await deregister_all()
-            else:
-                current = await targets.current()
-                for url in list(peers):
-                    if url not in current:
-                        del peers[url]  # no longer resolved: its registration expires by its TTL
-                for url in current:
-                    peers.setdefault(url, _Peer())
-                due = [(u, p) for u, p in peers.items() if loop.time() >= p.next_beat]
-                if due:
-                    if tier is not None:
-                        reg = await tier.advertised(reg)
-                    body = reg.model_dump_json()
-                    await asyncio.gather(*(beat(u, p, body) for u, p in due))
-            # the engine is checked every 0.5 s, each router told at its own interval
-            soonest = min((p.next_beat for p in peers.values()), default=loop.time() + 0.5)
-            tick = max(0.05, min(0.5, soonest - loop.time())) if serving else 0.5
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=tick)
-            except asyncio.TimeoutError:
-                pass
-        log.info("stopping worker %s", reg.worker_id)
-        await deregister_all()
+        try:
+            while not stop.is_set():
+                try:
+                    serving = await engine.serving()
+                except CrashLoop:
+                    await deregister_all()
+                    raise
+                if not serving:
+                    if any(p.contacted for p in peers.values()):
+                        await deregister_all()
+                else:
+                    current = await targets.current()
+                    gone = [url for url in peers if url not in current]
+                    await settle([c for url in gone if (c := peers.pop(url).call) is not None])
+                    for url in current:
+                        peers.setdefault(url, _Peer())
+                    due = [(u, p) for u, p in peers.items() if p.call is None and loop.time() >= p.next_beat]
+                    if due:
+                        if tier is not None:
+                            reg = await tier.advertised(reg)
+                        body = reg.model_dump_json()
+                        for url, peer in due:
+                            peer.contacted = True
+                            peer.call = asyncio.create_task(beat(url, peer, body))
+                # the engine is checked every 0.5 s, each router told at its own interval
+                idle = [p.next_beat for p in peers.values() if p.call is None]
+                tick = (
+                    max(0.05, min(0.5, min(idle, default=loop.time() + 0.5) - loop.time()))
+                    if serving
+                    else 0.5
+                )
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=tick)
+                except asyncio.TimeoutError:
+                    pass
+            log.info("stopping worker %s", reg.worker_id)
+            await deregister_all()
+        finally:
+            await settle(
+                [p.call for p in peers.values() if p.call is not None]
+            )  # e.g. cancelled from outside
     return 0
 
 

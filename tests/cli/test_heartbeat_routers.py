@@ -134,7 +134,44 @@ def test_names_resolving_to_one_address_and_failed_resolutions_keep_the_url():
         t = RouterTargets("http://routers", resolve=two_v6)
         assert await t.current() == ["http://[fd00::1]", "http://[fd00::2]"]
 
+        async def dual_stack(host: str, port: int) -> list[str]:
+            return ["::1", "127.0.0.1"]
+
+        t = RouterTargets("http://localhost:8000", resolve=dual_stack)
+        assert await t.current() == [
+            "http://localhost:8000"
+        ]  # one router reachable two ways, not two routers
+        t = RouterTargets("https://routers:8443", resolve=flaky)
+        assert await t.current() == ["https://routers:8443"]  # the certificate names the host: never expanded
+
     asyncio.run(main())
+
+
+def test_a_router_that_hangs_delays_neither_the_others_nor_the_stop(monkeypatch):
+    """A router that accepts connections and never answers (a frozen pod): the other router registers the worker
+    at once, and stopping does not wait for the hung call beyond the deregistration bound."""
+    import socket
+    import time
+
+    monkeypatch.setenv("PDMESH_CLUSTER_TOKEN", "tok")
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+    a = _router()
+    try:
+
+        async def check() -> None:
+            t0 = time.monotonic()
+            assert await _until(lambda: _ids(a.url) == ["prefill-x"], timeout=4)
+            assert time.monotonic() - t0 < 3  # not behind the hung router's 5 s read timeout
+
+        t0 = time.monotonic()
+        _run(f"http://127.0.0.1:{hung.getsockname()[1]},{a.url}", check)
+        assert time.monotonic() - t0 < 8
+        assert _ids(a.url) == []
+    finally:
+        hung.close()
+        a.stop()
 
 
 @pytest.mark.parametrize("spec", ["", " , ", "router:8000", "ftp://router", "http://"])

@@ -46,6 +46,7 @@ def test_router_values_count_only_successes():
     req.labels(endpoint="/v1/completions", status="200").inc(5)
     req.labels(endpoint="/v1/chat/completions", status="200").inc(2)
     req.labels(endpoint="/v1/completions", status="400").inc(9)
+    req.labels(endpoint="/tokenize", status="200").inc(40)  # passthrough: no generation, not load to plan for
     Counter("pdmesh_router_prompt_tokens", "", registry=r).inc(7000)
     assert router_values(generate_latest(r).decode()) == {"requests": 7, "prompt_tokens": 7000}
 
@@ -117,3 +118,27 @@ def test_an_idle_window_is_not_enough_traffic():
     _interval(points, "prefill", {}, {"prefill_n": 1, "prefill_s": 0.1, "computed_tokens": 100})
     with pytest.raises(NotEnoughTraffic, match="decode"):
         fit_profile(points)
+
+
+def test_plan_from_a_router_that_cannot_answer_is_a_clear_error(capsys, monkeypatch):
+    """No router there, a malformed URL, a router without workers: exit 2 with one line saying why, no trace."""
+    from pdmesh.cli import main
+    from pdmesh.procs import free_port
+    from pdmesh.router.app import create_app
+    from pdmesh.router.config import RouterConfig
+    from tests.servers import ThreadServer
+
+    monkeypatch.delenv("PDMESH_CLUSTER_TOKEN", raising=False)
+    slo = ["--ttft-slo", "1", "--itl-slo", "0.1", "--window", "1"]
+    assert main(["plan", "--from-router", f"http://127.0.0.1:{free_port()}", *slo]) == 2
+    assert "cannot read the cluster's metrics" in capsys.readouterr().err
+    assert main(["plan", "--from-router", "router:8000", *slo]) == 2
+    assert "router URL must be http(s)://" in capsys.readouterr().err
+    router = ThreadServer(create_app(RouterConfig())).start()
+    try:
+        assert main(["plan", "--from-router", router.url, *slo]) == 2
+        assert "lists no healthy worker" in capsys.readouterr().err
+    finally:
+        router.stop()
+    assert main(["plan", "--ttft-slo", "1", "--itl-slo", "1"]) == 2  # neither --profile nor --from-router
+    assert "--profile FILE or --from-router URL" in capsys.readouterr().err

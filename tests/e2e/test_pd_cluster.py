@@ -282,6 +282,60 @@ def test_guidellm_load_has_no_failed_requests(cluster, tiny_model, tmp_path):
     assert served["200"] >= totals["total"] and not served.keys() - {"200"}, served
 
 
+def test_plan_from_live_metrics(cluster, capsys):
+    """`pdmesh plan --from-router`: while clients send PD traffic (prompts of 600-1400 fresh tokens, 16 tokens
+    out), the planner measures service times from the engines' own metrics and the load from the router's, and
+    plans from them; the measured load matches what the clients sent."""
+    if cluster.spec.pd_mode != "push":
+        pytest.skip("one live-metrics run is enough: push is the default mode")
+    import random
+    import threading
+
+    from pdmesh.cli import main
+    from pdmesh.plan_live import ClusterScraper
+
+    stop, sent, lengths = threading.Event(), [], []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=120, trust_env=False) as c:
+            while not stop.is_set():
+                n = rng.randrange(600, 1400)
+                body = {"model": MODEL, "prompt": [rng.randrange(10, 3000) for _ in range(n)], "max_tokens": 16,
+                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                if c.post(cluster.url + "/v1/completions", json=body).status_code == 200:
+                    sent.append(time.monotonic())
+                    lengths.append(n)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)  # traffic flowing before the window opens
+        with ClusterScraper(cluster.url, TOKEN) as scraper:
+            t0, n0 = time.monotonic(), len(sent)
+            seen = scraper.observe(window_s=10, interval_s=2)
+            client_rate = (len(sent) - n0) / (time.monotonic() - t0)
+        code = main(["plan", "--from-router", cluster.url, "--token", TOKEN, "--window", "6",
+                     "--ttft-slo", "30", "--itl-slo", "1"])  # fmt: skip
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(150)
+    assert seen.workers == {"prefill": 1, "decode": 1}
+    assert seen.fitted.prefill_points >= 2 and seen.fitted.decode_points >= 2
+    p = seen.fitted.profile
+    assert p.prefill_tokens_per_s > 0 and p.decode_step_s > 0
+    w = seen.workload
+    assert 0.5 * client_rate <= w.rate <= 2.0 * client_rate, (w.rate, client_rate)
+    assert min(lengths) <= w.prompt_tokens <= max(lengths)  # token-id prompts: the router counts them exactly
+    assert w.output_tokens == pytest.approx(16, rel=0.25)  # generated on the decode engine per request
+    assert w.hit_rate < 0.2  # fresh prompts: computed, not cached
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"]["prefill"] >= 1 and report["observed"]["workers"] == {"prefill": 1, "decode": 1}
+
+
 def test_bad_input_against_real_workers(cluster):
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=60, max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:

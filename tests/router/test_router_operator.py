@@ -177,6 +177,11 @@ def test_streamed_requests_are_counted_against_the_configured_slos(make_harness)
     assert h.metric("pdmesh_router_slo_requests_total", signal="ttft", met="false") == 0
     assert h.metric("pdmesh_router_slo_requests_total", signal="itl", met="true") == 2
     assert h.metric("pdmesh_router_slo_requests_total", signal="itl", met="false") == 1
+    d.chunk_delay_s, d.die_after_chunks = 0.0, 1  # the stream breaks after its first token: ITL not counted
+    with h.client.stream("POST", "/v1/completions", json=body) as r:
+        r.read()
+    assert h.metric("pdmesh_router_slo_requests_total", signal="ttft", met="true") == 4
+    assert h.metric("pdmesh_router_slo_requests_total", signal="itl", met="true") == 2
     off = make_harness()
     off.add("prefill", "p0")
     off.add("decode", "d0")
