@@ -28,6 +28,7 @@ import tempfile
 from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import cluster_token_from_env, worker_api_key
+from pdmesh.worker.cpu_pinning import pin_worker_to_engine_cores
 from pdmesh.worker.heartbeat import RouterTargets, heartbeat_until_stopped
 from pdmesh.worker.roles import WorkerRole
 from pdmesh.worker.supervision import CrashLoop, EngineWatch, TierWatch
@@ -148,6 +149,7 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("--router: %s", e)
         return 2
+    pin_worker_to_engine_cores(device)  # before any child: the tier and vLLM inherit the cores
     tier: TierProcess | None = None
     server: VLLMServer | None = None
     try:
