@@ -138,6 +138,12 @@ class ConnectorWorker:
             for blocks in op.block_ids[done:]:
                 self._load_errors.update(blocks)
 
+    def _commit(self, written: list) -> None:
+        """COMMIT chunks whose bytes are in the pool, and count them as saved."""
+        self.tier.commit(written)
+        self.stats.saved_chunks += len(written)
+        self.stats.saved_bytes += len(written) * self.chunk_nbytes
+
     def _sync_device(self) -> None:
         device = getattr(self.packer, "device", None)
         if device is not None and device.type == "cuda":
@@ -176,9 +182,7 @@ class ConnectorWorker:
                 written.append(key)
             if written:
                 self._sync_device()  # GPU packs are queued on a stream: the bytes must be in the pool first
-                self.tier.commit(written)
-                self.stats.saved_chunks += len(written)
-                self.stats.saved_bytes += len(written) * self.chunk_nbytes
+                self._commit(written)
         except Exception as e:
             self.stats.save_errors += len(keys)
             log.warning("saving chunks of %s failed: %s", op.req_id, e)
@@ -226,9 +230,7 @@ class ConnectorWorker:
             for c in copies:  # before COMMIT, and before this thread stages again (slot reuse)
                 c.wait()
             if written:
-                self.tier.commit(written)
-                self.stats.saved_chunks += len(written)
-                self.stats.saved_bytes += len(written) * self.chunk_nbytes
+                self._commit(written)
         except Exception as e:
             self.stats.save_errors += len(keys)
             log.warning("saving chunks of %s from device staging failed: %s", op.req_id, e)
