@@ -126,10 +126,7 @@ class StagingRegion:
 
     def abort(self, key: bytes) -> None:
         """Free a leased (not yet committed) slot at once."""
-        with self._lock:
-            s = self._slots.get(key)
-            if s is not None and s.state == "leased":
-                self._drop(key)
+        self._drop_if(key, "leased")
 
     def reclaim_expired(self, now: float) -> int:
         with self._lock:
@@ -149,9 +146,7 @@ class StagingRegion:
         """The ``nbytes``-long uint8 view of ``key``'s slot (a view of the region's tensor; no copy). KeyError when
         ``key`` has no slot. Writing into a slot another side may still write is the caller's mistake."""
         with self._lock:
-            s = self._slots[key]
-            start = s.index * self.slot_bytes
-            return self.tensor[start : start + s.nbytes]
+            return self._view(self._slots[key])
 
     def wait_ready(self, keys: Sequence[bytes], deadline: float) -> list[bytes]:
         """Block until every key is ready (or being read) or ``deadline`` (time.monotonic) passes; returns the
@@ -172,22 +167,15 @@ class StagingRegion:
             if s is None or s.state != "ready":
                 return None
             s.state = "reading"
-            start = s.index * self.slot_bytes
-            return self.tensor[start : start + s.nbytes]
+            return self._view(s)
 
     def release(self, key: bytes) -> None:
         """Done reading ``key`` (acquired): the slot is freed."""
-        with self._lock:
-            s = self._slots.get(key)
-            if s is not None and s.state == "reading":
-                self._drop(key)
+        self._drop_if(key, "reading")
 
     def discard(self, key: bytes) -> None:
         """Free a ready slot nobody reads (the prefill side after its write and host copy; an unused chunk)."""
-        with self._lock:
-            s = self._slots.get(key)
-            if s is not None and s.state == "ready":
-                self._drop(key)
+        self._drop_if(key, "ready")
 
     def stats(self) -> StagingStats:
         with self._lock:
@@ -211,6 +199,17 @@ class StagingRegion:
         if self.buffer is not None:
             self.buffer.release()
             self.buffer = None
+
+    def _view(self, s: _Slot) -> torch.Tensor:
+        start = s.index * self.slot_bytes
+        return self.tensor[start : start + s.nbytes]
+
+    def _drop_if(self, key: bytes, state: str) -> None:
+        """Free ``key``'s slot when it is in ``state`` (any other state, or no slot: nothing)."""
+        with self._lock:
+            s = self._slots.get(key)
+            if s is not None and s.state == state:
+                self._drop(key)
 
     def _drop(self, key: bytes) -> None:
         s = self._slots.pop(key)
