@@ -158,10 +158,9 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         raise NotEnoughTraffic("no token was generated on a decode engine in the window")
     assumed: list[str] = []
     xs = [x for x, _ in points.prefill]
+    overhead, per_token = 0.0, -1.0  # unfitted
     if len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
         overhead, per_token = _line(points.prefill)
-    else:
-        per_token = -1.0
     if per_token <= 0 or overhead < 0:  # no spread, or a line the noise tilted: the mean, overhead from base
         overhead = base.prefill_overhead_s if base else 0.0
         tokens = sum(x for x, _ in points.prefill)
@@ -169,10 +168,9 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         per_token = max(secs, 1e-9) / tokens
         assumed.append("prefill_overhead_s")
     ns = [n for n, _ in points.decode]
+    step, per_seq = 0.0, -1.0  # unfitted
     if len(points.decode) >= 2 and max(ns) - min(ns) >= 2:
         step, per_seq = _line(points.decode)
-    else:
-        per_seq = -1.0
     if per_seq < 0 or step <= 0:
         per_seq = base.decode_step_per_seq_s if base else 0.0
         step = statistics.fmean(itl - per_seq * n for n, itl in points.decode)
