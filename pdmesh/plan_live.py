@@ -11,8 +11,10 @@
   ``vllm:inter_token_latency_seconds`` and ``vllm:num_requests_running`` — each interval gives one point
   (running requests, mean inter-token latency); ``vllm:generation_tokens`` gives output tokens per request.
 
-:func:`fit_profile` turns the points into a :class:`~pdmesh.planner.WorkerProfile`: a least-squares line through
-each set of points when they spread (prompt lengths differing by 1.5x or more, running counts by 2 or more);
+:func:`fit_profile` turns the points into a :class:`~pdmesh.planner.WorkerProfile`: for prefill, a least-squares
+parabola (fixed cost, per token, attention per token x prompt token) when 3 or more prompt lengths span 4x or more
+and no coefficient comes out negative; otherwise a least-squares line through each set of points when they spread
+(prompt lengths differing by 1.5x or more, running counts by 2 or more);
 otherwise the mean alone with the slope (prefill overhead, per-request decode cost) taken from ``base`` (a
 measured profile) or 0, and the result says which (``assumed``). A window with no prefill or no decode work
 cannot be fitted: :class:`NotEnoughTraffic` names what was missing.
@@ -127,6 +129,29 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def _parabola(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b*x + c*x**2``: (a, b, c); the normal equations solved by Cramer's rule."""
+    sums = [sum(x**k for x, _ in points) for k in range(5)]
+    rhs = [sum(y * x**k for x, y in points) for k in range(3)]
+    m = [[sums[i + j] for j in range(3)] for i in range(3)]
+
+    def det(a: list[list[float]]) -> float:
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    d = det(m)
+    if d == 0:
+        return 0.0, -1.0, 0.0
+    out = []
+    for col in range(3):
+        mc = [[rhs[i] if j == col else m[i][j] for j in range(3)] for i in range(3)]
+        out.append(det(mc) / d)
+    return out[0], out[1], out[2]
+
+
 def _load_line(
     points: list[tuple[float, float]], base: WorkerProfile | None, assumed: list[str]
 ) -> tuple[float, float]:
@@ -158,10 +183,15 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         raise NotEnoughTraffic("no token was generated on a decode engine in the window")
     assumed: list[str] = []
     xs = [x for x, _ in points.prefill]
-    overhead, per_token = 0.0, -1.0  # unfitted
-    if len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
+    overhead, per_token, attention = 0.0, -1.0, 0.0  # unfitted
+    if len({round(x) for x in xs}) >= 3 and max(xs) >= 4 * min(xs):
+        overhead, per_token, attention = _parabola(points.prefill)
+        if min(overhead, per_token, attention) < 0:
+            overhead, per_token, attention = 0.0, -1.0, 0.0
+    if per_token <= 0 and len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
         overhead, per_token = _line(points.prefill)
     if per_token <= 0 or overhead < 0:  # no spread, or a line the noise tilted: the mean, overhead from base
+        attention = 0.0
         overhead = base.prefill_overhead_s if base else 0.0
         tokens = sum(x for x, _ in points.prefill)
         secs = sum(y for _, y in points.prefill) - overhead * len(points.prefill)
@@ -185,6 +215,7 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         decode_load_s=load_fixed,
         decode_load_per_token_s=load_per_token,
         host_cpu_per_request_s=base.host_cpu_per_request_s if base else 0.0,  # not in the engines' metrics
+        prefill_attention_s_per_token2=attention,
     )
     return FittedProfile(profile, tuple(assumed), len(points.prefill), len(points.decode))
 

@@ -11,12 +11,13 @@ Pure Python, deterministic for a seed, no wall clock.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 import statistics
 from dataclasses import dataclass, field
 
-from pdmesh.planner import WorkerProfile, Workload, service_times
+from pdmesh.planner import WorkerProfile, Workload, capacity, service_times
 
 
 @dataclass
@@ -170,3 +171,27 @@ def simulate(
     if not result.itl_s:
         result.itl_s = [s0[0] + s1[0]]
     return result
+
+
+def closed_loop_throughput(
+    profile: WorkerProfile,
+    w: Workload,
+    prefill: int,
+    decode: int,
+    clients: int,
+    cores: float | None = None,
+    requests: int = 3000,
+    seed: int = 1,
+) -> float:
+    """Requests/s that ``clients`` clients sending back to back get (how a saturating benchmark measures): unlike
+    :func:`pdmesh.planner.capacity` (open arrivals, batches as large as the load makes them), the clients bound
+    the decode batches, so a step's fixed cost is shared by at most that many requests. On shared ``cores`` the
+    host's share depends on the rate: the rate is iterated to a fixed point (4 simulations at most)."""
+    rate = capacity(profile, w, prefill, decode, cores)
+    for _ in range(4 if cores and profile.host_cpu_per_request_s else 1):
+        at = dataclasses.replace(w, rate=rate)
+        got = simulate(profile, at, prefill, decode, requests, cores, seed, closed_loop=clients).throughput
+        if abs(got - rate) <= 0.01 * rate:
+            return got
+        rate = got
+    return rate

@@ -3,7 +3,9 @@
 The model (one worker's measured service times, :class:`WorkerProfile`):
 
 - a prefill worker serves one prompt at a time (FIFO, as a saturated CPU engine does): service time
-  ``prefill_overhead_s + uncached_tokens / prefill_tokens_per_s``; the pool of ``P`` workers is an M/G/P queue
+  ``prefill_overhead_s + uncached / prefill_tokens_per_s + prefill_attention_s_per_token2 * uncached * prompt``
+  (the last term: each computed token attends to the whole prompt, which grows with the square of its length
+  and dominates long prompts); the pool of ``P`` workers is an M/G/P queue
   (Poisson arrivals), its wait from the Allen-Cunneen approximation with the Erlang-C probability of waiting and an
   exponential tail for the p90;
 - a decode worker runs all its requests in one batch: a step takes ``decode_step_s + decode_step_per_seq_s * n``
@@ -51,6 +53,9 @@ class WorkerProfile:
     # CPU seconds per request of everything besides the engines' model compute (router, API servers, engine
     # schedulers, tiers, agents): counted only when workers share ``cores`` with it (one machine)
     host_cpu_per_request_s: float = 0.0
+    # attention: seconds per (computed token x prompt token), the part of a prefill that grows with the square
+    # of the prompt's length
+    prefill_attention_s_per_token2: float = 0.0
 
     @classmethod
     def load(cls, path: str | Path) -> WorkerProfile:
@@ -60,7 +65,8 @@ class WorkerProfile:
         if profile.prefill_tokens_per_s <= 0 or profile.decode_step_s <= 0:
             raise ValueError("prefill_tokens_per_s and decode_step_s must be positive")
         if min(profile.prefill_overhead_s, profile.decode_step_per_seq_s, profile.transfer_s,
-               profile.decode_load_s, profile.decode_load_per_token_s, profile.host_cpu_per_request_s) < 0:  # fmt: skip
+               profile.decode_load_s, profile.decode_load_per_token_s, profile.host_cpu_per_request_s,
+               profile.prefill_attention_s_per_token2) < 0:  # fmt: skip
             raise ValueError("service times cannot be negative")
         return profile
 
@@ -120,6 +126,15 @@ def core_sharing(prefill: int, decode: int, cores: float | None) -> tuple[list[i
     return [on.count(c) for c in p_cores], [on.count(c) for c in d_cores]
 
 
+def prefill_seconds(profile: WorkerProfile, computed_tokens: float, prompt_tokens: float) -> float:
+    """One prefill worker's time for a prompt of ``prompt_tokens`` of which ``computed_tokens`` are not cached."""
+    return (
+        profile.prefill_overhead_s
+        + computed_tokens / profile.prefill_tokens_per_s
+        + profile.prefill_attention_s_per_token2 * computed_tokens * prompt_tokens
+    )
+
+
 def service_times(
     profile: WorkerProfile, w: Workload, prefill: int, decode: int, cores: float | None
 ) -> ServiceTimes:
@@ -131,7 +146,7 @@ def service_times(
     if cores and profile.host_cpu_per_request_s:
         a = max(0.05, 1.0 - profile.host_cpu_per_request_s * w.rate / cores)
         p_share, d_share = [k / a for k in p_share], [k / a for k in d_share]
-    s_p = profile.prefill_overhead_s + w.uncached_tokens / profile.prefill_tokens_per_s
+    s_p = prefill_seconds(profile, w.uncached_tokens, w.prompt_tokens)
     return ServiceTimes(
         tuple(k * s_p for k in p_share),
         tuple(k * profile.decode_step_s for k in d_share),

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from pdmesh.plan_live import NotEnoughTraffic, Points, engine_values, fit_profile, router_values
-from pdmesh.planner import WorkerProfile
+from pdmesh.planner import WorkerProfile, prefill_seconds
 
 
 def _engine_page(
@@ -92,6 +92,30 @@ def test_fit_recovers_the_service_times_that_made_the_points():
     assert got.decode_load_s == pytest.approx(0.002, rel=1e-6)
     assert got.decode_load_per_token_s == pytest.approx(1e-5, rel=1e-6)
     assert len(points.prefill) == 3  # the decode engine's prefill time is a load point, not a prefill point
+
+
+def test_fit_recovers_an_attention_term_that_grows_with_the_square_of_the_prompt():
+    # 10 ms + 75 us per token + 25 ns per token x prompt token: 2048 tokens cost 4x a linear extrapolation's growth
+    true = WorkerProfile(1 / 75e-6, 0.01, 0.006, 0.0, prefill_attention_s_per_token2=2.5e-8)
+    points = Points()
+    for tokens in (128, 512, 1024, 2048):
+        secs = 4 * prefill_seconds(true, tokens, tokens)
+        _interval(points, "prefill", {}, {"prefill_s": secs, "prefill_n": 4, "computed_tokens": 4 * tokens})
+    _interval(points, "decode", {"running": 1}, {"running": 1, "itl_s": 0.006, "itl_n": 1})
+    got = fit_profile(points).profile
+    assert got.prefill_overhead_s == pytest.approx(0.01, rel=1e-6)
+    assert got.prefill_tokens_per_s == pytest.approx(1 / 75e-6, rel=1e-6)
+    assert got.prefill_attention_s_per_token2 == pytest.approx(2.5e-8, rel=1e-6)
+    # two lengths only: no attention term (here the line tilts below zero, so the mean: the same total time)
+    two = Points()
+    for tokens in (512, 2048):
+        secs = prefill_seconds(true, tokens, tokens)
+        _interval(two, "prefill", {}, {"prefill_s": secs, "prefill_n": 1, "computed_tokens": tokens})
+    _interval(two, "decode", {"running": 1}, {"running": 1, "itl_s": 0.006, "itl_n": 1})
+    line = fit_profile(two).profile
+    assert line.prefill_attention_s_per_token2 == 0
+    total = sum(prefill_seconds(true, t, t) for t in (512, 2048))
+    assert sum(prefill_seconds(line, t, t) for t in (512, 2048)) == pytest.approx(total)
 
 
 def test_without_spread_the_slopes_come_from_the_base_profile():

@@ -11,7 +11,7 @@ import pytest
 from pdmesh.cli import main
 from pdmesh.placement import core_plan
 from pdmesh.plan_sim import simulate
-from pdmesh.planner import WorkerProfile, Workload, capacity, core_sharing, plan, predict
+from pdmesh.planner import WorkerProfile, Workload, capacity, core_sharing, plan, predict, prefill_seconds
 
 PROFILE = WorkerProfile(
     prefill_tokens_per_s=4000, prefill_overhead_s=0.02, decode_step_s=0.02, decode_step_per_seq_s=0.002,
@@ -22,6 +22,19 @@ PROFILE = WorkerProfile(
 LOADING = dataclasses.replace(
     PROFILE, decode_load_s=0.01, decode_load_per_token_s=2e-5
 )  # 26 ms at 800 tokens
+ATTENTION = dataclasses.replace(
+    PROFILE, prefill_attention_s_per_token2=5e-8
+)  # 32 ms more at 800 fresh tokens
+
+
+def test_the_attention_term_counts_computed_tokens_against_the_whole_prompt():
+    assert prefill_seconds(ATTENTION, 800, 800) == pytest.approx(0.02 + 0.2 + 0.032)
+    # half the prompt cached: half the tokens computed, each still attending to all 800
+    assert prefill_seconds(ATTENTION, 400, 800) == pytest.approx(0.02 + 0.1 + 0.016)
+    long, short = Workload(1.0, 4000, 16), Workload(1.0, 1000, 16)
+    # 4x the prompt costs more than 4x the prefill time: capacity falls faster than 1/length
+    ratio = capacity(ATTENTION, short, 1, 4) / capacity(ATTENTION, long, 1, 4)
+    assert ratio > 4.5 and capacity(PROFILE, short, 1, 4) / capacity(PROFILE, long, 1, 4) < 4
 
 
 @pytest.mark.parametrize(
@@ -36,6 +49,7 @@ LOADING = dataclasses.replace(
         (PROFILE, 3, 800, 32, 0.0, 0.0, 1, 2, 2.0),  # the two decode workers share core 1
         (PROFILE, 1.6, 800, 32, 0.0, 0.0, 1, 1, 1.0),  # one core for both
         (LOADING, 4, 800, 32, 0.0, 0.0, 1, 1, None),
+        (ATTENTION, 5, 800, 32, 0.0, 0.0, 2, 1, None),
     ],
 )
 def test_predictions_match_the_event_simulation(profile, rate, prompt, out, hit, cv2, p, d, cores):
