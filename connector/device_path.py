@@ -54,10 +54,15 @@ class StagePacker(Protocol):
 @dataclass(frozen=True)
 class DevicePathConfig:
     """``enabled``: ``kv_connector_extra_config.device_staging`` (default False); ``slots``:
-    ``device_staging_slots``, chunks the staging region holds at once (each ``chunk_nbytes``)."""
+    ``device_staging_slots``, chunks the staging region holds at once (each ``chunk_nbytes``); ``landing``:
+    ``device_landing`` ("host:port" to bind; set on decode workers): the worker also receives pushes into device
+    memory (``pdmesh.connector.device_landing``), advertised as ``device_landing_advertise_host`` (default: the
+    bind host) and the bound port."""
 
     enabled: bool = False
     slots: int = 64
+    landing: str | None = None
+    landing_advertise_host: str | None = None
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> DevicePathConfig:
@@ -67,7 +72,14 @@ class DevicePathConfig:
         slots = int(extra.get("device_staging_slots", cls.slots))
         if slots <= 0:
             raise ValueError(f"device_staging_slots must be positive, not {slots}")
-        return cls(enabled, slots)
+        landing = extra.get("device_landing") or None
+        advertise = extra.get("device_landing_advertise_host") or None
+        return cls(
+            enabled,
+            slots,
+            None if landing is None else str(landing),
+            None if advertise is None else str(advertise),
+        )
 
 
 def device_path_decision(
@@ -178,11 +190,19 @@ class StagedChunks:
         if view is None:
             return False
         try:
-            self.packer.unpack(view, block_ids)
-            self._sync()  # the slot is reused as soon as it is released
+            self.unpack_held(key, block_ids)
         finally:
             self.staging.release(key)
         return True
+
+    def unpack_held(self, key: bytes, block_ids: Sequence[int]) -> None:
+        """Unpack ``key``'s slot into blocks ``block_ids`` without changing the slot's state: for a caller that
+        holds the slot (``acquire``d) and frees it itself (``pdmesh.connector.device_landing``). Returns after
+        the device finished (the caller may free the slot then). KeyError when ``key`` has no slot."""
+        if len(block_ids) != self.blocks_per_chunk:
+            raise ValueError(f"a chunk is {self.blocks_per_chunk} blocks, got {len(block_ids)}")
+        self.packer.unpack(self.staging.view(key), block_ids)
+        self._sync()  # the slot may be reused as soon as the caller frees it
 
 
 def staging_receiver(

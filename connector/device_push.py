@@ -3,9 +3,11 @@
 :class:`DevicePush` lives in the vLLM worker process, beside the engine's KV caches. For a save that carries a
 PD push, :class:`pdmesh.connector.worker.ConnectorWorker` asks it to :meth:`~DevicePush.stage` the chunks (the
 pack kernel writes them on the device into a NIXL-registered staging region), then to :meth:`~DevicePush.submit`
-the push: a background thread writes them from the staging region straight into the decode node's receiver
-(the tier server's, host pool: a device-to-host NIXL WRITE, UCX rc/cuda_ipc/cuda_copy picking the path), with
-the transfer layer's ALLOC/WRITE/COMMIT, leases and typed errors. The copy of the same chunks into the local
+the push: a background thread writes them from the staging region straight into the decode node: into the
+decode worker's device landing when the router named one (``push_to_device``: device to device, UCX
+cuda_ipc/rc; ``pdmesh.connector.device_landing``), else, or when that push fails (its slots are full: a
+retryable ``TransferFailed`` at ALLOC; unreachable; ...), into the decode tier server's receiver (host pool: a
+device-to-host NIXL WRITE), with the transfer layer's ALLOC/WRITE/COMMIT, leases and typed errors. The copy of the same chunks into the local
 host tier (for reuse) is queued on a side CUDA stream and only the worker waits for it, not the push.
 
 Contracts:
@@ -47,6 +49,8 @@ class DevicePushStats:
     pushes: int = 0
     failures: int = 0
     refused: int = 0  # submit found the queue full
+    to_device: int = 0  # pushes that landed in the decode worker's device landing
+    fallbacks: int = 0  # pushes the device landing did not take, sent to the decode tier instead
     chunks: int = 0
     bytes: int = 0
 
@@ -57,6 +61,7 @@ class _Job:
     transfer_id: str
     deadline: float  # time.monotonic
     chunks: list[Chunk]
+    fallback: str | None = None  # where to push when ``peer`` does not take the chunks
 
 
 class DevicePush:
@@ -109,10 +114,19 @@ class DevicePush:
         """Queue the copy of staged ``key`` into host memory ``out``; wait on the handle before using ``out``."""
         return self.staged.copy_to_host(key, out)
 
-    def submit(self, peer: str, transfer_id: str, deadline_s: float, chunks: list[Chunk]) -> bool:
-        """Queue the push of staged ``chunks`` to ``peer`` ("host:port"), bounded by ``deadline_s`` from now."""
+    def submit(
+        self,
+        peer: str,
+        transfer_id: str,
+        deadline_s: float,
+        chunks: list[Chunk],
+        fallback: str | None = None,
+    ) -> bool:
+        """Queue the push of staged ``chunks`` to ``peer`` ("host:port"), bounded by ``deadline_s`` from now; when
+        that push fails, the same chunks go to ``fallback`` (if given) within the same deadline."""
         try:
-            self._queue.put_nowait(_Job(peer, transfer_id, time.monotonic() + deadline_s, chunks))
+            job = _Job(peer, transfer_id, time.monotonic() + deadline_s, chunks, fallback)
+            self._queue.put_nowait(job)
         except queue.Full:
             self.stats.refused += 1
             self._free(chunks)
@@ -154,8 +168,25 @@ class DevicePush:
                 self._queue.task_done()
 
     def _push(self, job: _Job) -> None:
+        peer = job.peer
         try:
-            result = self.sender.push(parse_address(job.peer), job.transfer_id, job.chunks, job.deadline)
+            try:
+                result = self.sender.push(parse_address(peer), job.transfer_id, job.chunks, job.deadline)
+                if job.fallback is not None:
+                    self.stats.to_device += 1
+            except (TransferError, ValueError) as exc:
+                if job.fallback is None or job.fallback == peer:
+                    raise
+                log.info(
+                    "device push %s to the landing %s failed (%s); pushing to %s",
+                    job.transfer_id,
+                    peer,
+                    exc,
+                    job.fallback,
+                )
+                self.stats.fallbacks += 1
+                peer = job.fallback
+                result = self.sender.push(parse_address(peer), job.transfer_id, job.chunks, job.deadline)
             self.stats.pushes += 1
             self.stats.chunks += len(result.written)
             self.stats.bytes += result.nbytes
@@ -164,7 +195,7 @@ class DevicePush:
             log.warning(
                 "device push %s to %s failed (%s); the decoder computes instead",
                 job.transfer_id,
-                job.peer,
+                peer,
                 exc,
             )
         finally:

@@ -1,6 +1,7 @@
 """The ``pdmesh`` entry of a request's ``kv_transfer_params``: the router's order to the connector.
 
-``{"transfer_id": str, "push_to"?: "host:port", "deadline_ms"?: int, "sig"?: hex}``: with ``push_to`` the request
+``{"transfer_id": str, "push_to"?: "host:port", "deadline_ms"?: int, "sig"?: hex, "push_to_device"?: "host:port",
+"sig_device"?: hex}``: with ``push_to`` the request
 is the prefill leg of a push PD request (:class:`pdmesh.prefiller.push.PushPlan`), without it the decode leg
 (:class:`pdmesh.decoder.wait.PushWait`). Only the router sets it.
 
@@ -8,7 +9,8 @@ The field arrives from outside the engine, so it is untrusted input: :meth:`PdPa
 and anything malformed is ignored (the request then runs as a plain request, with the tier's prefix reuse only).
 A ``push_to`` is honoured only with the router's ``sig`` over ``{transfer_id, push_to, deadline_ms}`` keyed by
 the cluster token (:func:`pdmesh.security.push_target_signed`): a client that reaches an engine directly cannot
-make it push anywhere.
+make it push anywhere. ``push_to_device`` (the decode worker's device landing) likewise needs ``sig_device`` over
+``{transfer_id, push_to_device, deadline_ms}``; an unsigned one is dropped alone (the push goes to ``push_to``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class PdParams:
     transfer_id: str
     push_to: str | None = None  # prefill side: the decode node's receiver address
     deadline_s: float = DEFAULT_DEADLINE_S  # how long the push (prefill) or the wait for it (decode) may take
+    push_to_device: str | None = None  # prefill side: the decode worker's device landing, tried first
 
     @classmethod
     def from_request(cls, kv_transfer_params: Any, token: str = "") -> PdParams | None:
@@ -58,4 +61,15 @@ class PdParams:
         if not math.isfinite(deadline_s) or isinstance(deadline_ms, bool):
             deadline_s = DEFAULT_DEADLINE_S
         deadline_s = max(0.0, min(deadline_s, MAX_DEADLINE_S))
-        return cls(raw["transfer_id"], push_to if isinstance(push_to, str) else None, deadline_s)
+        device = raw.get("push_to_device") if isinstance(push_to, str) else None
+        if device is not None and not (
+            isinstance(device, str)
+            and push_target_signed(
+                raw.get("sig_device"), token, raw["transfer_id"], device, raw.get("deadline_ms")
+            )
+        ):
+            log.warning(
+                "ignoring push_to_device of transfer %r: not signed by the router", raw["transfer_id"][:80]
+            )
+            device = None
+        return cls(raw["transfer_id"], push_to if isinstance(push_to, str) else None, deadline_s, device)

@@ -13,6 +13,10 @@ Rules (see docs/architecture.md, "Chunks and keys"):
   are ready or the deadline passes; then load what is ready and compute the rest).
 - Saves: every full chunk whose KV is complete after a step (prompt; and generated tokens when
   ``save_generated``), once per request.
+- Device landing (a decode worker with the device path on, connector/device_landing.py): ``landed`` says which
+  chunks landed in the worker's device staging region; the leading run of them after the tier's ready prefix
+  counts as ready too (no I/O: the worker half's landing, in this process). Without it (or with vLLM's worker in
+  another process) landed chunks count once their host copy is in the tier.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class ConnectorScheduler:
         save_generated: bool,
         clock: Callable[[], float] = time.monotonic,
         token: str = "",
+        landed: Callable[[Sequence[bytes]], list[bool]] | None = None,
     ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the block size {block_size}")
@@ -87,6 +92,7 @@ class ConnectorScheduler:
         self.save_generated = save_generated
         self.clock = clock
         self.token = token  # the cluster token: verifies the router's signature on push targets
+        self.landed = landed  # keys -> landed in the device landing (never raises, no I/O)
         self.stats = SchedulerStats()
         self._reqs: dict[str, _Req] = {}
         self._fallbacks: list[str] = []
@@ -114,6 +120,7 @@ class ConnectorScheduler:
             self.stats.lookup_errors += 1
             log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)
             ready, tier_down = 0, True
+        ready = self._extend_landed(keys, ready, limit)
         if st.wait is not None and not st.wait.fell_back:
             # pushed chunks land in the local tier: with the tier down there is nothing to wait for
             now = self.clock() if not tier_down else st.wait.started_at + st.wait.deadline_s
@@ -200,11 +207,26 @@ class ConnectorScheduler:
         pd = PdParams.from_request(request.kv_transfer_params, self.token)
         push = wait = None
         if pd is not None and pd.push_to:
-            push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s)
+            push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s, pd.push_to_device)
         elif pd is not None:
             wait = PushWait(pd.transfer_id, pd.deadline_s, self.clock())
         st = self._reqs[request.request_id] = _Req(request, push, wait)
         return st
+
+    def _extend_landed(self, keys: list[bytes], ready: int, limit: int) -> int:
+        """``ready`` leading chunks are in the tier: extend by the chunks after them that landed on the device."""
+        if self.landed is None or ready >= limit:
+            return ready
+        try:
+            marks = self.landed(keys[ready:limit])
+        except Exception as e:  # the landing is an optimisation too
+            log.warning("device landing lookup failed: %s", e)
+            return ready
+        for on_device in marks:
+            if not on_device:
+                break
+            ready += 1
+        return ready
 
     def _keys(self, st: _Req, n: int) -> list[bytes]:
         if len(st.keys) < n:

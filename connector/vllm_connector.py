@@ -12,7 +12,9 @@ Load it with::
 
 vLLM creates one instance per role: the scheduler half (:class:`ConnectorScheduler`: lookups and plans) and the
 worker half (:class:`ConnectorWorker`: pack/unpack between vLLM's blocks and the tier's shared-memory pool).
-They share nothing but the per-step :class:`PdmeshConnectorMetadata`. Both talk to the local tier server over
+They share nothing but the per-step :class:`PdmeshConnectorMetadata` (and, on a decode worker with the device
+path on, the worker half's device landing, which the scheduler half reads when vLLM runs both in one process:
+``pdmesh.connector.device_landing.landing_for``). Both talk to the local tier server over
 its unix socket with bounded timeouts; a tier that is down makes every lookup miss and every save a no-op, so
 outputs never change (they are only computed instead of loaded).
 """
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from pdmesh.connector.device_landing import DeviceLanding
     from pdmesh.connector.device_push import DevicePush
     from pdmesh.kernels import BoundKVCaches
 
@@ -53,6 +56,17 @@ from vllm.logger import init_logger
 log = init_logger("pdmesh.connector")
 # the tier servers' transfer fingerprint (kvcache config transfer.fingerprint): the device path's pushes must match
 TRANSFER_FP_ENV = "PDMESH_TIER_TRANSFER_FINGERPRINT"
+
+
+def _transfer_fingerprint(extra: dict) -> str:
+    """The transfer fingerprint the device path's sender and landing present (must match the tier servers')."""
+    from pdmesh.kvcache.config import TransferConfig
+
+    return str(
+        extra.get("transfer_fingerprint")
+        or os.environ.get(TRANSFER_FP_ENV)
+        or TransferConfig.model_fields["fingerprint"].default
+    )
 
 
 def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
@@ -94,6 +108,7 @@ class PdmeshConnector(KVConnectorBase_V1):
                 self.block_size,
                 save_generated=bool(extra.get("save_generated", False)),
                 token=cluster_token_from_env(),
+                landed=self._landed_lookup(extra),
             )
         log.info(
             "pdmesh connector (%s): chunk %d tokens, tier %s", role.name, self.chunk_tokens, self.tier.address
@@ -117,7 +132,11 @@ class PdmeshConnector(KVConnectorBase_V1):
         bound = bind(list(kv_caches.values()), layout)
         blocks_per_chunk = self.chunk_tokens // self.block_size
         self._worker = ConnectorWorker(
-            self.tier, bound, blocks_per_chunk, self._device_push(bound, blocks_per_chunk)
+            self.tier,
+            bound,
+            blocks_per_chunk,
+            self._device_push(bound, blocks_per_chunk),
+            self._device_landing(bound, blocks_per_chunk),
         )
         log.info(
             "pdmesh connector: %d layers, layout %s, %d bytes per chunk",
@@ -140,17 +159,59 @@ class PdmeshConnector(KVConnectorBase_V1):
             if not use:
                 return None
             from pdmesh.connector.device_push import DevicePush
-            from pdmesh.kvcache.config import TransferConfig
 
-            fingerprint = str(
-                extra.get("transfer_fingerprint")
-                or os.environ.get(TRANSFER_FP_ENV)
-                or TransferConfig.model_fields["fingerprint"].default
+            return DevicePush.build(
+                bound, blocks_per_chunk, cfg.slots, _transfer_fingerprint(extra), cluster_token_from_env()
             )
-            return DevicePush.build(bound, blocks_per_chunk, cfg.slots, fingerprint, cluster_token_from_env())
         except Exception as e:
             log.warning("pdmesh connector: device path not started (%s); pushes use the host tier pool", e)
             return None
+
+    def _device_landing(self, bound: BoundKVCaches, blocks_per_chunk: int) -> DeviceLanding | None:
+        """The decode side of the device path (connector/device_landing.py) when the device path is on and
+        ``device_landing`` names the address to bind; else None (pushes land in the host tier pool). Never
+        raises: a landing that cannot start is logged and left out (prefill workers then push to the tier)."""
+        from pdmesh.connector.device_path import DevicePathConfig, device_path_decision
+
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        try:
+            cfg = DevicePathConfig.from_extra(extra)
+            if cfg.landing is None or not device_path_decision(cfg, bound.device)[0]:
+                return None
+            from pdmesh.connector.device_landing import DeviceLanding
+            from pdmesh.kvcache.transfer_node import parse_address
+            from pdmesh.transfer.receiver import ReceiverConfig
+
+            host, port = parse_address(cfg.landing)
+            token = cluster_token_from_env()
+            rx = ReceiverConfig(fingerprint=_transfer_fingerprint(extra), host=host, port=port, token=token)
+            # its own tier connection: the landing's copy thread must not share the worker half's
+            tier = ConnectorTierClient.from_extra_config(extra, self.fingerprint)
+            landing = DeviceLanding.build(
+                bound, blocks_per_chunk, cfg.slots, tier, rx, advertise_host=cfg.landing_advertise_host
+            )
+            address = landing.start(register_as=self.tier.address)
+            log.info("pdmesh connector: device landing at %s (%d slots)", address, cfg.slots)
+            return landing
+        except Exception as e:
+            log.warning("pdmesh connector: device landing not started (%s); pushes land in the tier pool", e)
+            return None
+
+    def _landed_lookup(self, extra: dict) -> Any:
+        """For the scheduler half: which keys landed in this process's device landing (None when the config
+        has none; the landing itself starts with the worker half)."""
+        from pdmesh.connector.device_path import DevicePathConfig
+
+        try:
+            cfg = DevicePathConfig.from_extra(extra)
+        except ValueError:
+            return None
+        if not (cfg.enabled and cfg.landing):
+            return None
+        from pdmesh.connector.device_landing import landed_in_process
+
+        name = self.tier.address
+        return lambda keys: landed_in_process(name, keys)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -176,6 +237,8 @@ class PdmeshConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None and self._worker.device_push is not None:
             self._worker.device_push.close()
+        if self._worker is not None and self._worker.landing is not None:
+            self._worker.landing.close()
         self.tier.close()
 
     # ---------------------------------------------------------------- scheduler side

@@ -12,6 +12,9 @@ Runs in the model-runner process/thread. Blocking, by design and by vLLM's contr
   carrying a push packs its chunks on the device into a NIXL-registered staging region and a background thread
   writes them from there to the decode node; the copy into the local tier (for reuse) runs on a side stream
   and only this save waits for it. Where the staging region has no room the save takes the host path above.
+- Device landing (``landing`` given: a decode worker with the device path on; connector/device_landing.py): a
+  load unpacks the chunks that landed in the worker's device staging region straight from there (no tier call
+  for them) and acquires only the others from the tier; a chunk missing from both is a load error as above.
 A failed save is only a future cache miss (logged and counted), never an engine error.
 """
 
@@ -27,6 +30,7 @@ from vllm.logger import init_logger
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
 
 if TYPE_CHECKING:
+    from pdmesh.connector.device_landing import DeviceLanding
     from pdmesh.connector.device_push import DevicePush
 
 log = init_logger("pdmesh.connector")
@@ -77,6 +81,7 @@ class WorkerStats:
     loaded_bytes: int = 0
     saved_bytes: int = 0
     device_pushes: int = 0  # pushes queued from device staging (also counted in ``pushes``)
+    device_loads: int = 0  # chunks unpacked from the device landing (also counted in ``loaded_chunks``)
 
 
 class ConnectorWorker:
@@ -86,9 +91,11 @@ class ConnectorWorker:
         packer: Packer,
         blocks_per_chunk: int,
         device_push: DevicePush | None = None,
+        landing: DeviceLanding | None = None,
     ) -> None:
         self.tier = tier
         self.device_push = device_push
+        self.landing = landing
         self.packer = packer
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_nbytes = packer.chunk_nbytes(blocks_per_chunk)
@@ -113,15 +120,26 @@ class ConnectorWorker:
     def _load_op(self, op: ChunkOp) -> None:
         done = 0  # chunks [0, done) are in vLLM's blocks
         acquired: list[bytes] = []
+        landed = self.landing.landed(op.keys) if self.landing is not None else [False] * len(op.keys)
         try:
-            places = self.tier.acquire(op.keys)
-            acquired = [k for k, p in zip(op.keys, places, strict=True) if p is not None]
-            pool = self._pool_tensor()
-            for place, blocks in zip(places, op.block_ids, strict=True):
-                if place is None or place[1] != self.chunk_nbytes or len(blocks) != self.blocks_per_chunk:
+            places = self._acquire([k for k, on_device in zip(op.keys, landed, strict=True) if not on_device])
+            acquired = [p[0] for p in places if p[1] is not None]
+            from_tier = iter(places)
+            for key, on_device, blocks in zip(op.keys, landed, op.block_ids, strict=True):
+                if len(blocks) != self.blocks_per_chunk:
                     break
-                off, n = place
-                self.packer.unpack(pool[off : off + n], blocks)
+                if on_device:
+                    assert self.landing is not None
+                    if not self.landing.unpack(key, blocks):  # freed since: vLLM recomputes from here
+                        break
+                    self.stats.device_loads += 1
+                    n = self.chunk_nbytes
+                else:
+                    place = next(from_tier)[1]
+                    if place is None or place[1] != self.chunk_nbytes:
+                        break
+                    off, n = place
+                    self.packer.unpack(self._pool_tensor()[off : off + n], blocks)
                 done += 1
                 self.stats.loaded_bytes += n
         except Exception as e:
@@ -137,6 +155,18 @@ class ConnectorWorker:
             self.stats.load_errors += len(op.keys) - done
             for blocks in op.block_ids[done:]:
                 self._load_errors.update(blocks)
+
+    def _acquire(self, keys: list[bytes]) -> list[tuple[bytes, tuple[int, int] | None]]:
+        """Pin ``keys`` in the tier: (key, (offset, nbytes) or None) per key. A tier that fails counts as none
+        ready (the chunks from the device landing still load)."""
+        if not keys:
+            return []
+        try:
+            places = self.tier.acquire(keys)
+        except Exception as e:
+            log.warning("tier acquire failed (%s); its chunks are recomputed", e)
+            places = [None] * len(keys)
+        return list(zip(keys, places, strict=True))
 
     def _commit(self, written: list) -> None:
         """COMMIT chunks whose bytes are in the pool, and count them as saved."""
@@ -211,7 +241,12 @@ class ConnectorWorker:
             return False
         if chunks is None:
             return False
-        pushed = dp.submit(push.peer, push.transfer_id, push.deadline_s, chunks)
+        if push.device_peer:  # the decode worker's device landing first, its tier when that fails
+            pushed = dp.submit(
+                push.device_peer, push.transfer_id, push.deadline_s, chunks, fallback=push.peer
+            )
+        else:
+            pushed = dp.submit(push.peer, push.transfer_id, push.deadline_s, chunks)
         if pushed:
             self.stats.pushes += 1
             self.stats.device_pushes += 1

@@ -8,7 +8,10 @@ The router asks a prefill worker to compute a prompt (one output token) with
 - **when**: each engine step that completes chunks saves them and asks for one push of exactly those chunks
   (chunked prefill completes a long prompt over several steps, so one request may make several pushes);
 - **to whom**: the decode node's transfer receiver named by ``push_to``. Each push has its own transfer id,
-  ``{transfer_id}.{n}`` (a transfer id is committed once on the receiver), and the request's deadline.
+  ``{transfer_id}.{n}`` (a transfer id is committed once on the receiver), and the request's deadline. With
+  ``push_to_device`` (the decode worker's device landing, ``pdmesh.connector.device_landing``) a prefill worker
+  whose device path is on writes there first and to ``push_to`` when the landing cannot take the chunks;
+  without its device path, ``push_to_device`` is ignored (the tier server pushes to ``push_to``).
 
 Pure: no I/O, no vLLM. The connector's scheduler half calls :meth:`PushPlan.next_push`; the worker half saves the
 chunks and hands the :class:`PushSpec` to the tier server, which runs the push in the background
@@ -27,6 +30,7 @@ class PushSpec:
     transfer_id: str  # unique per push: "{request transfer id}.{n}"
     peer: str  # "host:port" of the decode node's transfer receiver
     deadline_s: float  # seconds from now that the push may take
+    device_peer: str | None = None  # "host:port" of the decode worker's device landing, when it has one
 
 
 class PushPlan:
@@ -34,16 +38,21 @@ class PushPlan:
 
     resave_loaded = True  # loaded chunks are saved again: the peer needs every chunk, not only computed ones
 
-    def __init__(self, transfer_id: str, push_to: str, deadline_s: float) -> None:
+    def __init__(
+        self, transfer_id: str, push_to: str, deadline_s: float, push_to_device: str | None = None
+    ) -> None:
         self.transfer_id = transfer_id
         self.push_to = push_to
+        self.push_to_device = push_to_device
         self.deadline_s = deadline_s
         self.pushes = 0
 
     def next_push(self) -> PushSpec:
         """The push of the chunks saved in this step."""
         self.pushes += 1
-        return PushSpec(f"{self.transfer_id}.{self.pushes}", self.push_to, self.deadline_s)
+        return PushSpec(
+            f"{self.transfer_id}.{self.pushes}", self.push_to, self.deadline_s, self.push_to_device
+        )
 
     def report(self) -> dict:
         """What the prefill response's ``kv_transfer_params.pdmesh`` says."""

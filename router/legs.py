@@ -186,7 +186,12 @@ class Legs:
         prefill = asyncio.create_task(
             self._prefill(
                 lambda _w: pd_push.prefill_request(
-                    body, transfer_id, push_to, deadline_ms, st.config.cluster_token
+                    body,
+                    transfer_id,
+                    push_to,
+                    deadline_ms,
+                    st.config.cluster_token,
+                    target.info.device_transfer_address,
                 )
             )
         )

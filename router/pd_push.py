@@ -14,15 +14,26 @@ from pdmesh.router.openai_requests import one_token_leg
 from pdmesh.security import sign_push_target
 
 
-def prefill_request(body: dict, transfer_id: str, push_to: str, deadline_ms: int, token: str) -> dict:
+def prefill_request(
+    body: dict,
+    transfer_id: str,
+    push_to: str,
+    deadline_ms: int,
+    token: str,
+    push_to_device: str | None = None,
+) -> dict:
     """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``, which the router
     vouches for with ``sig`` (HMAC of ``{transfer_id, push_to, deadline_ms}`` keyed by the cluster token): the
-    prefill worker's connector pushes nowhere else."""
+    prefill worker's connector pushes nowhere else. ``push_to_device``: D's device landing (its registration's
+    ``device_transfer_address``), signed the same way as ``sig_device``; a prefill worker with the device path on
+    writes there first (docs/transfer.md, "Device memory")."""
     leg = one_token_leg(body)
     sig = sign_push_target(token, transfer_id, push_to, deadline_ms)
-    leg["kv_transfer_params"] = {
-        "pdmesh": {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms, "sig": sig}
-    }
+    pd = {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms, "sig": sig}
+    if push_to_device:
+        pd["push_to_device"] = push_to_device
+        pd["sig_device"] = sign_push_target(token, transfer_id, push_to_device, deadline_ms)
+    leg["kv_transfer_params"] = {"pdmesh": pd}
     return leg
 
 

@@ -34,6 +34,11 @@ class WorkerRegistration(BaseModel):
     transfer_address: str | None = Field(
         default=None, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:[0-9]+$"
     )
+    # host:port of the decode worker's device landing (its vLLM process's receiver into device memory registered
+    # with NIXL; connector/device_landing.py), when the device path is on: prefill workers with theirs on push there.
+    device_transfer_address: str | None = Field(
+        default=None, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:[0-9]+$"
+    )
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("url")

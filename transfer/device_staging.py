@@ -17,7 +17,10 @@ into it under leases) and has a consumer side. Slot states::
     leased -> free (abort, or reclaim_expired after the deadline);  ready -> free (discard)
 
 The prefill side reserves slots for its own packs with ``alloc(key, n, math.inf)`` (no expiry) and frees them
-with :meth:`discard` once the write and the copy into the host tier are done. Thread-safe (one lock + a
+with :meth:`discard` once the write and the copy into the host tier are done. The decode side
+(``pdmesh.connector.device_landing``) sets ``on_commit`` (a constructor argument or the attribute, before any
+push): called with the key after each leased -> ready
+change, outside the region's lock (it may call back into the region, e.g. :meth:`acquire`); it must not block. Thread-safe (one lock + a
 condition for :meth:`wait_ready`). ``torch`` is imported when a region is built, never at module import (the
 transfer layer stays torch-free for the tier server).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,7 +72,13 @@ class StagingRegion:
     segment_name: str | None = None  # not a shared-memory segment: the shm backend is never offered for it
 
     def __init__(
-        self, slot_bytes: int, num_slots: int, device: str = "cpu", *, pin_memory: bool = False
+        self,
+        slot_bytes: int,
+        num_slots: int,
+        device: str = "cpu",
+        *,
+        pin_memory: bool = False,
+        on_commit: Callable[[bytes], None] | None = None,
     ) -> None:
         import torch
 
@@ -96,6 +105,7 @@ class StagingRegion:
         self._free = list(range(num_slots - 1, -1, -1))
         self._slots: dict[bytes, _Slot] = {}
         self._closed = False
+        self.on_commit = on_commit
 
     # RegionProvider (the decode side's Receiver; also the prefill side's own reservations)
     def alloc(self, key: bytes, nbytes: int, lease_deadline: float) -> int | None:
@@ -116,13 +126,17 @@ class StagingRegion:
             return index * self.slot_bytes
 
     def commit(self, key: bytes) -> None:
-        """The bytes of ``key`` are in place: the slot becomes ready (wakes :meth:`wait_ready`)."""
+        """The bytes of ``key`` are in place: the slot becomes ready (wakes :meth:`wait_ready`, calls
+        ``on_commit``)."""
         with self._lock:
             s = self._slots.get(key)
-            if s is not None and s.state == "leased":
-                s.state = "ready"
-                s.deadline = math.inf
-                self._changed.notify_all()
+            if s is None or s.state != "leased":
+                return
+            s.state = "ready"
+            s.deadline = math.inf
+            self._changed.notify_all()
+        if self.on_commit is not None:
+            self.on_commit(key)
 
     def abort(self, key: bytes) -> None:
         """Free a leased (not yet committed) slot at once."""
