@@ -45,6 +45,27 @@ log = logging.getLogger("pdmesh.worker")
 
 
 PD_MODES = ("push", "nixl")
+# the device path of pushes (docs/transfer.md, "Device memory"): auto (default: on with CUDA and NIXL), on, off
+DEVICE_STAGING_ENV = "PDMESH_DEVICE_STAGING"
+
+
+def device_path_wanted(device: str, setting: str | None = None) -> tuple[bool, str]:
+    """Whether workers run the device path (prefill: pack on the GPU and push from device memory; decode: a
+    device landing receiving into device memory), and why. ``setting`` (default ``$PDMESH_DEVICE_STAGING``):
+    ``auto``/unset: on only when the device is CUDA and NIXL imports; ``off``: never; ``on``: asked for (the
+    connector still leaves it off for caches that are not on CUDA, or without NIXL, and logs why)."""
+    value = (os.environ.get(DEVICE_STAGING_ENV, "auto") if setting is None else setting).strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False, f"off ({DEVICE_STAGING_ENV}={value})"
+    if value in ("1", "on", "true", "yes"):
+        return True, f"on ({DEVICE_STAGING_ENV}={value})"
+    if device != "cuda":
+        return False, f"off: the device is {device}, not CUDA"
+    from pdmesh.transfer.nixl_backend import nixl_available
+
+    if not nixl_available():
+        return False, "off: NIXL is not installed"
+    return True, "on: CUDA and NIXL present"
 
 
 def kv_transfer_config(
@@ -53,6 +74,8 @@ def kv_transfer_config(
     device: str,
     tier_socket: str | None = None,
     chunk_tokens: int | None = None,
+    device_staging: bool = False,
+    device_landing: tuple[str, str] | None = None,
 ) -> dict:
     """The vLLM kv-transfer-config of ``role`` in ``pd_mode``.
 
@@ -61,6 +84,8 @@ def kv_transfer_config(
     in the tier is loaded instead of computed. Decoders also save the chunks they generate (multi-turn reuse).
     ``nixl``: stock NixlConnector; the decoder pulls the prompt's blocks from the prefill engine named in the
     request's ``kv_transfer_params``; the prefill engine holds them until pulled or its abort timeout.
+    ``device_staging`` (push mode, :func:`device_path_wanted`): the connector's device path; ``device_landing``
+    (decoders): (bind "host:port", advertised host) of the receiver into device memory in the vLLM process.
     """
     if pd_mode == "push":
         if not tier_socket:
@@ -68,6 +93,10 @@ def kv_transfer_config(
         extra: dict = {"tier_socket": tier_socket, "save_generated": role.name == "decode"}
         if chunk_tokens:
             extra["chunk_tokens"] = chunk_tokens
+        if device_staging:
+            extra["device_staging"] = True
+            if device_landing is not None:
+                extra["device_landing"], extra["device_landing_advertise_host"] = device_landing
         return {
             "kv_connector": "PdmeshConnector",
             "kv_connector_module_path": "pdmesh.connector.vllm_connector",
@@ -115,6 +144,10 @@ def add_worker_args(p: argparse.ArgumentParser, role: WorkerRole) -> None:
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM server args after --")
 
 
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def _advertised_host(args: argparse.Namespace) -> str:
     """The address peers use to reach this worker.
 
@@ -154,15 +187,24 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
     server: VLLMServer | None = None
     try:
         tier_socket, chunk_tokens = None, None
+        staging, landing, landing_address = False, None, None
         if args.pd_mode == "push":
             tier, chunk_tokens = _start_tier(args, worker_id, model, device, host, extra)
             tier_socket = tier.settings.socket_path
+            staging, why = device_path_wanted(device)
+            log.info("%s worker: device path %s", role.name, why)
+            if staging and role.name == "decode":
+                port = free_port()
+                landing = (f"{_bracketed(args.host)}:{port}", host)
+                landing_address = f"{_bracketed(host)}:{port}"
         spec = VLLMServerSpec(
             model=model,
             host=args.host,
             port=args.port,
             served_model_name=served,
-            kv_transfer_config=kv_transfer_config(role, args.pd_mode, device, tier_socket, chunk_tokens),
+            kv_transfer_config=kv_transfer_config(
+                role, args.pd_mode, device, tier_socket, chunk_tokens, staging, landing
+            ),
             extra_args=extra,
             env={
                 "VLLM_NIXL_SIDE_CHANNEL_HOST": host,
@@ -185,6 +227,7 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
             max_model_len=card.get("max_model_len"),
             tier_url=tier.info.get("http") if tier else None,
             transfer_address=tier.info.get("transfer") if tier else None,
+            device_transfer_address=landing_address,
         )
         watch = None
         if tier is not None:

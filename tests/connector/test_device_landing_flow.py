@@ -133,3 +133,33 @@ def test_the_landing_flag_parses():
     )
     assert (cfg.enabled, cfg.landing, cfg.landing_advertise_host) == (True, "0.0.0.0:7100", "10.0.0.2")
     assert DevicePathConfig.from_extra({}).landing is None
+
+
+def test_the_worker_launch_turns_the_device_path_on_only_with_cuda_and_nixl(monkeypatch):
+    """``pdmesh prefiller|decoder``: auto (default) is off on CPU whatever NIXL says, so the CPU path and its
+    kv-transfer-config are unchanged; on CUDA with NIXL it is on, decoders also bind a device landing."""
+    import pdmesh.transfer.nixl_backend as nb
+    from pdmesh.worker.agent import device_path_wanted, kv_transfer_config
+    from pdmesh.worker.roles import ROLES
+
+    monkeypatch.delenv("PDMESH_DEVICE_STAGING", raising=False)
+    assert device_path_wanted("cpu")[0] is False
+    monkeypatch.setattr(nb, "nixl_available", lambda: True)
+    assert device_path_wanted("cuda")[0] is True
+    assert device_path_wanted("cuda", "off")[0] is False
+    monkeypatch.setattr(nb, "nixl_available", lambda: False)
+    use, why = device_path_wanted("cuda")
+    assert not use and "NIXL" in why
+    decode, prefill = ROLES["decode"], ROLES["prefill"]
+    cpu = kv_transfer_config(decode, "push", "cpu", "/t.sock", 128)
+    assert cpu["kv_connector_extra_config"] == {
+        "tier_socket": "/t.sock",
+        "save_generated": True,
+        "chunk_tokens": 128,
+    }
+    gpu = kv_transfer_config(decode, "push", "cuda", "/t.sock", 16, True, ("0.0.0.0:7100", "10.0.0.2"))
+    extra = gpu["kv_connector_extra_config"]
+    assert extra["device_staging"] is True and extra["device_landing"] == "0.0.0.0:7100"
+    assert extra["device_landing_advertise_host"] == "10.0.0.2"
+    pre = kv_transfer_config(prefill, "push", "cuda", "/t.sock", 16, True)["kv_connector_extra_config"]
+    assert pre["device_staging"] is True and "device_landing" not in pre
