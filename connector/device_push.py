@@ -15,10 +15,12 @@ Contracts:
 * :meth:`stage` blocks until the chunks are packed (the engine may then reuse its blocks); it returns None,
   staging nothing, when the region lacks room or a chunk is still staged for an earlier push: the caller uses
   the host path (pack into the tier pool, the tier server pushes).
-* :meth:`submit` never blocks: a bounded queue, False when full (the slots are freed at once; the caller then
-  pushes through the tier). The background thread frees the chunks' slots when their push ends, however it
-  ends; a push is bounded by its deadline (``Sender.push``). Only the thread calling :meth:`stage` reuses slots,
-  so a host copy still reading a slot is safe as long as that thread waits for it before staging again.
+* :meth:`submit` never blocks: a bounded queue, False when full (the caller then pushes through the tier). A
+  push is bounded by its deadline (``Sender.push``).
+* Who frees: a staged chunk's slot has two holders, its push and the caller (who copies it into the host tier);
+  it is freed when both let go: the push when it ends however it ends (or at once when :meth:`submit` refuses
+  it), the caller with :meth:`release` once its host copies are done (or abandoned). A push that fails at once
+  (a dead peer) thus never frees a slot a host copy is about to read.
 * :meth:`close` stops the thread (bounded join), closes the sender, then the staging region.
 """
 
@@ -70,6 +72,8 @@ class DevicePush:
         self.sender = sender
         self.stats = DevicePushStats()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queued)
+        self._holds: dict[bytes, int] = {}  # staged key -> holders left (its push, the caller)
+        self._holds_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pdmesh-device-push", daemon=True)
         self._thread.start()
 
@@ -94,7 +98,8 @@ class DevicePush:
         return cls(StagedChunks(packer, staging, blocks_per_chunk), sender)
 
     def stage(self, keys: Sequence[bytes], block_ids: Sequence[Sequence[int]]) -> list[Chunk] | None:
-        """Pack every chunk (``keys[i]`` from ``block_ids[i]``) into the staging region; see the module doc."""
+        """Pack every chunk (``keys[i]`` from ``block_ids[i]``) into the staging region; see the module doc. The
+        caller must :meth:`submit` the chunks (or not) and :meth:`release` them after its host copies."""
         done: list[Chunk] = []
         try:
             for key, ids in zip(keys, block_ids, strict=True):
@@ -103,12 +108,20 @@ class DevicePush:
                     raise PoolExhausted("chunk already staged")
                 done.append(Chunk(key, off, self.staged.chunk_nbytes))
         except PoolExhausted:
-            self._free(done)
+            self._discard(done)
             return None
         except BaseException:
-            self._free(done)
+            self._discard(done)
             raise
+        with self._holds_lock:
+            for c in done:
+                self._holds[c.key] = 2
         return done
+
+    def release(self, chunks: Sequence[Chunk]) -> None:
+        """The caller is done reading staged ``chunks`` (its host copies ended): their slots are freed once
+        their push has ended too."""
+        self._free(chunks)
 
     def copy_to_host(self, key: bytes, out: torch.Tensor) -> HostCopy:
         """Queue the copy of staged ``key`` into host memory ``out``; wait on the handle before using ``out``."""
@@ -153,6 +166,19 @@ class DevicePush:
         self.staged.staging.close()
 
     def _free(self, chunks: Sequence[Chunk]) -> None:
+        """One holder of each of ``chunks`` lets go; the last one frees the slot."""
+        last = []
+        with self._holds_lock:
+            for c in chunks:
+                left = self._holds.get(c.key, 1) - 1
+                if left > 0:
+                    self._holds[c.key] = left
+                else:
+                    self._holds.pop(c.key, None)
+                    last.append(c)
+        self._discard(last)
+
+    def _discard(self, chunks: Sequence[Chunk]) -> None:
         for c in chunks:
             self.staged.discard(c.key)
 

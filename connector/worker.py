@@ -252,18 +252,19 @@ class ConnectorWorker:
             self.stats.device_pushes += 1
         written: list[bytes] = []
         offsets: list[int | None] = []
+        copies = []
         try:
             pool = self._pool_tensor()
             offsets = self.tier.alloc(keys, self.chunk_nbytes)
-            copies = []
             for key, off in zip(keys, offsets, strict=True):
                 if off is None:
                     self.stats.skipped_saves += 1
                     continue
                 copies.append(dp.copy_to_host(key, pool[off : off + self.chunk_nbytes]))
                 written.append(key)
-            for c in copies:  # before COMMIT, and before this thread stages again (slot reuse)
+            for c in copies:  # before COMMIT, and before the slots may be freed
                 c.wait()
+            copies = []
             if written:
                 self._commit(written)
         except Exception as e:
@@ -274,6 +275,13 @@ class ConnectorWorker:
             except Exception:
                 pass
             written = []
+        finally:
+            for c in copies:  # an error left copies queued: they still read the slots
+                try:
+                    c.wait()
+                except Exception:
+                    pass
+            dp.release(chunks)  # this save's hold on the slots; the push holds them until it ends
         if not pushed and written:  # the device queue was full: the tier pushes what it now holds
             try:
                 self.tier.push(op.keys, push.peer, push.transfer_id, push.deadline_s)

@@ -80,6 +80,7 @@ class StaticWorker(_Section):
     models: list[str] = Field(min_length=1)
     worker_id: str | None = None
     transfer_address: str | None = None
+    device_transfer_address: str | None = None  # a decoder's device landing (docs/transfer.md)
     tier_url: str | None = None
 
 

@@ -37,6 +37,7 @@ def static_registration(w: StaticWorker) -> WorkerRegistration:
         url=w.url,
         models=w.models,
         transfer_address=w.transfer_address,
+        device_transfer_address=w.device_transfer_address,
         tier_url=w.tier_url,
     )
 

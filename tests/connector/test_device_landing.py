@@ -333,3 +333,23 @@ def test_landing_in_device_memory_unpacks_with_compiled_triton_and_copies_to_the
         assert landing.staging.stats().free == 2
     finally:
         landing.close()
+
+
+def test_a_push_that_fails_at_once_keeps_the_slots_until_the_saver_releases_them():
+    """The push and the save's host copy both read a staged slot: a push to a dead peer ends in milliseconds, and
+    must not free a slot the save is still copying from (it is freed when both let go)."""
+    src = dp.make_caches(*CPU_CASE, 1, "cpu")
+    packer = dp.ForcedImpl(bind(src, get_layout(CPU_CASE[0])), "torch")
+    push = DevicePush.build(packer, BPC, 4, FP, "")
+    try:
+        chunks = push.stage(KEYS, BLOCKS)
+        assert chunks is not None and push.submit("127.0.0.1:9", "t.1", 5.0, chunks)
+        assert push.drain(30) and push.stats.failures == 1
+        assert push.staged.staging.stats().free == 1  # the push ended; the saver still holds three slots
+        out = torch.empty(push.staged.chunk_nbytes, dtype=torch.uint8)
+        push.copy_to_host(KEYS[0], out).wait()
+        assert same_bytes(out, reference_pack(src, get_layout(CPU_CASE[0]), BLOCKS[0]))
+        push.release(chunks)
+        assert push.staged.staging.stats().free == 4
+    finally:
+        push.close()
