@@ -22,6 +22,7 @@ outputs never change (they are only computed instead of loaded).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -197,7 +198,7 @@ class PdmeshConnector(KVConnectorBase_V1):
             log.warning("pdmesh connector: device landing not started (%s); pushes land in the tier pool", e)
             return None
 
-    def _landed_lookup(self, extra: dict) -> Any:
+    def _landed_lookup(self, extra: dict) -> Callable[[Sequence[bytes]], list[bool]] | None:
         """For the scheduler half: which keys landed in this process's device landing (None when the config
         has none; the landing itself starts with the worker half)."""
         from pdmesh.connector.device_path import DevicePathConfig
