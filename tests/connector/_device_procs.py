@@ -3,8 +3,11 @@ over NIXL, a decode side that receives into its staging region and unpacks into 
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
@@ -144,3 +147,23 @@ def run_pool_receiver(conn: Any, fp: str) -> None:
         conn.send(got)
     rx.close()
     pool.close()
+
+
+@contextmanager
+def pool_receiver(fp: str) -> Iterator[tuple[str, Any]]:
+    """The decode node's tier receiver (host pool, NIXL) in another process: yields (its address, the pipe that
+    drives it); stopped, then killed if it does not stop, on exit."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=run_pool_receiver, args=(child, fp), daemon=True)
+    proc.start()
+    try:
+        assert conn.poll(120), "receiver did not start"
+        host, port = conn.recv()
+        yield f"{host}:{port}", conn
+        conn.send(("stop",))
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)

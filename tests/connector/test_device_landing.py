@@ -226,20 +226,8 @@ def test_nixl_dram_push_from_another_process_lands_and_loads_into_paged_caches(c
 @pytest.fixture
 def decode_tier():
     """The decode node's tier receiver (host pool, NIXL) in another process."""
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=dp.run_pool_receiver, args=(child, FP), daemon=True)
-    proc.start()
-    try:
-        assert conn.poll(120), "receiver did not start"
-        host, port = conn.recv()
-        yield f"{host}:{port}", conn
-        conn.send(("stop",))
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
+    with dp.pool_receiver(FP) as tier:
+        yield tier
 
 
 KEYS = [b"k" * 16, b"j" * 16, b"i" * 16]

@@ -5,7 +5,6 @@ Fallbacks: no room in the staging region -> host path (the tier pushes); a dead 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 import pytest
@@ -31,20 +30,8 @@ BLOCKS = [[3, 7], [1, 0], [11, 4]]
 
 @pytest.fixture
 def decode_tier():
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=dp.run_pool_receiver, args=(child, FP), daemon=True)
-    proc.start()
-    try:
-        assert conn.poll(120), "receiver did not start"
-        host, port = conn.recv()
-        yield f"{host}:{port}", conn
-        conn.send(("stop",))
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
+    with dp.pool_receiver(FP) as tier:
+        yield tier
 
 
 def _save(worker: ConnectorWorker, peer: str, tid: str = "t.1") -> None:
