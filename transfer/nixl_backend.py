@@ -62,13 +62,62 @@ class NixlConfig:
     * registration is already once per pool (at start), not per push.
     What moves cma is the page size of the receiving pool: into 4 KiB tmpfs pages (``/dev/shm``) 0.43x memcpy,
     into huge pages 0.58x (a tmpfs mounted ``huge=within_size``/``always``) and 0.86x (anonymous THP memory).
-    That is a mount option of the node, not a setting here."""
+    That is a mount option of the node, not a setting here.
+
+    Between hosts (UCX's TCP transport, ``bench/bench_transfer_hosts.py``) UCX moves a WRITE's bytes only when a
+    worker is progressed, on both sides. ``enable_prog_thread`` (default on; ``PDMESH_NIXL_PROG_THREAD=0`` turns
+    it off) runs UCX's progress thread, which sleeps in ``poll()`` on the workers' event fds and wakes when a
+    socket is ready (at the latest every ``prog_thread_wait_ms``: 0.7 % of a core while idle), instead of the
+    sender's wait and the receiver's poller progressing it every 0.2-0.5 ms: +3-6 % per request push on the veth
+    pair. (The stock wrapper runs that thread with no wait: a core at 100 % while idle.) Tried there and no
+    help: ``UCX_TCP_SNDBUF``/``UCX_TCP_RCVBUF`` 8 MiB, ``UCX_TCP_TX_SEG_SIZE``/``RX_SEG_SIZE`` 512 KiB (they size
+    active messages; a WRITE is one zero-copy PUT per descriptor, ``UCX_PROTO_INFO=y``: ``ucp_put* 0..inf
+    zero-copy tcp``). Rendezvous and lane settings do not apply to PUTs on one device."""
 
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     ucx_env: dict[str, str] = field(default_factory=dict)
     override_env: bool = False
-    enable_prog_thread: bool = False
+    enable_prog_thread: bool = field(
+        default_factory=lambda: os.environ.get("PDMESH_NIXL_PROG_THREAD", "1") != "0"
+    )
     num_threads: int = 0
+    prog_thread_wait_ms: float = 10.0
+
+
+def _make_agent(name: str, config: NixlConfig) -> Any:
+    """A ``nixl_agent`` whose progress thread (when on) sleeps in ``poll()`` on UCX's event fds for at most
+    ``config.prog_thread_wait_ms`` instead of spinning: the Python wrapper hard-codes the thread's delay to 0,
+    which makes its ``poll()`` return at once (a core at 100 % while idle). The agent is made without backends,
+    its core agent is replaced by one built with the delay set, then the backends are created on that one."""
+    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+    strict = nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+    custom = config.enable_prog_thread and config.prog_thread_wait_ms > 0
+    agent = nixl_agent(
+        name,
+        nixl_agent_config(
+            enable_prog_thread=config.enable_prog_thread,
+            backends=[] if custom else list(config.backends),
+            num_threads=config.num_threads,
+            sync_mode=strict,
+        ),
+    )
+    if not custom:
+        return agent
+    from nixl._api import nixlBind  # type: ignore[attr-defined]
+
+    core = nixlBind.nixlAgentConfig()
+    core.useProgThread = True
+    core.useListenThread = False
+    core.syncMode = strict.value
+    core.pthrDelay = int(config.prog_thread_wait_ms * 1000)  # us; UCX's thread rounds it up to whole ms
+    core.lthrDelay = 100000
+    core.captureTelemetry = False
+    agent.agent = nixlBind.nixlAgent(name, core)
+    init = {"num_threads": str(config.num_threads)} if config.num_threads > 0 else {}
+    for backend in config.backends:
+        agent.create_backend(backend, init)
+    return agent
 
 
 @dataclass
@@ -99,18 +148,8 @@ class NixlBackend(TransferBackend):
         for k, v in self.config.ucx_env.items():
             if self.config.override_env or k not in os.environ:
                 os.environ[k] = v
-        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-
         self.agent_name = f"pdmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = nixl_agent(
-            self.agent_name,
-            nixl_agent_config(
-                enable_prog_thread=self.config.enable_prog_thread,
-                backends=list(self.config.backends),
-                num_threads=self.config.num_threads,
-                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
-            ),
-        )
+        self._agent = _make_agent(self.agent_name, self.config)
         self._lock = threading.Lock()
         self._remotes: dict[str, _Remote] = {}
         self._reg: Any = None
