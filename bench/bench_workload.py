@@ -9,7 +9,9 @@ Targets, one after the other on this machine, same model and engine flags:
 - ``pdmesh``: ``pdmesh up`` as shipped (1 prefill + 1 decode worker, router defaults);
 - ``pdmesh-overlap``: the same with ``pd_overlap_legs`` (decode leg sent with the prefill leg);
 - ``pdmesh-no-queue-rule``: the same with ``conditional_pd.max_prefill_queue_tokens: 0`` (PD whatever the queue);
-- ``pdmesh-always-pd``: the same with ``conditional_pd.min_uncached_tokens: 0`` (every prompt through PD);
+- ``pdmesh-always-pd``: the same with every ``conditional_pd`` rule at 0 (every prompt through PD);
+- ``pdmesh-no-idle-rule``: the same with ``conditional_pd.idle_decoder_max_uncached_tokens: 0`` (the previous
+  defaults);
 - ``vllm``: one plain vLLM server (prefix caching on), both cores;
 - ``vllm-x2-rr``: two plain vLLM servers (a core each) behind the pdmesh router as a data-parallel pool with
   round robin (what a user would otherwise deploy);
@@ -208,7 +210,15 @@ TARGETS = {
         m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS="0"
     ),
     "pdmesh-always-pd": lambda m, e, d: pdmesh_target(
-        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS="0"
+        m,
+        e,
+        d,
+        PDMESH_ROUTER_CONDITIONAL_PD_MIN_UNCACHED_TOKENS="0",
+        PDMESH_ROUTER_CONDITIONAL_PD_MAX_PREFILL_QUEUE_TOKENS="0",
+        PDMESH_ROUTER_CONDITIONAL_PD_IDLE_DECODER_MAX_UNCACHED_TOKENS="0",
+    ),
+    "pdmesh-no-idle-rule": lambda m, e, d: pdmesh_target(
+        m, e, d, PDMESH_ROUTER_CONDITIONAL_PD_IDLE_DECODER_MAX_UNCACHED_TOKENS="0"
     ),
     "vllm": lambda m, e, d: vllm_target(m, e, d),
     "vllm-x2-rr": lambda m, e, d: dp_target(m, e, d, "round_robin"),

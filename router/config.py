@@ -65,13 +65,19 @@ class ConditionalPDConfig(_Section):
     """Conditional disaggregation. A prompt goes decode-only when the part the chosen decode worker does not hold
     yet (router index of what it served, its tier) is shorter than ``min_uncached_tokens`` (a prefill leg costs a
     round trip and a push, more than the decode worker computing a few hundred tokens itself), or when the
-    prefill pool is queued (``max_prefill_queue_tokens``). 0 turns a rule off; both 0 = always PD."""
+    prefill pool is queued (``max_prefill_queue_tokens``), or when the chosen decode worker has no request in flight
+    and the part it does not hold is at most ``idle_decoder_max_uncached_tokens`` (PD keeps a prompt's compute
+    away from running streams; with none running, a prefill leg only adds its round trip and the push). 0 turns a
+    rule off; all 0 = always PD."""
 
     min_uncached_tokens: int = Field(512, ge=0)
     # Load: a prompt goes decode-only when the prefill legs in flight (from this router process) already hold this
     # many prompt tokens per prefill worker: it would queue behind them. 0 = off (PD whatever the queue).
     # Default 4096: on the workload benchmark it cut doc-QA TTFT p50 0.42 -> 0.18 s and chat p90 2.75 -> 2.30 s.
     max_prefill_queue_tokens: int = Field(4096, ge=0)
+    # Idle decoder: "no request in flight" as this router process sees it (each router process decides alone).
+    # The bound caps how long the decoder is busy computing when a request arrives right after.
+    idle_decoder_max_uncached_tokens: int = Field(2048, ge=0)
 
 
 class StaticWorker(_Section):

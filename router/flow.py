@@ -254,9 +254,8 @@ def _check_model(st: RouterState, model: str) -> None:
 async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, decode_policy: Policy) -> None:
     """Fill ``ctx.prompt`` (and tier lookups) when a policy or conditional disaggregation needs them."""
     cfg = st.config
-    if not (
-        prefill_policy.needs_prompt or decode_policy.needs_prompt or cfg.conditional_pd.min_uncached_tokens
-    ):
+    rules = cfg.conditional_pd.min_uncached_tokens or cfg.conditional_pd.idle_decoder_max_uncached_tokens
+    if not (prefill_policy.needs_prompt or decode_policy.needs_prompt or rules):
         return
     prefillers = st.registry.candidates("prefill", ctx.model)
     ctx.prompt = await st.analyzer.analyze(
@@ -270,7 +269,7 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     asked: dict[str, Worker] = {}
     if prefill_policy.needs_prompt:
         asked.update((w.id, w) for w in prefillers)
-    if decode_policy.needs_prompt or cfg.conditional_pd.min_uncached_tokens:
+    if decode_policy.needs_prompt or rules:
         asked.update((w.id, w) for w in st.registry.candidates("decode", ctx.model))
     if asked:
         ctx.tier_cached = await lookup_all(st.tier_lookup, list(asked.values()), ctx.prompt.token_ids)

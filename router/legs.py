@@ -2,7 +2,9 @@
 
 Push PD (:meth:`Legs.push`), the default mode:
 1. choose the decode worker D (its pool's policy); go decode-only when the request needs the prompt's logits, when
-   the part of the prompt D does not hold is shorter than ``conditional_pd.min_uncached_tokens``, when D has no
+   the part of the prompt D does not hold is shorter than ``conditional_pd.min_uncached_tokens``, when D has
+   nothing in flight and that part is at most ``idle_decoder_max_uncached_tokens``, when the prefill pool is
+   queued (``max_prefill_queue_tokens``), when D has no
    transfer receiver, or when D serves both roles and no prefill-only worker exists (a data-parallel pool);
 2. the prefill leg: a prefill worker computes the prompt and pushes its KV chunks to D; then the decode leg on D,
    whose connector waits (bounded by the transfer deadline) for chunks still in flight;
@@ -58,6 +60,18 @@ def short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
     return ctx.prompt.n_tokens - cached < threshold
 
 
+def idle_decoder(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
+    """Conditional PD on an idle decoder: ``target`` has no request in flight (from this router process) and the
+    part of the prompt it must compute is at most ``idle_decoder_max_uncached_tokens``."""
+    limit = st.config.conditional_pd.idle_decoder_max_uncached_tokens
+    if not limit or target.in_flight:
+        return False
+    if ctx.prompt is None:
+        return estimate_prompt_tokens(ctx.body) <= limit
+    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
+    return ctx.prompt.n_tokens - cached <= limit
+
+
 def prefill_pool_queued(st: RouterState, ctx: RouteContext) -> bool:
     """Conditional PD on load: the prefill legs in flight hold at least ``max_prefill_queue_tokens`` prompt
     tokens per prefill worker, so a new prompt would wait behind them while its decoder could compute it now."""
@@ -107,6 +121,8 @@ class Legs:
             return "data_parallel"
         if short_uncached(self.st, self.ctx, target):
             return "short_prompt"
+        if idle_decoder(self.st, self.ctx, target):
+            return "idle_decoder"
         if prefill_pool_queued(self.st, self.ctx):
             return "prefill_queue"
         return None

@@ -22,7 +22,11 @@ class RouterHarness:
             "policies": {"prefill": "round_robin", "decode": "round_robin"},
         }
         # the unit tests pin what they exercise: round robin, PD for every prompt (the defaults are tested apart)
-        base["conditional_pd"] = {"min_uncached_tokens": 0, "max_prefill_queue_tokens": 0}
+        base["conditional_pd"] = {
+            "min_uncached_tokens": 0,
+            "max_prefill_queue_tokens": 0,
+            "idle_decoder_max_uncached_tokens": 0,
+        }
         self.config = RouterConfig.model_validate({**base, **cfg})
         self.server = ThreadServer(create_app(self.config)).start()
         self.url = self.server.url

@@ -14,7 +14,11 @@ from tests.router.test_pd_push import _add, _wait_until
 from tests.servers import ThreadServer
 
 DEFAULTS = RouterConfig().model_dump(include={"policies", "conditional_pd"})
-LONG = " ".join(f"w{i}" for i in range(700))  # 700 tokens for the fake workers' tokenizer
+# 2600 tokens for the fake workers' tokenizer: above min_uncached_tokens and idle_decoder_max_uncached_tokens
+LONG = " ".join(f"w{i}" for i in range(2600))
+MID = " ".join(
+    f"m{i}" for i in range(700)
+)  # above min_uncached_tokens, below idle_decoder_max_uncached_tokens
 
 
 def _long_workers(*workers) -> None:
@@ -27,6 +31,34 @@ def test_defaults_are_cache_aware_with_conditional_pd():
     assert cfg.policies.prefill == cfg.policies.decode == "cache_aware"
     assert cfg.conditional_pd.min_uncached_tokens == 512
     assert cfg.conditional_pd.max_prefill_queue_tokens == 4096
+    assert cfg.conditional_pd.idle_decoder_max_uncached_tokens == 2048
+
+
+def test_a_prompt_goes_decode_only_to_an_idle_decoder_and_through_pd_to_a_busy_one(make_harness):
+    h = make_harness(pd_mode="push", **DEFAULTS)
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    _long_workers(p, d)
+    # nothing in flight on D: D computes the 700 tokens itself (no stream to protect from them)
+    assert h.client.post("/v1/completions", json={"model": "m", "prompt": MID, "max_tokens": 2}).is_success
+    assert not p.requests and "kv_transfer_params" not in d.requests[-1]
+    assert h.metric("pdmesh_router_decode_only_total", reason="idle_decoder") == 1
+    # longer than the bound: PD even on an idle decoder
+    assert h.client.post("/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}).is_success
+    assert len(p.requests) == 1 and "kv_transfer_params" in d.requests[-1]
+    # a request in flight on D: the next prompt of the same size goes through PD
+    d.delay_s = 1.0
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(
+            h.client.post, "/v1/completions", json={"model": "m", "prompt": "busy", "max_tokens": 2}
+        )
+        _wait_until(lambda: len(d.requests) == 3, 2.0)
+        d.delay_s = 0.0
+        other = {"model": "m", "prompt": "x " + MID, "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=other).is_success
+        assert busy.result().is_success
+    assert len(p.requests) == 2 and "kv_transfer_params" in d.requests[-1]
+    assert h.metric("pdmesh_router_decode_only_total", reason="idle_decoder") == 1
 
 
 def test_short_prompt_goes_decode_only_long_prompt_takes_both_legs(make_harness):

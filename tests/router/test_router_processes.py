@@ -57,7 +57,8 @@ def cluster(tmp_path: Path):
     cfg = tmp_path / "router.yaml"
     cfg.write_text(
         f"router:\n  port: {port}\n  pd_mode: nixl\n  heartbeat_ttl_s: 120\n  log_level: warning\n"
-        "  conditional_pd: {min_uncached_tokens: 0, max_prefill_queue_tokens: 0}\n"  # every request takes both legs (counted below)
+        "  conditional_pd: {min_uncached_tokens: 0, max_prefill_queue_tokens: 0,"
+        " idle_decoder_max_uncached_tokens: 0}\n"  # every request takes both legs (counted below)
     )
     env = {**os.environ, "PDMESH_CLUSTER_TOKEN": TOKEN}
     sup = ManagedProcess(

@@ -319,7 +319,9 @@ def test_tier_lookup_steers_cache_aware_choice(make_harness):
 @pytest.mark.parametrize("mode", ["push", "nixl"])
 def test_conditional_pd_sends_short_prompts_decode_only(make_harness, mode):
     h = make_harness(
-        pd_mode=mode, conditional_pd={"min_uncached_tokens": 10}, cache_aware={"chunk_tokens": 4}
+        pd_mode=mode,
+        conditional_pd={"min_uncached_tokens": 10, "idle_decoder_max_uncached_tokens": 0},
+        cache_aware={"chunk_tokens": 4},
     )
     p = h.add("prefill", transfer_address="10.0.0.1:7000")
     d = h.add("decode", transfer_address="10.0.0.2:7000")
