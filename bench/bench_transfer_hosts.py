@@ -2,10 +2,12 @@
 on the bare link and on rate-limited links, pushed the way workers push (a whole request's chunks in one push:
 64 chunks of 1.5 MiB, an 8k-token prompt of the Qwen2.5-0.5B-shaped model).
 
-    sudo python bench/bench_transfer_hosts.py [--pushes 6]
+    sudo python bench/bench_transfer_hosts.py [--pushes 10]
 
-NIXL runs on UCX's TCP transport (``UCX_TLS=tcp``): the namespaces share one machine, where UCX would otherwise
-take shared memory or cma. Rates are limited with ``tbf``; link delay needs ``sch_netem``, which this machine's
+Per link, in the same run: ``socket`` (one bare TCP stream carrying the same 96 MiB per push, no transfer layer:
+the ceiling of this link on this machine), our ``tcp`` backend and ``nixl``; the senders take turns push by push
+so that background load on this 2-core machine falls on all alike. NIXL runs on UCX's TCP transport
+(``UCX_TLS=tcp``): the namespaces share one machine, where UCX would otherwise take shared memory or cma. Rates are limited with ``tbf``; link delay needs ``sch_netem``, which this machine's
 kernel lacks, so delay rows are left out when it is missing (and say so). Writes bench/results/transfer_hosts.json.
 """
 
@@ -29,6 +31,7 @@ from tests.netns import HostPair, NetemMissing, netns_unavailable
 RESULTS = Path(__file__).resolve().parent / "results"
 CHUNK = 1536 << 10
 PER_PUSH = 64
+PEER = [sys.executable, "-m", "tests.transfer.netns_peer"]
 LINKS = [("bare veth", None, None), ("25 Gbit/s", "25gbit", None), ("10 Gbit/s", "10gbit", None),
          ("25 Gbit/s + 20 us", "25gbit", "20us"), ("10 Gbit/s + 100 us", "10gbit", "100us")]  # fmt: skip
 
@@ -44,43 +47,80 @@ def _json_line(proc: subprocess.Popen, timeout: float) -> dict:
     raise RuntimeError(f"no result: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
 
 
-def one(hosts: HostPair, backend: str, pushes: int) -> dict:
-    """One sender process: a cold push (connection, NIXL agent, registration), then ``pushes`` warm ones."""
-    env = {**os.environ, "UCX_TLS": "tcp", "PYTHONUNBUFFERED": "1"}
-    peer_cmd = [sys.executable, "-m", "tests.transfer.netns_peer"]
-    slots = str(PER_PUSH * (pushes + 1))
-    rx = hosts.run(
-        "b", [*peer_cmd, "receive", "--host", hosts.addr["b"], "--backend", backend, "--slots", slots],
-        env={**env, "UCX_NET_DEVICES": hosts.dev["b"]}, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM first: a receiver unlinks its pool's segment on it."""
+    if proc.poll() is None:
+        proc.terminate()
     try:
-        host, port = _json_line(rx, 60)["address"]
-        tx = hosts.run(
-            "a", [*peer_cmd, "send", "--host", hosts.addr["a"], "--peer", f"{host}:{port}", "--backend", backend,
-                  "--chunks", str(PER_PUSH), "--per-push", str(PER_PUSH), "--repeat", str(pushes)],
-            env={**env, "UCX_NET_DEVICES": hosts.dev["a"]}, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        out = _json_line(tx, 300)
-        tx.wait(30)
-        if not out["ok"]:
-            raise RuntimeError(f"{backend}: {out}")
-        warm = out["warm_gbps"]
-        return {"gbps_median": statistics.median(warm), "gbps_best": max(warm), "cold_push_s": out["cold_s"],
-                "pushes": len(warm)}  # fmt: skip
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def link_row(
+    hosts: HostPair, kinds: list[str], pushes: int, envs: dict[str, dict[str, str]] | None = None
+) -> dict:
+    """One receiver and one sender process per kind (``socket``: one bare TCP stream, the link's ceiling; a
+    backend name: that backend alone; ``backend:label``: the same with ``envs[kind]`` added to its environment),
+    each sender's cold push first, then ``pushes`` warm pushes per kind taken in turns (the order flips every
+    round), so that this 2-core machine's background load falls on all alike."""
+    peer_cmd = PEER
+    common = ["--chunks", str(PER_PUSH), "--chunk-bytes", str(CHUNK)]
+    procs: list[subprocess.Popen] = []
+    pipes = {"text": True, "stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    try:
+        senders, cold = {}, {}
+        for kind in kinds:
+            env = {**os.environ, "UCX_TLS": "tcp", "PYTHONUNBUFFERED": "1", **(envs or {}).get(kind, {})}
+            backend = kind.split(":")[0]
+            if kind == "socket":
+                rx_args, tx_args = ["socket-receive"], ["socket-send"]
+            else:
+                slots = str(PER_PUSH * (pushes + 1))
+                rx_args = ["receive", "--backend", backend, "--slots", slots]
+                tx_args = ["send", "--backend", backend, "--step"]
+            rx = hosts.run("b", [*peer_cmd, *rx_args, "--host", hosts.addr["b"], *common],
+                           env={**env, "UCX_NET_DEVICES": hosts.dev["b"]}, **pipes)  # fmt: skip
+            procs.append(rx)
+            host, port = _json_line(rx, 60)["address"]
+            tx = hosts.run("a", [*peer_cmd, *tx_args, "--host", hosts.addr["a"], "--peer", f"{host}:{port}", *common],
+                           env={**env, "UCX_NET_DEVICES": hosts.dev["a"]}, **pipes)  # fmt: skip
+            procs.append(tx)
+            out = _json_line(tx, 120)
+            if not out["ok"]:
+                raise RuntimeError(f"{kind}: {out}")
+            senders[kind], cold[kind] = tx, out["cold_s"]
+        warm: dict[str, list[float]] = {k: [] for k in kinds}
+        for i in range(pushes):
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                tx = senders[kind]
+                tx.stdin.write("push\n")
+                tx.stdin.flush()
+                out = _json_line(tx, 120)
+                if not out["ok"]:
+                    raise RuntimeError(f"{kind}: {out}")
+                warm[kind].append(out["gbps"])
+        for tx in senders.values():
+            tx.stdin.write("quit\n")
+            tx.stdin.flush()
+        return {
+            kind: {
+                "gbps_median": statistics.median(warm[kind]),
+                "gbps_best": max(warm[kind]),
+                "cold_push_s": cold[kind],
+                "pushes": len(warm[kind]),
+            }
+            for kind in kinds
+        }
     finally:
-        rx.terminate()  # the receiver unlinks its pool's segment on SIGTERM
-        try:
-            rx.wait(10)
-        except subprocess.TimeoutExpired:
-            rx.kill()
-            rx.wait(10)
+        for proc in reversed(procs):
+            _stop(proc)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pushes", type=int, default=6)
+    ap.add_argument("--pushes", type=int, default=10)
     a = ap.parse_args()
     why = netns_unavailable()
     if why:
@@ -96,9 +136,9 @@ def main() -> int:
             except NetemMissing as e:
                 skipped.append(f"{label}: {e}")
                 continue
-            row = {"link": label}
-            for backend in backends:
-                row[backend] = one(hosts, backend, a.pushes)
+            row = {"link": label, **link_row(hosts, ["socket", *backends], a.pushes)}
+            for b in backends:
+                row[f"{b}_vs_socket"] = round(row[b]["gbps_median"] / row["socket"]["gbps_median"], 3)
             if "nixl" in row:
                 row["nixl_vs_tcp"] = round(row["nixl"]["gbps_median"] / row["tcp"]["gbps_median"], 3)
             rows.append(row)

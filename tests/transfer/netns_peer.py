@@ -7,15 +7,19 @@ on stdin: ``stats`` -> pool and receiver counters; ``check <seed> <chunks> <chun
 ``send``: pushes ``--chunks`` chunks of ``--chunk-bytes`` (the seeded pattern) to ``--peer`` in one push per
 ``--per-push`` chunks over ``--backend`` (keys ``c{i}``), then ``--repeat`` more times (keys ``r{n}c{i}``: warm
 pushes on the same connection); prints ``{"ok": ...}`` with the backend, the cold push's seconds and the warm
-pushes' GB/s, or the typed error. Both sides use the cluster token ``--token``.
+pushes' GB/s, or the typed error; with ``--step`` it answers one warm push per ``push`` line on stdin instead.
+Both sides use the cluster token ``--token``.
+
+``socket-receive`` / ``socket-send``: one bare TCP stream carrying the same bytes per push (no transfer layer):
+the link's ceiling for the benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
+import socket
 import sys
 import time
 
@@ -33,9 +37,9 @@ def _backend(name: str, token: str, host: str):
         from pdmesh.transfer.tcp_backend import TcpBackend
 
         return TcpBackend(FP, token, host, host)
-    from pdmesh.transfer.nixl_backend import NixlBackend, NixlConfig
+    from pdmesh.transfer.nixl_backend import NixlBackend
 
-    return NixlBackend(FP, NixlConfig(enable_prog_thread=os.environ.get("NETNS_NIXL_PROG_THREAD") == "1"))
+    return NixlBackend(FP)  # the product's defaults (PDMESH_NIXL_PROG_THREAD=0: no progress thread)
 
 
 def _print(obj: dict) -> None:
@@ -75,7 +79,26 @@ def receive(a: argparse.Namespace) -> None:
         pool.close()
 
 
+def _push_round(
+    sender: Sender, a: argparse.Namespace, peer: tuple[str, int], round_: int
+) -> tuple[float, str]:
+    """One round of pushes (keys ``c{i}`` in round 0, ``r{n}c{i}`` after): seconds taken and the backend used."""
+    prefix = "" if round_ == 0 else f"r{round_}"
+    t0 = time.perf_counter()
+    backend = ""
+    for first in range(0, a.chunks, a.per_push):
+        chunks = [
+            Chunk(f"{prefix}c{i}".encode(), i * a.chunk_bytes, a.chunk_bytes)
+            for i in range(first, min(a.chunks, first + a.per_push))
+        ]
+        result = sender.push(peer, f"x{a.seed}-{round_}-{first}", chunks, time.monotonic() + a.deadline)
+        backend = result.backend
+    return time.perf_counter() - t0, backend
+
+
 def send(a: argparse.Namespace) -> None:
+    if a.step:
+        return send_steps(a)
     total = a.chunks * a.chunk_bytes
     buf = memoryview(bytearray(pattern(a.seed, total).tobytes()))
     factory = {a.backend: lambda: _backend(a.backend, a.token, a.host)}
@@ -85,17 +108,8 @@ def send(a: argparse.Namespace) -> None:
     backend = None
     try:
         for round_ in range(1 + a.repeat):  # round 0 (keys c{i}) is cold: connection, agent, registration
-            prefix = "" if round_ == 0 else f"r{round_}"
-            t0 = time.perf_counter()
-            for first in range(0, a.chunks, a.per_push):
-                chunks = [
-                    Chunk(f"{prefix}c{i}".encode(), i * a.chunk_bytes, a.chunk_bytes)
-                    for i in range(first, min(a.chunks, first + a.per_push))
-                ]
-                tid = f"x{a.seed}-{round_}-{first}"
-                result = sender.push((host, int(port)), tid, chunks, time.monotonic() + a.deadline)
-                backend = result.backend
-            times.append(time.perf_counter() - t0)
+            seconds, backend = _push_round(sender, a, (host, int(port)), round_)
+            times.append(seconds)
         warm = sorted(times[1:]) or times
         gbps = total / warm[len(warm) // 2] / 1e9
         _print({"ok": True, "backend": backend, "bytes": total, "cold_s": times[0], "seconds": sum(times),
@@ -108,9 +122,69 @@ def send(a: argparse.Namespace) -> None:
         sender.close()
 
 
+def send_steps(a: argparse.Namespace) -> None:
+    """``send --step``: the cold push, then one warm push per ``push`` line on stdin (``quit`` ends), each answered
+    with ``{"ok", "gbps"}``: a benchmark interleaves several senders push by push, so that the same background
+    load falls on each of them."""
+    total = a.chunks * a.chunk_bytes
+    buf = memoryview(bytearray(pattern(a.seed, total).tobytes()))
+    factory = {a.backend: lambda: _backend(a.backend, a.token, a.host)}
+    sender = Sender(buf, SenderConfig(fingerprint=FP, token=a.token, backends=(a.backend,)), factory)
+    host, port = a.peer.rsplit(":", 1)
+    try:
+        seconds, backend = _push_round(sender, a, (host, int(port)), 0)
+        _print({"ok": True, "backend": backend, "cold_s": seconds})
+        for round_, line in enumerate(sys.stdin, 1):
+            if line.strip() != "push":
+                break
+            seconds, _ = _push_round(sender, a, (host, int(port)), round_)
+            _print({"ok": True, "gbps": total / seconds / 1e9})
+    except TransferError as e:
+        _print({"ok": False, "code": e.code, "retryable": e.retryable, "error": str(e)})
+    finally:
+        sender.close()
+
+
+def socket_receive(a: argparse.Namespace) -> None:
+    """``socket-receive``: the link's ceiling for one TCP stream, no transfer layer: each push is an 8-byte length
+    then that many bytes, read with ``recv_into`` into one buffer, answered with one byte."""
+    ls = socket.create_server((a.host, 0))
+    _print({"address": [a.host, ls.getsockname()[1]]})
+    conn, _ = ls.accept()
+    buf = memoryview(bytearray(a.chunks * a.chunk_bytes))
+    with conn:
+        while hdr := conn.recv(8, socket.MSG_WAITALL):
+            n, got = int.from_bytes(hdr, "big"), 0
+            while got < n:
+                k = conn.recv_into(buf[got:n])
+                if not k:
+                    return
+                got += k
+            conn.sendall(b"k")
+
+
+def socket_send(a: argparse.Namespace) -> None:
+    """``socket-send --step``: the counterpart of ``socket-receive``, one push of the request's bytes per ``push``
+    line (``sendall`` of the whole buffer), answered like ``send --step``."""
+    total = a.chunks * a.chunk_bytes
+    buf = memoryview(bytearray(pattern(a.seed, total).tobytes()))
+    host, port = a.peer.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _print({"ok": True, "backend": "socket", "cold_s": 0.0})
+        for line in sys.stdin:
+            if line.strip() != "push":
+                break
+            t0 = time.perf_counter()
+            s.sendall(total.to_bytes(8, "big"))
+            s.sendall(buf)
+            s.recv(1)
+            _print({"ok": True, "gbps": total / (time.perf_counter() - t0) / 1e9})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["receive", "send"])
+    ap.add_argument("mode", choices=["receive", "send", "socket-receive", "socket-send"])
     ap.add_argument("--host", required=True)
     ap.add_argument("--backend", default="tcp")
     ap.add_argument("--token", default="netns-secret")
@@ -122,8 +196,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=20.0)
     ap.add_argument("--repeat", type=int, default=0, help="timed pushes after the cold one (new keys each)")
+    ap.add_argument("--step", action="store_true", help="send: one warm push per 'push' line on stdin")
     a = ap.parse_args()
-    receive(a) if a.mode == "receive" else send(a)
+    {"receive": receive, "send": send, "socket-receive": socket_receive, "socket-send": socket_send}[a.mode](
+        a
+    )
 
 
 if __name__ == "__main__":
