@@ -39,7 +39,7 @@ def _backend(name: str, token: str, host: str):
         return TcpBackend(FP, token, host, host)
     from pdmesh.transfer.nixl_backend import NixlBackend
 
-    return NixlBackend(FP)  # the product's defaults (PDMESH_NIXL_PROG_THREAD=0: no progress thread)
+    return NixlBackend(FP)  # the product's defaults (a veth device: UCX's progress thread on)
 
 
 def _print(obj: dict) -> None:
