@@ -34,6 +34,7 @@ from pdmesh.router.openai_requests import (
     parse_request,
 )
 from pdmesh.router.policies import Policy
+from pdmesh.router.policies.cache_aware import cached_prefix_tokens
 from pdmesh.router.registry import Worker
 from pdmesh.router.route_context import RouteContext
 from pdmesh.router.state import RouterState
@@ -266,13 +267,34 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     # Whose tiers to ask, in one concurrent round: the prefill pool's for a cache-aware prefill choice; the decode
     # pool's for a cache-aware decode choice and for conditional PD (a decoder whose tier, or the remote tier
     # behind it, holds the prompt serves it alone and loads it from there).
+    decoders = st.registry.candidates("decode", ctx.model)
+    if _held_by_a_decoder(st, ctx, decoders, decode_policy):
+        st.metrics.tier_lookups.labels("skipped").inc()
+        return
     asked: dict[str, Worker] = {}
     if prefill_policy.needs_prompt:
         asked.update((w.id, w) for w in prefillers)
     if decode_policy.needs_prompt or rules:
-        asked.update((w.id, w) for w in st.registry.candidates("decode", ctx.model))
+        asked.update((w.id, w) for w in decoders)
     if asked:
+        st.metrics.tier_lookups.labels("asked").inc()
         ctx.tier_cached = await lookup_all(st.tier_lookup, list(asked.values()), ctx.prompt.token_ids)
+
+
+def _held_by_a_decoder(
+    st: RouterState, ctx: RouteContext, decoders: list[Worker], decode_policy: Policy
+) -> bool:
+    """The router's own index shows a decode worker holding all but fewer than ``min_uncached_tokens`` of the
+    prompt (a chat's next turn: its history went there), and the decode choice follows what workers hold (or
+    there is one decoder): the request goes decode-only there whatever the tiers hold, so asking them (a round
+    trip carrying the prompt's token ids: half the route stage on 4k-token chats) is skipped."""
+    threshold = st.config.conditional_pd.min_uncached_tokens
+    if not threshold or not decoders or ctx.prompt is None:
+        return False
+    if not (decode_policy.needs_prompt or len(decoders) == 1):
+        return False
+    held = max(cached_prefix_tokens(st.index, decoders, ctx).values())
+    return ctx.prompt.n_tokens - held < threshold
 
 
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:

@@ -80,6 +80,13 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.tier_lookups = Counter(
+            "pdmesh_router_tier_lookups",
+            "Requests whose prompt was looked up in the workers' tiers, or not because the router's own index "
+            "already showed a decode worker holding it (skipped)",
+            ["outcome"],
+            registry=r,
+        )
         self.decode_only = Counter(
             "pdmesh_router_decode_only",
             "Requests served without a prefill leg, by reason",

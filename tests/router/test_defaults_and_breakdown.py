@@ -191,6 +191,40 @@ def test_decoder_whose_tier_holds_the_prompt_serves_it_alone(make_harness):
         tier.stop()
 
 
+def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harness):
+    asked: list[int] = []
+    app = FastAPI()
+
+    @app.post("/lookup")
+    async def lookup(request: Request) -> dict:
+        asked.append(len((await request.json())["token_ids"]))
+        return {"chunks": 0, "tokens": 0, "total_chunks": 1, "tiers": []}
+
+    tier = ThreadServer(app).start()
+    try:
+        h = make_harness(pd_mode="push", **DEFAULTS, cache_aware={"tier_lookup_timeout_s": 2.0})
+        p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
+        d = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
+        _long_workers(p, d)
+        first = {"model": "m", "prompt": LONG, "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=first).is_success
+        assert len(p.requests) == 1 and asked  # nobody held it: the tiers were asked, then PD
+        n_asked = len(asked)
+        assert h.metric("pdmesh_router_tier_lookups_total", outcome="asked") == 1
+        # the next turn: the router pushed the first prompt to d0, so it knows d0 holds all but the new words
+        follow_up = {"model": "m", "prompt": LONG + " and one more question", "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=follow_up).is_success
+        assert len(asked) == n_asked and len(p.requests) == 1  # no lookup, decode-only on d0
+        assert "kv_transfer_params" not in d.requests[-1]
+        assert h.metric("pdmesh_router_tier_lookups_total", outcome="skipped") == 1
+        assert h.metric("pdmesh_router_decode_only_total", reason="short_prompt") == 1
+        # an unrelated prompt is looked up again
+        assert h.client.post("/v1/completions", json={**first, "prompt": "other " + LONG}).is_success
+        assert len(asked) > n_asked
+    finally:
+        tier.stop()
+
+
 def test_prompts_go_decode_only_while_the_prefill_pool_is_queued(make_harness):
     h = make_harness(pd_mode="push", **{**DEFAULTS, "conditional_pd": {"max_prefill_queue_tokens": 500}})
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
