@@ -74,14 +74,20 @@ def cluster(request, expected, tiny_model, tmp_path_factory):
         log_dir=str(tmp_path_factory.mktemp(f"cluster-{request.param}")),
         startup_timeout=300,
         # a cluster secret as in production: workers' engines need the key derived from it, push targets are signed.
-        # push runs the shipped router defaults (long prompts PD, short ones decode-only); nixl sends all through PD
-        env={"PDMESH_CLUSTER_TOKEN": TOKEN, **(ALWAYS_PD_ENV if request.param == "nixl" else {})},
+        # push runs the shipped router defaults (long prompts PD, short ones decode-only) but for the idle-decoder
+        # rule, which would send every prompt of these one-at-a-time tests decode-only (the rule: tests/router);
+        # nixl sends all through PD
+        env={
+            "PDMESH_CLUSTER_TOKEN": TOKEN,
+            **(ALWAYS_PD_ENV if request.param == "nixl" else NO_IDLE_RULE_ENV),
+        },
     )
     with LocalCluster(spec) as c:
         yield c
 
 
 TOKEN = "e2e-cluster-secret"
+NO_IDLE_RULE_ENV = {"PDMESH_ROUTER_CONDITIONAL_PD_IDLE_DECODER_MAX_UNCACHED_TOKENS": "0"}
 
 
 def _non_streaming(body: dict) -> dict:
