@@ -143,8 +143,7 @@ class DeviceLanding:
         **kwargs: object,
     ) -> DeviceLanding:
         """A staging region of ``slots`` chunks on the caches' device and a NIXL receiver over it (not started)."""
-        chunk = packer.chunk_nbytes(blocks_per_chunk)
-        staged = StagedChunks(packer, StagingRegion(chunk, slots, str(packer.device)), blocks_per_chunk)
+        staged = StagedChunks.on_device(packer, blocks_per_chunk, slots)
         return cls(staged, tier, receiver_config, **kwargs)  # type: ignore[arg-type]
 
     def start(self, register_as: str | None = None) -> str:

@@ -133,6 +133,13 @@ class StagedChunks:
             )
         self._side_stream: Any = None
 
+    @classmethod
+    def on_device(cls, packer: StagePacker, blocks_per_chunk: int, slots: int) -> StagedChunks:
+        """A new staging region of ``slots`` chunk-sized slots on the caches' device (VRAM on CUDA, DRAM on a
+        host), not registered with any transfer backend yet."""
+        chunk = packer.chunk_nbytes(blocks_per_chunk)
+        return cls(packer, StagingRegion(chunk, slots, str(packer.device)), blocks_per_chunk)
+
     def _sync(self) -> None:
         for dev in {self.packer.device, self.staging.device}:
             if dev.type == "cuda":

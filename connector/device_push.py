@@ -37,7 +37,6 @@ import torch
 
 from pdmesh.connector.device_path import HostCopy, StagedChunks, StagePacker, staging_sender
 from pdmesh.kvcache.transfer_node import parse_address
-from pdmesh.transfer.device_staging import StagingRegion
 from pdmesh.transfer.errors import PoolExhausted, TransferError
 from pdmesh.transfer.nixl_backend import NixlConfig
 from pdmesh.transfer.sender import Chunk, Sender, SenderConfig
@@ -89,13 +88,12 @@ class DevicePush:
     ) -> DevicePush:
         """A staging region of ``slots`` chunks on the caches' device and a NIXL sender over it; NIXL's agent is
         built and the region registered in a background thread (seconds), so the first push does not wait."""
-        chunk = packer.chunk_nbytes(blocks_per_chunk)
-        staging = StagingRegion(chunk, slots, str(packer.device))
+        staged = StagedChunks.on_device(packer, blocks_per_chunk, slots)
         sender = staging_sender(
-            staging, SenderConfig(fingerprint=fingerprint, token=token, backends=("nixl",)), nixl
+            staged.staging, SenderConfig(fingerprint=fingerprint, token=token, backends=("nixl",)), nixl
         )
         threading.Thread(target=sender.warm, name="pdmesh-device-push-warm", daemon=True).start()
-        return cls(StagedChunks(packer, staging, blocks_per_chunk), sender)
+        return cls(staged, sender)
 
     def stage(self, keys: Sequence[bytes], block_ids: Sequence[Sequence[int]]) -> list[Chunk] | None:
         """Pack every chunk (``keys[i]`` from ``block_ids[i]``) into the staging region; see the module doc. The
