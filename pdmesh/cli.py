@@ -101,12 +101,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _demo_request(url: str) -> int:
     """Two streamed chat requests: a short question (served by the decode worker alone: conditional PD) and one
-    over a ~700-token document (prefill worker computes it and pushes the KV to the decode worker)."""
+    over a ~2,800-token document, longer than the idle-decoder bound (the prefill worker computes it and pushes the
+    KV to the decode worker)."""
     import httpx
 
     models = httpx.get(url + "/v1/models", timeout=10, trust_env=False).json()["data"]
     model = models[0]["id"]
-    document = " ".join(["prefill workers compute the prompt and push its KV cache to a decode worker."] * 50)
+    document = " ".join(
+        ["prefill workers compute the prompt and push its KV cache to a decode worker."] * 200
+    )
     questions = [
         "Explain prefill and decode disaggregation.",
         f"{document}\n\nSummarise the text above in one sentence.",
@@ -130,7 +133,8 @@ def _demo_request(url: str) -> int:
     print("(the tiny built-in model has random weights: the text is gibberish, but every token is exact)")
     metrics = httpx.get(url + "/metrics", timeout=10, trust_env=False).text
     pd = [ln for ln in metrics.splitlines() if ln.startswith("pdmesh_router_pd_requests_total")]
-    print("router (short prompts go decode-only, long ones prefill + push + decode):", *pd)
+    print("router (short prompts, or prompts an idle decoder can take, go decode-only; long ones prefill + push +"
+          " decode):", *pd)  # fmt: skip
     return 0 if ok else 1
 
 
