@@ -13,7 +13,9 @@
 
 :func:`fit_profile` turns the points into a :class:`~pdmesh.planner.WorkerProfile`: for prefill, a least-squares
 parabola (fixed cost, per token, attention per token x prompt token) when 3 or more prompt lengths span 4x or more
-and no coefficient comes out negative; otherwise a least-squares line through each set of points when they spread
+and no coefficient comes out negative (fitted against computed tokens squared: exact for fresh prompts, as
+``bench/bench_planner.py`` measures; from a window with prefix hits, where computed tokens attend to a longer
+prompt, the attention term comes out high by up to 1 / (1 - hit rate): on the safe side); otherwise a least-squares line through each set of points when they spread
 (prompt lengths differing by 1.5x or more, running counts by 2 or more);
 otherwise the mean alone with the slope (prefill overhead, per-request decode cost) taken from ``base`` (a
 measured profile) or 0, and the result says which (``assumed``). A window with no prefill or no decode work
@@ -189,6 +191,7 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
         if min(overhead, per_token, attention) < 0:
             overhead, per_token, attention = 0.0, -1.0, 0.0
     if per_token <= 0 and len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
+        attention = 0.0
         overhead, per_token = _line(points.prefill)
     if per_token <= 0 or overhead < 0:  # no spread, or a line the noise tilted: the mean, overhead from base
         attention = 0.0

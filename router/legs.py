@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pdmesh.router import pd_nixl, pd_push
@@ -61,15 +61,27 @@ def short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
 
 
 def idle_decoder(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
-    """Conditional PD on an idle decoder: ``target`` has no request in flight (from this router process) and the
-    part of the prompt it must compute is at most ``idle_decoder_max_uncached_tokens``."""
+    """Conditional PD on an idle decoder: ``target`` has no request in flight and none on its way (a PD request
+    whose prefill leg runs), as this router process sees it, and the part of the prompt it must compute is at most
+    ``idle_decoder_max_uncached_tokens``."""
     limit = st.config.conditional_pd.idle_decoder_max_uncached_tokens
-    if not limit or target.in_flight:
+    if not limit or target.in_flight or target.pd_pending:
         return False
     if ctx.prompt is None:
         return estimate_prompt_tokens(ctx.body) <= limit
     cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
     return ctx.prompt.n_tokens - cached <= limit
+
+
+@contextlib.contextmanager
+def pd_pending(target: Worker) -> Iterator[None]:
+    """``target`` is the decoder of a PD request whose decode leg may not be issued yet (its ``in_flight`` does
+    not show it while the prefill leg runs): counted in ``target.pd_pending`` until the request's legs are done."""
+    target.pd_pending += 1
+    try:
+        yield
+    finally:
+        target.pd_pending -= 1
 
 
 def prefill_pool_queued(st: RouterState, ctx: RouteContext) -> bool:
@@ -185,13 +197,17 @@ class Legs:
 
     async def push(self) -> LegResult:
         """Push PD: the prefill leg, then (or, with ``pd_overlap_legs``, at the same time) the decode leg."""
-        st, body = self.st, self.ctx.body
         target = self._choose_decoder()
         reason = self._decode_only_reason(target)
         if reason is None and not target.info.transfer_address:
             reason = "no_transfer_address"
         if reason is not None:
             return await self._decode_only(target, reason)
+        with pd_pending(target):
+            return await self._push_legs(target)
+
+    async def _push_legs(self, target: Worker) -> LegResult:
+        st, body = self.st, self.ctx.body
         transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
         push_to = target.info.transfer_address
         assert push_to is not None
@@ -249,11 +265,15 @@ class Legs:
 
     async def nixl(self) -> LegResult:
         """Stock NIXL PD: prefill leg (do_remote_decode), then the decode leg with its kv_transfer_params."""
-        st, body = self.st, self.ctx.body
         target = self._choose_decoder()
         reason = self._decode_only_reason(target)
         if reason is not None:
             return await self._decode_only(target, reason)
+        with pd_pending(target):
+            return await self._nixl_legs(target)
+
+    async def _nixl_legs(self, target: Worker) -> LegResult:
+        st, body = self.st, self.ctx.body
         prefill = await self._prefill(lambda _w: pd_nixl.prefill_request(body))
         try:
             prefill_json = prefill.json()

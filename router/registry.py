@@ -31,6 +31,7 @@ class Worker:
     probe_failures: int = 0
     probe_successes: int = 0
     in_flight: int = 0
+    pd_pending: int = 0  # PD requests choosing this decoder whose legs are not done (router.legs.pd_pending)
     registered_at: float = field(default_factory=time.monotonic)
 
     @property

@@ -53,7 +53,6 @@ def test_a_prompt_goes_decode_only_to_an_idle_decoder_and_through_pd_to_a_busy_o
             h.client.post, "/v1/completions", json={"model": "m", "prompt": "busy", "max_tokens": 2}
         )
         _wait_until(lambda: len(d.requests) == 3, 2.0)
-        d.delay_s = 0.0
         other = {"model": "m", "prompt": "x " + MID, "max_tokens": 2}
         assert h.client.post("/v1/completions", json=other).is_success
         assert busy.result().is_success
@@ -187,6 +186,65 @@ def test_decoder_whose_tier_holds_the_prompt_serves_it_alone(make_harness):
         ).is_success
         assert not p.requests and len(d.requests) == 1
         assert h.metric("pdmesh_router_decode_only_total", reason="short_prompt") == 1
+    finally:
+        tier.stop()
+
+
+def test_a_decoder_waiting_for_a_pd_request_is_not_idle(make_harness):
+    h = make_harness(pd_mode="push", **DEFAULTS)
+    p = _add(h, "prefill", "p0", "10.1.1.1:7001")
+    d = _add(h, "decode", "d0", "10.2.2.2:7002")
+    _long_workers(p, d)
+    p.delay_s = 1.0  # the PD request's prefill leg runs; its decode leg is not on D yet
+    with ThreadPoolExecutor(1) as pool:
+        pd = pool.submit(
+            h.client.post, "/v1/completions", json={"model": "m", "prompt": LONG, "max_tokens": 2}
+        )
+        _wait_until(lambda: p.requests, 2.0)
+        assert not d.requests  # D's in-flight count is 0: only the pending PD request says D is taken
+        p.delay_s = 0.0
+        mid = {"model": "m", "prompt": MID, "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=mid).is_success
+        assert pd.result().is_success
+    assert len(p.requests) == 2  # the mid-size prompt went through PD too
+    assert h.metric("pdmesh_router_decode_only_total", reason="idle_decoder") == 0
+
+
+def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen(make_harness):
+    asked: list[int] = []
+    app = FastAPI()
+
+    @app.post("/lookup")
+    async def lookup(request: Request) -> dict:
+        asked.append(len((await request.json())["token_ids"]))
+        return {"chunks": 0, "tokens": 0, "total_chunks": 1, "tiers": []}
+
+    tier = ThreadServer(app).start()
+    try:
+        cache_aware = {"tier_lookup_timeout_s": 2.0, "max_load_imbalance": 0}
+        h = make_harness(pd_mode="push", **DEFAULTS, cache_aware=cache_aware)
+        p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
+        d0 = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
+        d1 = h.add("decode", name="d1", transfer_address="10.2.2.3:7002", tier_url=tier.url)
+        _long_workers(p, d0, d1)
+        first = {"model": "m", "prompt": LONG, "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=first).is_success
+        holder = d0 if d0.requests else d1
+        holder.delay_s = 1.0
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(h.client.post, "/v1/completions", json={**first, "prompt": LONG + " busy"})
+            _wait_until(
+                lambda: len(holder.requests) == 2, 2.0
+            )  # it holds the prompt: the cache-aware choice sends it there
+            n_asked = len(asked)
+            follow_up = {"model": "m", "prompt": LONG + " and one more question", "max_tokens": 2}
+            assert h.client.post("/v1/completions", json=follow_up).is_success
+            assert busy.result().is_success
+        assert (
+            len(asked) > n_asked
+        )  # the holder is busier: the choice may pass it over, so the tiers were asked
+        # only the request sent while the holder was idle skipped them
+        assert h.metric("pdmesh_router_tier_lookups_total", outcome="skipped") == 1
     finally:
         tier.stop()
 
