@@ -210,8 +210,8 @@ def test_a_decoder_waiting_for_a_pd_request_is_not_idle(make_harness):
     assert h.metric("pdmesh_router_decode_only_total", reason="idle_decoder") == 0
 
 
-def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen(make_harness):
-    asked: list[int] = []
+def _empty_tier(asked: list[int]) -> FastAPI:
+    """A tier that holds nothing and notes the length of every lookup in ``asked``."""
     app = FastAPI()
 
     @app.post("/lookup")
@@ -219,7 +219,12 @@ def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen
         asked.append(len((await request.json())["token_ids"]))
         return {"chunks": 0, "tokens": 0, "total_chunks": 1, "tiers": []}
 
-    tier = ThreadServer(app).start()
+    return app
+
+
+def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen(make_harness):
+    asked: list[int] = []
+    tier = ThreadServer(_empty_tier(asked)).start()
     try:
         cache_aware = {"tier_lookup_timeout_s": 2.0, "max_load_imbalance": 0}
         h = make_harness(pd_mode="push", **DEFAULTS, cache_aware=cache_aware)
@@ -251,14 +256,7 @@ def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen
 
 def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harness):
     asked: list[int] = []
-    app = FastAPI()
-
-    @app.post("/lookup")
-    async def lookup(request: Request) -> dict:
-        asked.append(len((await request.json())["token_ids"]))
-        return {"chunks": 0, "tokens": 0, "total_chunks": 1, "tiers": []}
-
-    tier = ThreadServer(app).start()
+    tier = ThreadServer(_empty_tier(asked)).start()
     try:
         h = make_harness(pd_mode="push", **DEFAULTS, cache_aware={"tier_lookup_timeout_s": 2.0})
         p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
