@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 log = logging.getLogger("pdmesh.procs")
 
@@ -107,9 +108,29 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
         time.sleep(interval)
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, for a server started a moment later. Chosen below the kernel's ephemeral
+    range where there is room: a port from that range (what binding port 0 gives) can be taken meanwhile as the
+    source port of any outgoing connection, and the server then fails with "address in use". Not reserved: two
+    callers may still race for one port (random choice among ~20k makes that rare)."""
+    import random
     import socket
 
+    try:
+        low = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 11000:
+        for port in random.sample(range(10000, low), 64):
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
