@@ -51,26 +51,29 @@ def record(st: RouterState, ctx: RouteContext, worker: Worker) -> None:
         st.index.record(ctx.prompt.keys, worker.id)
 
 
-def short_uncached(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
-    """Conditional disaggregation: is the part of the prompt ``target`` must compute below the threshold?"""
+def uncached_tokens(st: RouterState, ctx: RouteContext, target: Worker) -> int | None:
+    """The part of the prompt ``target`` must compute (what the router's index and the tiers' lookups say it holds
+    taken off); None when the prompt was not analyzed."""
+    if ctx.prompt is None:
+        return None
+    return ctx.prompt.n_tokens - cached_prefix_tokens(st.index, [target], ctx)[target.id]
+
+
+def short_uncached(st: RouterState, uncached: int | None) -> bool:
+    """Conditional disaggregation: is the part of the prompt the decoder must compute below the threshold?"""
     threshold = st.config.conditional_pd.min_uncached_tokens
-    if not threshold or ctx.prompt is None:
-        return False
-    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
-    return ctx.prompt.n_tokens - cached < threshold
+    return bool(threshold) and uncached is not None and uncached < threshold
 
 
-def idle_decoder(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
+def idle_decoder(st: RouterState, ctx: RouteContext, target: Worker, uncached: int | None) -> bool:
     """Conditional PD on an idle decoder: ``target`` has no request in flight and none on its way (a PD request
-    whose prefill leg runs), as this router process sees it, and the part of the prompt it must compute is at most
+    whose prefill leg runs), as this router process sees it, and the part of the prompt it must compute
+    (``uncached``; estimated from the body when the prompt was not analyzed) is at most
     ``idle_decoder_max_uncached_tokens``."""
     limit = st.config.conditional_pd.idle_decoder_max_uncached_tokens
     if not limit or target.in_flight or target.pd_pending:
         return False
-    if ctx.prompt is None:
-        return estimate_prompt_tokens(ctx.body) <= limit
-    cached = cached_prefix_tokens(st.index, [target], ctx)[target.id]
-    return ctx.prompt.n_tokens - cached <= limit
+    return (estimate_prompt_tokens(ctx.body) if uncached is None else uncached) <= limit
 
 
 @contextlib.contextmanager
@@ -131,9 +134,10 @@ class Legs:
             return "prompt_logprobs"
         if data_parallel(self.st, self.ctx, target):
             return "data_parallel"
-        if short_uncached(self.st, self.ctx, target):
+        uncached = uncached_tokens(self.st, self.ctx, target)
+        if short_uncached(self.st, uncached):
             return "short_prompt"
-        if idle_decoder(self.st, self.ctx, target):
+        if idle_decoder(self.st, self.ctx, target, uncached):
             return "idle_decoder"
         if prefill_pool_queued(self.st, self.ctx):
             return "prefill_queue"
