@@ -37,14 +37,9 @@ from pdmesh.kvcache.disk import DiskTier  # noqa: E402
 from pdmesh.kvcache.pool import ChunkPool  # noqa: E402
 from pdmesh.kvcache.remote import CacheServerClient, RedisTier  # noqa: E402
 from pdmesh.kvcache.server import TierServer  # noqa: E402
+from pdmesh.procs import free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

@@ -18,8 +18,7 @@ from pdmesh.kvcache.remote import (
     open_remote,
     remote_breaker,
 )
-
-from .conftest import free_port
+from pdmesh.procs import free_port
 
 CHUNK = 256 * 1024
 

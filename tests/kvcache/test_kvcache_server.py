@@ -9,8 +9,9 @@ import pytest
 
 from pdmesh.kvcache.client import TierClient, TierError, TierUnavailable
 from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.procs import free_port
 
-from .conftest import free_port, tier_config
+from .conftest import tier_config
 
 FP = ModelFingerprint("tiny", "r0", "float32", "cpu", 32)
 SLOT = 65536
