@@ -12,10 +12,11 @@
   (running requests, mean inter-token latency); ``vllm:generation_tokens`` gives output tokens per request.
 
 :func:`fit_profile` turns the points into a :class:`~pdmesh.planner.WorkerProfile`: for prefill, a least-squares
-parabola (fixed cost, per token, attention per token x prompt token) when 3 or more prompt lengths span 4x or more
-and no coefficient comes out negative (fitted against computed tokens squared: exact for fresh prompts, as
-``bench/bench_planner.py`` measures; from a window with prefix hits, where computed tokens attend to a longer
-prompt, the attention term comes out high by up to 1 / (1 - hit rate): on the safe side); otherwise a least-squares line through each set of points when they spread
+fit of fixed cost + per computed token + attention per computed token x prompt token (each point carries the
+interval's computed and whole-prompt tokens per request, so computed tokens attending to a cached prefix count
+against the whole prompt, as :func:`~pdmesh.planner.prefill_seconds` charges them) when 3 or more computed lengths
+span 4x or more and no coefficient comes out negative; otherwise a least-squares line through each set of points
+when they spread
 (prompt lengths differing by 1.5x or more, running counts by 2 or more);
 otherwise the mean alone with the slope (prefill overhead, per-request decode cost) taken from ``base`` (a
 measured profile) or 0, and the result says which (``assumed``). A window with no prefill or no decode work
@@ -99,11 +100,12 @@ def router_values(text: str) -> dict[str, float]:
 
 @dataclass
 class Points:
-    """One point per worker and interval: prefill (tokens computed per request, seconds per request), decode
+    """One point per worker and interval: prefill (tokens computed per request, prompt tokens per request, seconds
+    per request; a mean over the interval's prompts, so the attention regressor is exact when they are alike), decode
     (running, inter-token seconds), load (prompt tokens per request, seconds per request that a decode engine
     spends before a request's first token: taking in its pushed KV)."""
 
-    prefill: list[tuple[float, float]] = field(default_factory=list)
+    prefill: list[tuple[float, float, float]] = field(default_factory=list)  # (computed, prompt, seconds)
     decode: list[tuple[float, float]] = field(default_factory=list)
     load: list[tuple[float, float]] = field(default_factory=list)
 
@@ -115,7 +117,11 @@ class Points:
         d = {k: after[k] - before[k] for k in before}
         if role in ("prefill", "both") and d["prefill_n"] >= 1 and d["computed_tokens"] > 0:
             busy = d["prefill_s"] if seconds is None else min(d["prefill_s"], seconds)
-            self.prefill.append((d["computed_tokens"] / d["prefill_n"], busy / d["prefill_n"]))
+            computed = d["computed_tokens"] / d["prefill_n"]
+            prompt = max(
+                d["prompt_tokens"] / d["prefill_n"], computed
+            )  # an engine without the counter: fresh
+            self.prefill.append((computed, prompt, busy / d["prefill_n"]))
         if role == "decode" and d["prefill_n"] >= 1 and d["prompt_tokens"] > 0:
             self.load.append((d["prompt_tokens"] / d["prefill_n"], d["prefill_s"] / d["prefill_n"]))
         if role in ("decode", "both") and d["itl_n"] >= 1:
@@ -131,11 +137,12 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def _parabola(points: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """Least-squares ``y = a + b*x + c*x**2``: (a, b, c); the normal equations solved by Cramer's rule."""
-    sums = [sum(x**k for x, _ in points) for k in range(5)]
-    rhs = [sum(y * x**k for x, y in points) for k in range(3)]
-    m = [[sums[i + j] for j in range(3)] for i in range(3)]
+def _attention_fit(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b*c + k*c*p`` over (computed c, prompt p, seconds y) points: (a, b, k); the normal
+    equations solved by Cramer's rule. With fresh prompts (p = c) this is the parabola through the points."""
+    rows = [(1.0, c, c * p, y) for c, p, y in points]
+    m = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+    rhs = [sum(r[i] * r[3] for r in rows) for i in range(3)]
 
     def det(a: list[list[float]]) -> float:
         return (
@@ -184,20 +191,20 @@ def fit_profile(points: Points, base: WorkerProfile | None = None) -> FittedProf
     if not points.decode:
         raise NotEnoughTraffic("no token was generated on a decode engine in the window")
     assumed: list[str] = []
-    xs = [x for x, _ in points.prefill]
+    xs = [c for c, _, _ in points.prefill]
     overhead, per_token, attention = 0.0, -1.0, 0.0  # unfitted
     if len({round(x) for x in xs}) >= 3 and max(xs) >= 4 * min(xs):
-        overhead, per_token, attention = _parabola(points.prefill)
+        overhead, per_token, attention = _attention_fit(points.prefill)
         if min(overhead, per_token, attention) < 0:
             overhead, per_token, attention = 0.0, -1.0, 0.0
     if per_token <= 0 and len(points.prefill) >= 2 and max(xs) >= 1.5 * min(xs):
         attention = 0.0
-        overhead, per_token = _line(points.prefill)
+        overhead, per_token = _line([(c, y) for c, _, y in points.prefill])
     if per_token <= 0 or overhead < 0:  # no spread, or a line the noise tilted: the mean, overhead from base
         attention = 0.0
         overhead = base.prefill_overhead_s if base else 0.0
-        tokens = sum(x for x, _ in points.prefill)
-        secs = sum(y for _, y in points.prefill) - overhead * len(points.prefill)
+        tokens = sum(xs)
+        secs = sum(y for _, _, y in points.prefill) - overhead * len(points.prefill)
         per_token = max(secs, 1e-9) / tokens
         assumed.append("prefill_overhead_s")
     ns = [n for n, _ in points.decode]

@@ -118,6 +118,22 @@ def test_fit_recovers_an_attention_term_that_grows_with_the_square_of_the_prompt
     assert sum(prefill_seconds(line, t, t) for t in (512, 2048)) == pytest.approx(total)
 
 
+def test_the_attention_term_counts_computed_tokens_against_the_whole_prompt_with_prefix_hits():
+    """A window with prefix hits: computed tokens attend to the cached prefix too; fitting against computed tokens
+    squared would come out high by 1 / (1 - hit rate), the whole-prompt regressor recovers the true term."""
+    true = WorkerProfile(1 / 75e-6, 0.01, 0.006, 0.0, prefill_attention_s_per_token2=2.5e-8)
+    points = Points()
+    for computed, prompt in ((128, 512), (512, 2048), (1024, 1024), (2048, 4096), (700, 2800)):
+        secs = 3 * prefill_seconds(true, computed, prompt)
+        _interval(points, "prefill", {}, {"prefill_s": secs, "prefill_n": 3, "computed_tokens": 3 * computed,
+                  "prompt_tokens": 3 * prompt})  # fmt: skip
+    _interval(points, "decode", {"running": 1}, {"running": 1, "itl_s": 0.006, "itl_n": 1})
+    got = fit_profile(points).profile
+    assert got.prefill_attention_s_per_token2 == pytest.approx(2.5e-8, rel=1e-6)
+    assert got.prefill_tokens_per_s == pytest.approx(1 / 75e-6, rel=1e-6)
+    assert got.prefill_overhead_s == pytest.approx(0.01, rel=1e-6)
+
+
 def test_without_spread_the_slopes_come_from_the_base_profile():
     base = WorkerProfile(1000.0, 0.05, 0.01, 0.001, transfer_s=0.003)
     points = Points()
