@@ -268,7 +268,9 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     # pool's for a cache-aware decode choice and for conditional PD (a decoder whose tier, or the remote tier
     # behind it, holds the prompt serves it alone and loads it from there).
     decoders = st.registry.candidates("decode", ctx.model)
-    if _held_by_a_decoder(st, ctx, decoders, decode_policy):
+    if _held_by_a_decoder(st, ctx, decoders, decode_policy) or _decode_only_on_the_one_decoder(
+        st, ctx, decoders
+    ):
         st.metrics.tier_lookups.labels("skipped").inc()
         return
     asked: dict[str, Worker] = {}
@@ -302,6 +304,22 @@ def _held_by_a_decoder(
     # may hold the prompt only in its tier, so ask
     least = min(w.in_flight for w in decoders)
     return holder.in_flight - least <= st.config.cache_aware.max_load_imbalance
+
+
+def _decode_only_on_the_one_decoder(st: RouterState, ctx: RouteContext, decoders: list[Worker]) -> bool:
+    """One decode worker, and the whole prompt is short enough that a conditional-PD rule sends it decode-only there
+    whatever the tiers hold (shorter than ``min_uncached_tokens``, or at most ``idle_decoder_max_uncached_tokens``
+    while that decoder is idle): the lookups could change neither the worker nor the mode, so they are skipped.
+    Should the decoder take a request between here and the legs' decision, the prompt goes through PD with the
+    prefill choice made from the router's index alone (the lookups only inform choices)."""
+    if len(decoders) != 1 or ctx.prompt is None:
+        return False
+    n, cfg = ctx.prompt.n_tokens, st.config.conditional_pd
+    if cfg.min_uncached_tokens and n < cfg.min_uncached_tokens:
+        return True
+    d = decoders[0]
+    limit = cfg.idle_decoder_max_uncached_tokens
+    return bool(limit) and n <= limit and not d.in_flight and not d.pd_pending
 
 
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:

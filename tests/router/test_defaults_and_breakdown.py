@@ -281,6 +281,38 @@ def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harn
         tier.stop()
 
 
+def test_a_prompt_the_rules_send_decode_only_whatever_the_tiers_hold_skips_the_lookup(make_harness):
+    """One decoder: a prompt shorter than min_uncached_tokens, or one within the idle bound while it is idle, goes
+    decode-only there whatever the tiers say, so they are not asked; a busy decoder makes the tiers count again."""
+    asked: list[int] = []
+    tier = ThreadServer(_empty_tier(asked)).start()
+    try:
+        h = make_harness(pd_mode="push", **DEFAULTS, cache_aware={"tier_lookup_timeout_s": 2.0})
+        p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
+        d = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
+        _long_workers(p, d)
+        short = {"model": "m", "prompt": "a short question", "max_tokens": 2}
+        assert h.client.post("/v1/completions", json=short).is_success
+        assert h.client.post("/v1/completions", json={**short, "prompt": MID}).is_success
+        assert not asked and not p.requests
+        assert h.metric("pdmesh_router_tier_lookups_total", outcome="skipped") == 2
+        assert h.metric("pdmesh_router_decode_only_total", reason="idle_decoder") == 1
+        # longer than the idle bound: the tiers may hold it, so they are asked
+        assert h.client.post("/v1/completions", json={**short, "prompt": LONG}).is_success
+        assert len(asked) == 2 and len(p.requests) == 1  # both tiers asked, then PD
+        # a request in flight on D: a mid-size prompt may go through PD, so the tiers are asked
+        d.delay_s = 1.0
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(h.client.post, "/v1/completions", json={**short, "prompt": "busy"})
+            _wait_until(lambda: len(d.requests) == 4, 2.0)
+            assert h.client.post("/v1/completions", json={**short, "prompt": "y " + MID}).is_success
+            assert busy.result().is_success
+        assert len(asked) == 4 and len(p.requests) == 2
+        assert h.metric("pdmesh_router_tier_lookups_total", outcome="asked") == 2
+    finally:
+        tier.stop()
+
+
 def test_prompts_go_decode_only_while_the_prefill_pool_is_queued(make_harness):
     h = make_harness(pd_mode="push", **{**DEFAULTS, "conditional_pd": {"max_prefill_queue_tokens": 500}})
     p = _add(h, "prefill", "p0", "10.1.1.1:7001")
