@@ -17,9 +17,15 @@ Targets, one after the other on this machine, same model and engine flags:
   round robin (what a user would otherwise deploy);
 - ``vllm-x2-cache-aware`` (``--with-dp-cache-aware``): the same pool with the router's cache-aware default.
 
-Figures per target and workload: TTFT p50/p90/p99, ITL p50/p90, end-to-end p50, output tokens/s, goodput
-(requests/s meeting both ``--slo-ttft`` and ``--slo-itl``, the ITL of a request being its mean), vLLM prefix-cache
-(APC) hit rate and tokens loaded from the pdmesh tier, PD vs decode-only counts and the router's TTFT stages.
+Offered load: each workload runs once per rate of ``--qps`` (chat, no reuse) or ``--doc-qps`` (document QA), with
+fresh text every time (nothing cached from the previous rate), as ``<workload>@<rate>`` rows: a light rate where
+every target meets its SLOs and the latencies show the route's cost, and a rate where the SLOs bind, where goodput
+tells the deployments apart (at a light rate every target's goodput is its offered rate).
+
+Figures per target, workload and rate: TTFT p50/p90/p99, ITL p50/p90, end-to-end p50, output tokens/s, goodput
+(requests/s meeting both ``--slo-ttft`` and ``--slo-itl``, the ITL of a request being its mean) and SLO attainment
+(the share of requests meeting both), vLLM prefix-cache (APC) hit rate and tokens loaded from the pdmesh tier, PD vs
+decode-only counts and the router's TTFT stages.
 
     python bench/bench_workload.py [--model tiny|qwen] [--targets pdmesh,vllm,vllm-x2-rr] [--quick]
 
@@ -247,25 +253,33 @@ def summarize(results: list, seconds: float, a) -> dict:
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / seconds,
         "goodput_rps": len(good) / seconds,
         "slo_met": len(good),
+        "slo_attainment": len(good) / len(results) if results else None,
         "prompt_tokens_mean": statistics.mean([r.prompt_tokens for r in ok]) if ok else None,
     }
 
 
+def runs(a) -> list[tuple[str, float]]:
+    """(workload, offered rate) in the order every target runs them (the texts follow this order)."""
+    return [(w, rate) for w in a.workloads for rate in (a.doc_qps if w == "doc_qa" else a.qps)]
+
+
 def run_target(name: str, target: Target, texts: Texts, a) -> dict:
-    async def drive(workload: str) -> list:
+    async def drive(workload: str, rate: float) -> list:
         # a client per event loop: its connection pool belongs to the loop that made it
         async with openai.AsyncOpenAI(
             base_url=target.url + "/v1", api_key="none", timeout=600, max_retries=0
         ) as client:
-            return await WORKLOADS[workload](client, MODEL, texts, a)
+            return await WORKLOADS[workload](
+                client, MODEL, texts, argparse.Namespace(**{**vars(a), "rate": rate})
+            )
 
     out = {}
-    for workload in a.workloads:
+    for workload, rate in runs(a):
         eng0 = engine_counters(target.engines)
         times0 = engine_times(target.roles)
         rt0 = router_counters(target.url) if target.router else {}
         t0 = time.perf_counter()
-        results = asyncio.run(drive(workload))
+        results = asyncio.run(drive(workload, rate))
         seconds = time.perf_counter() - t0
         row = summarize(results, seconds, a)
         eng = diff(engine_counters(target.engines), eng0)
@@ -292,8 +306,9 @@ def run_target(name: str, target: Target, texts: Texts, a) -> dict:
                 for k in rt
                 if k.startswith("stage_sum:") and rt.get(k.replace("_sum", "_count"))
             }
-        out[workload] = row
-        print(f"  {name:>20} {workload:>9}: " + ", ".join(
+        key = f"{workload}@{rate:g}"
+        out[key] = row
+        print(f"  {name:>20} {key:>12}: " + ", ".join(
             f"{k} {row[k]:.3f}" for k in ("ttft_p50", "ttft_p90", "itl_p50", "goodput_rps") if row[k] is not None
         ) + f"; ok {row['ok']}/{row['requests']}", flush=True)  # fmt: skip
     return out
@@ -311,6 +326,11 @@ def ratios(res: dict) -> dict:
                     r[f"{k}_vs_vllm"] = round(p[w][k] / v[w][k], 3)
         if rr and w in rr and rr[w]["goodput_rps"]:
             r["goodput_vs_x2_rr"] = round(p[w]["goodput_rps"] / rr[w]["goodput_rps"], 3)
+        r["slo_attainment"] = {
+            t: round(res[t][w]["slo_attainment"], 3)
+            for t in res
+            if w in res[t] and res[t][w]["slo_attainment"]
+        }
         out[w] = r
     return out
 
@@ -344,18 +364,22 @@ def main() -> int:
     ap.add_argument("--targets", default="pdmesh,vllm,vllm-x2-rr")
     ap.add_argument("--with-dp-cache-aware", action="store_true")
     ap.add_argument("--workloads", default="chat,doc_qa,no_reuse")
-    ap.add_argument("--users", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--history-tokens", type=int, default=2000)
     ap.add_argument("--question-tokens", type=int, default=40)
     ap.add_argument("--answer-tokens", type=int, default=32)
-    ap.add_argument("--qps", type=float, default=1.0)
+    ap.add_argument(
+        "--qps", default="1,4", help="offered rates of chat and no reuse (req/s, comma-separated)"
+    )
     ap.add_argument("--docs", type=int, default=3)
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--doc-tokens-min", type=int, default=4000)
     ap.add_argument("--doc-tokens-max", type=int, default=6000)
-    ap.add_argument("--doc-qps", type=float, default=0.5)
+    ap.add_argument(
+        "--doc-qps", default="0.5,1", help="offered rates of document QA (req/s, comma-separated)"
+    )
     ap.add_argument("--random-requests", type=int, default=16)
     ap.add_argument("--random-tokens", type=int, default=1500)
     ap.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
@@ -364,6 +388,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of the benchmark itself")
     a = ap.parse_args()
     a.workloads = a.workloads.split(",")
+    a.qps = [float(x) for x in a.qps.split(",")]
+    a.doc_qps = [float(x) for x in a.doc_qps.split(",")]
     if a.quick:
         a.users, a.rounds, a.system_tokens, a.history_tokens = 2, 2, 300, 300
         a.docs, a.questions, a.doc_tokens_min, a.doc_tokens_max, a.random_requests = 1, 2, 600, 800, 3

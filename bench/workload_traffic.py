@@ -5,7 +5,7 @@ question, so the next request exists only after the previous answer; guidellm 0.
 suite) replays independent synthetic requests, and aiperf's multi-turn datasets replay fixed turns. The client
 is the ``openai`` SDK (``AsyncOpenAI``, streamed chat completions), as a user's application would be.
 
-Arrivals: Poisson at ``qps``. Chat: each arrival takes the next round of an idle user (fewest rounds done
+Arrivals: Poisson at ``a.rate`` (req/s). Chat: each arrival takes the next round of an idle user (fewest rounds done
 first); when every unfinished user is waiting for an answer the arrival waits for the first one to be free.
 """
 
@@ -116,7 +116,7 @@ async def run_chat(client, model: str, texts: Texts, a) -> list[Result]:
             free.notify_all()
 
     tasks = []
-    for gap in poisson_gaps(rng, a.qps, a.users * a.rounds):
+    for gap in poisson_gaps(rng, a.rate, a.users * a.rounds):
         await asyncio.sleep(gap)
         async with free:
             await free.wait_for(lambda: any(not busy[u] and done[u] < a.rounds for u in range(a.users)))
@@ -133,7 +133,7 @@ async def run_doc_qa(client, model: str, texts: Texts, a) -> list[Result]:
     docs = [texts.make(rng.randint(a.doc_tokens_min, a.doc_tokens_max)) for _ in range(a.docs)]
     order = [(d, q) for q in range(a.questions) for d in range(a.docs)]
     tasks = []
-    for gap, (d, _q) in zip(poisson_gaps(rng, a.doc_qps, len(order)), order, strict=True):
+    for gap, (d, _q) in zip(poisson_gaps(rng, a.rate, len(order)), order, strict=True):
         await asyncio.sleep(gap)
         messages = [
             {"role": "system", "content": "Answer from the document."},
@@ -147,7 +147,7 @@ async def run_no_reuse(client, model: str, texts: Texts, a) -> list[Result]:
     """Random prompts nobody shares: the cost of PD when there is nothing to reuse."""
     rng = random.Random(a.seed + 2)
     tasks = []
-    for gap in poisson_gaps(rng, a.qps, a.random_requests):
+    for gap in poisson_gaps(rng, a.rate, a.random_requests):
         await asyncio.sleep(gap)
         messages = [{"role": "user", "content": texts.make(a.random_tokens)}]
         tasks.append(asyncio.create_task(one_chat(client, model, messages, a.answer_tokens, "no_reuse")))
