@@ -35,15 +35,21 @@ class _Entry:
 
 
 class ReferencePool:
-    """``num_slots`` slots of ``slot_bytes`` each in a new shared-memory segment (unlinked by :meth:`close`)."""
+    """``num_slots`` slots of ``slot_bytes`` each in a new shared-memory segment (unlinked by :meth:`close`);
+    ``prefault`` touches every page at creation, as the tier's pool does by default (no page faults on the data
+    path: a receiver writing into pages never touched faults in every 4 KiB page)."""
 
-    def __init__(self, slot_bytes: int, num_slots: int, name: str | None = None) -> None:
+    def __init__(
+        self, slot_bytes: int, num_slots: int, name: str | None = None, *, prefault: bool = False
+    ) -> None:
         if slot_bytes <= 0 or num_slots <= 0:
             raise ValueError("slot_bytes and num_slots must be positive")
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
         self._segment = SharedSegment(
-            name or f"pdmesh-ref-{os.getpid()}-{secrets.token_hex(4)}", slot_bytes * num_slots
+            name or f"pdmesh-ref-{os.getpid()}-{secrets.token_hex(4)}",
+            slot_bytes * num_slots,
+            prefault=prefault,
         )
         self.buffer: memoryview = self._segment.buffer
         self.segment_name: str | None = self._segment.name

@@ -49,7 +49,9 @@ def _print(obj: dict) -> None:
 
 def receive(a: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM still unlinks the pool's segment
-    pool = ReferencePool(a.chunk_bytes, a.slots)
+    pool = ReferencePool(
+        a.chunk_bytes, a.slots, prefault=True
+    )  # as the tier's pool: no faults on the data path
     cfg = ReceiverConfig(fingerprint=FP, host=a.host, port=0, token=a.token)
     rx = Receiver(pool, cfg, [_backend(b, a.token, a.host) for b in a.backend.split(",")])
     _, port = rx.start()
