@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -212,12 +212,21 @@ class StagedChunks:
         self._sync()  # the slot may be reused as soon as the caller frees it
 
 
+def _one_lane(nixl: NixlConfig | None) -> NixlConfig:
+    """Device staging runs one agent: NVLink or RDMA move device memory, where one agent uses every rail and a
+    second would register the region twice (lanes split TCP streams: :func:`pdmesh.transfer.nixl_backend.lanes_wanted`)."""
+    cfg = nixl or NixlConfig()
+    if cfg.lanes is None:
+        cfg = replace(cfg, lanes=1)
+    return cfg
+
+
 def staging_receiver(
     staging: StagingRegion, config: ReceiverConfig, nixl: NixlConfig | None = None
 ) -> Receiver:
     """A receiver whose pushes land in ``staging`` over NIXL (registered as the region's VRAM or DRAM). Start it
     with ``start()``; ``close()`` it before closing the region."""
-    return Receiver(staging, config, [NixlBackend(config.fingerprint, nixl)])
+    return Receiver(staging, config, [NixlBackend(config.fingerprint, _one_lane(nixl))])
 
 
 def staging_sender(staging: StagingRegion, config: SenderConfig, nixl: NixlConfig | None = None) -> Sender:
@@ -226,6 +235,6 @@ def staging_sender(staging: StagingRegion, config: SenderConfig, nixl: NixlConfi
     return Sender(
         staging.buffer,
         config,
-        {"nixl": lambda: NixlBackend(config.fingerprint, nixl)},
+        {"nixl": lambda: NixlBackend(config.fingerprint, _one_lane(nixl))},
         region=staging.memory_region,
     )

@@ -1,8 +1,11 @@
 """NIXL data path (UCX inside: NVLink, RDMA, shared memory/cma, TCP): one-sided WRITE + notification.
 
-Each side owns one ``nixl_agent`` over its registered pool. The receiver's metadata is its agent metadata plus the
-pool's base address and size; the sender loads it with ``add_remote_agent`` (once per remote agent, refcounted)
-and posts one descriptor list per batch (``initialize_xfer("WRITE", local, remote, peer, notif)``). ``wait``
+Each side owns one ``nixl_agent`` per lane over its registered pool (:func:`lanes_wanted`: 2 where UCX reaches
+other hosts only over TCP, else 1; each lane is its own UCX connection and progress thread). The receiver's
+metadata is its lanes' agent metadata plus the pool's base address and size; the sender loads it with
+``add_remote_agent`` (once per remote agent, refcounted; local lane i loads the peer's lane i, as many as both
+run) and posts one descriptor list per lane and batch (``initialize_xfer("WRITE", local, remote, peer, notif)``,
+the batch's segments split into contiguous runs of about equal bytes); the batch is done when every lane's is. ``wait``
 polls ``check_xfer_state`` with sleeps that back off (50 us .. 2 ms): no busy-spin on a 2-core box. On timeout
 or error the transfer handle is released, which asks NIXL to cancel it; the receiver's lease grace covers a write
 the NIC could still finish after that.
@@ -18,6 +21,7 @@ several threads; the receiver service drains notifications (which also progresse
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -80,6 +84,7 @@ class NixlConfig:
     enable_prog_thread: bool | None = None  # None: see progress_thread_wanted
     num_threads: int = 0
     prog_thread_wait_ms: float = 10.0
+    lanes: int | None = None  # None: see lanes_wanted
 
 
 def progress_thread_wanted(config: NixlConfig) -> bool:
@@ -94,6 +99,30 @@ def progress_thread_wanted(config: NixlConfig) -> bool:
     if forced is not None:
         return forced.strip() != "0"
     return os.environ.get("UCX_NET_DEVICES", "").strip() != "lo"
+
+
+RDMA_DEVICES = "/sys/class/infiniband"
+
+
+def lanes_wanted(config: NixlConfig) -> int:
+    """How many agents (lanes) a backend runs: ``config.lanes`` when set; else ``PDMESH_NIXL_LANES`` when set;
+    else 2 where UCX can only reach another host over TCP (the progress thread is wanted and the host has no RDMA
+    device under ``/sys/class/infiniband``), else 1. One UCX TCP connection moves a WRITE with one core's copies
+    on each side (veth pair, 96 MiB pushes: 1.7 GB/s); a second agent has its own connection and progress thread,
+    and a push's descriptors split across both run in parallel. With RDMA one agent already uses every rail; on
+    one host cma copies in the initiator's call, where a second lane only competes."""
+    if config.lanes is not None:
+        return max(1, config.lanes)
+    forced = os.environ.get("PDMESH_NIXL_LANES", "").strip()
+    if forced:
+        return max(1, int(forced))
+    if not progress_thread_wanted(config):
+        return 1
+    try:
+        rdma = bool(os.listdir(RDMA_DEVICES))
+    except OSError:
+        rdma = False
+    return 1 if rdma else 2
 
 
 def _make_agent(name: str, config: NixlConfig) -> Any:
@@ -133,6 +162,23 @@ def _make_agent(name: str, config: NixlConfig) -> Any:
     return agent
 
 
+def _split(n: int, lanes: int, segments: Sequence[Segment]) -> list[slice]:
+    """``lanes`` contiguous runs of the ``n`` segments with about equal bytes each (fewer when there are fewer
+    segments; never an empty run)."""
+    lanes = max(1, min(lanes, n))
+    if lanes == 1:
+        return [slice(0, n)]
+    total = sum(s.length for s in segments)
+    cuts, acc, k = [0], 0, 1
+    for i, s in enumerate(segments):
+        acc += s.length
+        if k < lanes and acc >= total * k / lanes and i + 1 < n:
+            cuts.append(i + 1)
+            k += 1
+    cuts.append(n)
+    return [slice(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
 @dataclass
 class _Remote:
     name: str
@@ -141,11 +187,14 @@ class _Remote:
     mem_type: str
     device: int
     refs: int
+    lanes: list[str] = field(
+        default_factory=list
+    )  # remote agent name per local lane used (lane 0's is ``name``)
 
 
 @dataclass
 class _Handle:
-    xfer: Any
+    xfers: list[tuple[Any, Any]]  # (agent, transfer handle) per lane used
     status: str
     peer: str
 
@@ -162,10 +211,15 @@ class NixlBackend(TransferBackend):
             if self.config.override_env or k not in os.environ:
                 os.environ[k] = v
         self.agent_name = f"pdmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = _make_agent(self.agent_name, self.config)
+        self._agents = [
+            _make_agent(self.agent_name if i == 0 else f"{self.agent_name}-l{i}", self.config)
+            for i in range(lanes_wanted(self.config))
+        ]
+        self._agent = self._agents[0]
         self._lock = threading.Lock()
         self._remotes: dict[str, _Remote] = {}
         self._reg: Any = None
+        self._lane_regs: list[Any] = []
         self._base = 0
         self._size = 0
         self._mem_type = "DRAM"
@@ -186,7 +240,15 @@ class NixlBackend(TransferBackend):
                 f"nixl backend: mem_type must be one of {self.region_mem_types}, not {mem_type!r}"
             )
         self._reg = self._agent.register_memory([(address, size, device, "")], mem_type)
+        self._lane_regs = [
+            a.register_memory([(address, size, device, "")], mem_type) for a in self._agents[1:]
+        ]
         self._base, self._size, self._mem_type, self._device = address, size, mem_type, device
+
+    @property
+    def lanes(self) -> int:
+        """Agents this backend runs (:func:`lanes_wanted`); a push uses as many as both sides have."""
+        return len(self._agents)
 
     def local_metadata(self) -> bytes:
         if self._reg is None:
@@ -196,6 +258,7 @@ class NixlBackend(TransferBackend):
             self.fingerprint,
             {
                 "agent": self._agent.get_agent_metadata(),
+                "lanes": [a.get_agent_metadata() for a in self._agents[1:]],
                 "base": self._base,
                 "size": self._size,
                 "mem_type": self._mem_type,
@@ -214,9 +277,22 @@ class NixlBackend(TransferBackend):
             r = self._remotes.get(name)
             if r is None:
                 r = _Remote(name, int(md["base"]), int(md["size"]), str(md["mem_type"]), int(md["device"]), 0)
+                r.lanes = [name, *self._connect_lanes(md.get("lanes") or [])]
                 self._remotes[name] = r
             r.refs += 1
         return name
+
+    def _connect_lanes(self, extra: list) -> list[str]:
+        """Local lane i (i >= 1) loads the peer's lane i; as many as both sides have. A lane that cannot load it
+        ends the list (the push then uses fewer lanes), never the connection."""
+        names: list[str] = []
+        for agent, md in zip(self._agents[1:], extra, strict=False):
+            try:
+                n = agent.add_remote_agent(bytes(md))
+            except Exception:
+                break
+            names.append(n.decode() if isinstance(n, bytes) else str(n))
+        return names
 
     def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> _Handle:
         r = self._remotes.get(peer)
@@ -229,48 +305,66 @@ class NixlBackend(TransferBackend):
         for i, s in enumerate(segments):
             local[i] = (self._base + s.local_offset, s.length, self._device)
             remote[i] = (r.base + s.remote_offset, s.length, r.device)
+        posted: list[tuple[Any, Any]] = []
+        status = "DONE"
         try:
-            ldescs = self._agent.get_xfer_descs(local, self._mem_type)
-            rdescs = self._agent.get_xfer_descs(remote, r.mem_type)
-            xfer = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer, notif)
-            status = self._agent.transfer(xfer)
+            for lane, part in enumerate(_split(n, len(r.lanes), segments)):
+                agent, lane_peer = self._agents[lane], r.lanes[lane]
+                ldescs = agent.get_xfer_descs(local[part], self._mem_type)
+                rdescs = agent.get_xfer_descs(remote[part], r.mem_type)
+                xfer = agent.initialize_xfer("WRITE", ldescs, rdescs, lane_peer, notif)
+                posted.append((agent, xfer))
+                lane_status = agent.transfer(xfer)
+                if lane_status == "ERR":
+                    raise TransferFailed(f"nixl: write to {peer} failed to post", retryable=True)
+                if lane_status == "PROC":
+                    status = "PROC"
+        except TransferError:
+            self._release(posted)
+            raise
         except Exception as exc:
+            self._release(posted)
             raise PeerUnavailable(f"nixl: cannot post write to {peer}: {exc}") from exc
-        if status == "ERR":
-            self._release(xfer)
-            raise TransferFailed(f"nixl: write to {peer} failed to post", retryable=True)
-        return _Handle(xfer, status, peer)
+        return _Handle(posted, status, peer)
 
     def wait(self, handle: _Handle, deadline: float) -> None:
-        delay = POLL_MIN_S
-        status = handle.status
+        """Every lane's transfer DONE (or the first error, or ``deadline``); releases them all in any case."""
         try:
-            while status == "PROC":
-                if time.monotonic() > deadline:
-                    raise TransferTimeout(f"nixl write to {handle.peer} passed its deadline")
-                time.sleep(delay)
-                delay = min(delay * 2, POLL_MAX_S)
-                status = self._agent.check_xfer_state(handle.xfer)
-            if status != "DONE":
-                raise TransferFailed(f"nixl write to {handle.peer} failed ({status})", retryable=True)
+            for agent, xfer in handle.xfers:
+                delay = POLL_MIN_S
+                status = agent.check_xfer_state(xfer) if handle.status == "PROC" else handle.status
+                while status == "PROC":
+                    if time.monotonic() > deadline:
+                        raise TransferTimeout(f"nixl write to {handle.peer} passed its deadline")
+                    time.sleep(delay)
+                    delay = min(delay * 2, POLL_MAX_S)
+                    status = agent.check_xfer_state(xfer)
+                if status != "DONE":
+                    raise TransferFailed(f"nixl write to {handle.peer} failed ({status})", retryable=True)
         except TransferError:
             raise
         except Exception as exc:
             raise TransferFailed(f"nixl write to {handle.peer} failed: {exc}", retryable=True) from exc
         finally:
-            self._release(handle.xfer)
+            self._release(handle.xfers)
 
-    def _release(self, xfer: Any) -> None:
-        try:
-            self._agent.release_xfer_handle(xfer)
-        except Exception:
-            pass  # NIXL keeps it on its leaked list and retries at agent teardown
+    @staticmethod
+    def _release(xfers: list[tuple[Any, Any]]) -> None:
+        for agent, xfer in xfers:
+            try:
+                agent.release_xfer_handle(xfer)
+            except Exception:
+                pass  # NIXL keeps it on its leaked list and retries at agent teardown
 
     def get_notifs(self) -> list[tuple[str, bytes]]:
+        """Drain (and so progress) every lane; a push over several lanes gives one notification per lane."""
         if self._closed:
             return []
-        notifs = self._agent.get_new_notifs()
-        return [(str(peer), bytes(m)) for peer, msgs in notifs.items() for m in msgs]
+        out: list[tuple[str, bytes]] = []
+        for agent in self._agents:
+            notifs = agent.get_new_notifs()
+            out += [(str(peer), bytes(m)) for peer, msgs in notifs.items() for m in msgs]
+        return out
 
     def disconnect(self, peer: str) -> None:
         with self._lock:
@@ -280,25 +374,27 @@ class NixlBackend(TransferBackend):
             r.refs -= 1
             if r.refs <= 0:
                 del self._remotes[peer]
-                try:
-                    self._agent.remove_remote_agent(peer)
-                except Exception:
-                    pass
+                self._remove(r)
+
+    def _remove(self, r: _Remote) -> None:
+        for agent, name in zip(self._agents, r.lanes, strict=False):
+            try:
+                agent.remove_remote_agent(name)
+            except Exception:
+                pass
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         with self._lock:
-            for name in list(self._remotes):
-                try:
-                    self._agent.remove_remote_agent(name)
-                except Exception:
-                    pass
+            for r in self._remotes.values():
+                self._remove(r)
             self._remotes.clear()
         if self._reg is not None:
-            try:
-                self._agent.deregister_memory(self._reg)
-            except Exception:
-                pass
-            self._reg = None
+            for agent, reg in zip(self._agents, [self._reg, *self._lane_regs], strict=False):
+                try:
+                    agent.deregister_memory(reg)
+                except Exception:
+                    pass
+            self._reg, self._lane_regs = None, []

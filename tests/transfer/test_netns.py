@@ -25,8 +25,9 @@ CHUNK = 1536 << 10
 NIXL = pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="nixl is not installed"))
 
 
-def _env(hosts: HostPair, side: str) -> dict[str, str]:
-    return {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": hosts.dev[side], "PYTHONUNBUFFERED": "1"}
+def _env(hosts: HostPair, side: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": hosts.dev[side], "PYTHONUNBUFFERED": "1"}
+    return {**env, **extra}
 
 
 def _line(proc: subprocess.Popen, timeout: float) -> dict:
@@ -45,10 +46,10 @@ def _line(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 class _Receiver:
-    def __init__(self, hosts: HostPair, backend: str) -> None:
+    def __init__(self, hosts: HostPair, backend: str, **env: str) -> None:
         argv = [sys.executable, "-m", "tests.transfer.netns_peer", "receive", "--host", hosts.addr["b"]]
         self.proc = hosts.run(
-            "b", [*argv, "--backend", backend], env=_env(hosts, "b"), text=True,
+            "b", [*argv, "--backend", backend], env=_env(hosts, "b", **env), text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         host, port = _line(self.proc, 60)["address"]
@@ -71,7 +72,7 @@ class _Receiver:
         self.proc.wait(10)
 
 
-def _sender(hosts: HostPair, backend: str, peer: str, *extra: str) -> subprocess.Popen:
+def _sender(hosts: HostPair, backend: str, peer: str, *extra: str, **env: str) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -83,7 +84,7 @@ def _sender(hosts: HostPair, backend: str, peer: str, *extra: str) -> subprocess
         peer,
     ]
     return hosts.run(
-        "a", [*argv, "--backend", backend, *extra], env=_env(hosts, "a"), text=True,
+        "a", [*argv, "--backend", backend, *extra], env=_env(hosts, "a", **env), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -100,6 +101,22 @@ def test_a_whole_request_push_between_hosts_arrives_intact(hosts, backend):
     try:
         out = _line(_sender(hosts, backend, rx.peer, "--chunks", "64", "--chunk-bytes", str(CHUNK)), 120)
         assert out["ok"] and out["backend"] == backend, out
+        assert rx.ask(f"check 1 64 {CHUNK}") == {"intact": True, "present": 64}
+    finally:
+        rx.close()
+
+
+@pytest.mark.skipif(not nixl_available(), reason="nixl is not installed")
+@pytest.mark.parametrize("sender_lanes, receiver_lanes", [("2", "1"), ("1", "2"), ("3", "3")])
+def test_nixl_pushes_arrive_intact_whatever_lanes_each_side_runs(hosts, sender_lanes, receiver_lanes):
+    """A push splits its descriptors over as many lanes (agents, each its own UCX connection) as both sides run;
+    a peer with fewer lanes, or none beyond the first, is served over those."""
+    rx = _Receiver(hosts, "nixl", PDMESH_NIXL_LANES=receiver_lanes)
+    try:
+        sender = _sender(hosts, "nixl", rx.peer, "--chunks", "64", "--chunk-bytes", str(CHUNK),
+                         PDMESH_NIXL_LANES=sender_lanes)  # fmt: skip
+        out = _line(sender, 120)
+        assert out["ok"] and out["backend"] == "nixl", out
         assert rx.ask(f"check 1 64 {CHUNK}") == {"intact": True, "present": 64}
     finally:
         rx.close()
