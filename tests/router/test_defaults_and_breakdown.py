@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request, Response
@@ -254,7 +256,10 @@ def test_the_tier_lookup_is_not_skipped_when_the_holder_is_too_busy_to_be_chosen
         tier.stop()
 
 
-def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harness):
+@contextlib.contextmanager
+def _pair_with_empty_tiers(make_harness) -> Iterator[tuple]:
+    """A push-mode router with the defaults, one prefill and one decode worker whose tiers hold nothing and note
+    every lookup's length in ``asked``: (harness, prefill, decode, asked)."""
     asked: list[int] = []
     tier = ThreadServer(_empty_tier(asked)).start()
     try:
@@ -262,6 +267,13 @@ def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harn
         p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
         d = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
         _long_workers(p, d)
+        yield h, p, d, asked
+    finally:
+        tier.stop()
+
+
+def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harness):
+    with _pair_with_empty_tiers(make_harness) as (h, p, d, asked):
         first = {"model": "m", "prompt": LONG, "max_tokens": 2}
         assert h.client.post("/v1/completions", json=first).is_success
         assert len(p.requests) == 1 and asked  # nobody held it: the tiers were asked, then PD
@@ -277,20 +289,12 @@ def test_a_prompt_the_router_saw_go_to_a_decoder_skips_the_tier_lookup(make_harn
         # an unrelated prompt is looked up again
         assert h.client.post("/v1/completions", json={**first, "prompt": "other " + LONG}).is_success
         assert len(asked) > n_asked
-    finally:
-        tier.stop()
 
 
 def test_a_prompt_the_rules_send_decode_only_whatever_the_tiers_hold_skips_the_lookup(make_harness):
     """One decoder: a prompt shorter than min_uncached_tokens, or one within the idle bound while it is idle, goes
     decode-only there whatever the tiers say, so they are not asked; a busy decoder makes the tiers count again."""
-    asked: list[int] = []
-    tier = ThreadServer(_empty_tier(asked)).start()
-    try:
-        h = make_harness(pd_mode="push", **DEFAULTS, cache_aware={"tier_lookup_timeout_s": 2.0})
-        p = h.add("prefill", name="p0", transfer_address="10.1.1.1:7001", tier_url=tier.url)
-        d = h.add("decode", name="d0", transfer_address="10.2.2.2:7002", tier_url=tier.url)
-        _long_workers(p, d)
+    with _pair_with_empty_tiers(make_harness) as (h, p, d, asked):
         short = {"model": "m", "prompt": "a short question", "max_tokens": 2}
         assert h.client.post("/v1/completions", json=short).is_success
         assert h.client.post("/v1/completions", json={**short, "prompt": MID}).is_success
@@ -309,8 +313,6 @@ def test_a_prompt_the_rules_send_decode_only_whatever_the_tiers_hold_skips_the_l
             assert busy.result().is_success
         assert len(asked) == 4 and len(p.requests) == 2
         assert h.metric("pdmesh_router_tier_lookups_total", outcome="asked") == 2
-    finally:
-        tier.stop()
 
 
 def test_prompts_go_decode_only_while_the_prefill_pool_is_queued(make_harness):
