@@ -6,8 +6,9 @@
   the load: requests/s (``pdmesh_router_requests_total``), prompt tokens per request
   (``pdmesh_router_prompt_tokens_total``);
 - each worker's vLLM ``/metrics`` (the engine's own counters and histograms):
-  prefill engines: ``vllm:request_prefill_time_seconds`` and ``vllm:prompt_tokens_by_source{source}`` — each
-  interval gives one point (computed tokens per request, prefill seconds per request); decode engines:
+  prefill engines: ``vllm:request_prefill_time_seconds``, ``vllm:prompt_tokens_by_source{source}`` and
+  ``vllm:prompt_tokens`` — each interval gives one point (computed tokens, whole-prompt tokens and prefill seconds
+  per request); decode engines:
   ``vllm:inter_token_latency_seconds`` and ``vllm:num_requests_running`` — each interval gives one point
   (running requests, mean inter-token latency); ``vllm:generation_tokens`` gives output tokens per request.
 
@@ -17,7 +18,7 @@ interval's computed and whole-prompt tokens per request, so computed tokens atte
 against the whole prompt, as :func:`~pdmesh.planner.prefill_seconds` charges them) when 3 or more computed lengths
 span 4x or more and no coefficient comes out negative; otherwise a least-squares line through each set of points
 when they spread
-(prompt lengths differing by 1.5x or more, running counts by 2 or more);
+(computed lengths differing by 1.5x or more, running counts by 2 or more);
 otherwise the mean alone with the slope (prefill overhead, per-request decode cost) taken from ``base`` (a
 measured profile) or 0, and the result says which (``assumed``). A window with no prefill or no decode work
 cannot be fitted: :class:`NotEnoughTraffic` names what was missing.
@@ -152,7 +153,9 @@ def _attention_fit(points: list[tuple[float, float, float]]) -> tuple[float, flo
         )
 
     d = det(m)
-    if d == 0:
+    # nearly collinear regressors (every prompt about as long, only the hits varying: computed x prompt is then
+    # computed times a constant) split the time between per-token and attention at random: unfitted
+    if abs(d) < 1e-4 * m[0][0] * m[1][1] * m[2][2]:
         return 0.0, -1.0, 0.0
     out = []
     for col in range(3):

@@ -6,8 +6,8 @@ metadata is its lanes' agent metadata plus the pool's base address and size; the
 ``add_remote_agent`` (once per remote agent, refcounted; local lane i loads the peer's lane i, as many as both
 run) and posts one descriptor list per lane and batch (``initialize_xfer("WRITE", local, remote, peer, notif)``,
 the batch's segments split into contiguous runs of about equal bytes); the batch is done when every lane's is. ``wait``
-polls ``check_xfer_state`` with sleeps that back off (50 us .. 2 ms): no busy-spin on a 2-core box. On timeout
-or error the transfer handle is released, which asks NIXL to cancel it; the receiver's lease grace covers a write
+polls ``check_xfer_state`` with sleeps that back off (50 .. 200 us): no busy-spin on a 2-core box. On timeout
+or error the transfer handles are released, which asks NIXL to cancel them; the receiver's lease grace covers a write
 the NIC could still finish after that.
 
 Config: ``NixlConfig.ucx_env`` (e.g. ``{"UCX_NET_DEVICES": "lo", "UCX_TLS": "cma,tcp"}``) is put into the
@@ -15,13 +15,14 @@ process environment before the agent is created (UCX reads its settings from the
 ``override_env``. ``register_region(ptr, size, "VRAM", device)`` registers device memory on GPU nodes (a
 :class:`pdmesh.transfer.device_staging.StagingRegion` on CUDA; UCX then moves it with cuda_ipc on one node, rc
 with GPUDirect RDMA between nodes: not run here, no GPU); a WRITE may go from either kind to either kind, each
-side's descriptors carry its own. The agent runs with ``NIXL_THREAD_SYNC_STRICT`` because pushes call it from
+side's descriptors carry its own. Every agent runs with ``NIXL_THREAD_SYNC_STRICT`` because pushes call it from
 several threads; the receiver service drains notifications (which also progresses UCX) from one polling thread.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ from pdmesh.transfer.backend import (
     unpack_metadata,
 )
 from pdmesh.transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
+
+log = logging.getLogger("pdmesh.transfer")
 
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 200e-6
@@ -76,7 +79,8 @@ class NixlConfig:
     pair. (The stock wrapper runs that thread with no wait: a core at 100 % while idle.) Tried there and no
     help: ``UCX_TCP_SNDBUF``/``UCX_TCP_RCVBUF`` 8 MiB, ``UCX_TCP_TX_SEG_SIZE``/``RX_SEG_SIZE`` 512 KiB (they size
     active messages; a WRITE is one zero-copy PUT per descriptor, ``UCX_PROTO_INFO=y``: ``ucp_put* 0..inf
-    zero-copy tcp``). Rendezvous and lane settings do not apply to PUTs on one device."""
+    zero-copy tcp``). UCX's rendezvous and lane settings do not apply to PUTs on one device; ``lanes`` (agents per
+    backend, :func:`lanes_wanted`) splits a push over several UCX connections instead."""
 
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     ucx_env: dict[str, str] = field(default_factory=dict)
@@ -109,13 +113,18 @@ def lanes_wanted(config: NixlConfig) -> int:
     else 2 where UCX can only reach another host over TCP (the progress thread is wanted and the host has no RDMA
     device under ``/sys/class/infiniband``), else 1. One UCX TCP connection moves a WRITE with one core's copies
     on each side (veth pair, 96 MiB pushes: 1.7 GB/s); a second agent has its own connection and progress thread,
-    and a push's descriptors split across both run in parallel. With RDMA one agent already uses every rail; on
-    one host cma copies in the initiator's call, where a second lane only competes."""
+    and a push's descriptors split across both run in parallel. With RDMA one agent already uses every rail; with
+    UCX confined to loopback (``UCX_NET_DEVICES=lo``) cma copies in the initiator's call, where a second lane only
+    competes. (Pushes on one host take the ``shm`` backend; NIXL is for other hosts, hence 2 lanes when
+    ``UCX_NET_DEVICES`` is unset.)"""
     if config.lanes is not None:
         return max(1, config.lanes)
     forced = os.environ.get("PDMESH_NIXL_LANES", "").strip()
     if forced:
-        return max(1, int(forced))
+        try:
+            return max(1, int(forced))
+        except ValueError:
+            log.warning("PDMESH_NIXL_LANES=%r is not a number: ignored", forced)
     if not progress_thread_wanted(config):
         return 1
     try:
@@ -162,21 +171,26 @@ def _make_agent(name: str, config: NixlConfig) -> Any:
     return agent
 
 
-def _split(n: int, lanes: int, segments: Sequence[Segment]) -> list[slice]:
-    """``lanes`` contiguous runs of the ``n`` segments with about equal bytes each (fewer when there are fewer
-    segments; never an empty run)."""
-    lanes = max(1, min(lanes, n))
-    if lanes == 1:
-        return [slice(0, n)]
+def _lane_rows(segments: Sequence[Segment], lanes: int) -> list[list[tuple[int, int, int]]]:
+    """The segments as (local_offset, length, remote_offset) rows for ``lanes`` lanes: contiguous runs whose bytes
+    differ by at most one, a segment cut where a lane's share ends; fewer lanes only when there are fewer bytes."""
     total = sum(s.length for s in segments)
-    cuts, acc, k = [0], 0, 1
-    for i, s in enumerate(segments):
-        acc += s.length
-        if k < lanes and acc >= total * k / lanes and i + 1 < n:
-            cuts.append(i + 1)
-            k += 1
-    cuts.append(n)
-    return [slice(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+    lanes = max(1, min(lanes, total))
+    base, extra = divmod(total, lanes)
+    shares = [base + (i < extra) for i in range(lanes)]  # differ by at most one byte
+    out: list[list[tuple[int, int, int]]] = [[]]
+    room = shares[0]
+    for s in segments:
+        done = 0
+        while done < s.length:
+            if room == 0:
+                out.append([])
+                room = shares[len(out) - 1]
+            n = min(room, s.length - done)
+            out[-1].append((s.local_offset + done, n, s.remote_offset + done))
+            done += n
+            room -= n
+    return [rows for rows in out if rows]
 
 
 @dataclass
@@ -211,11 +225,14 @@ class NixlBackend(TransferBackend):
             if self.config.override_env or k not in os.environ:
                 os.environ[k] = v
         self.agent_name = f"pdmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agents = [
-            _make_agent(self.agent_name if i == 0 else f"{self.agent_name}-l{i}", self.config)
-            for i in range(lanes_wanted(self.config))
-        ]
-        self._agent = self._agents[0]
+        self._agent = _make_agent(self.agent_name, self.config)
+        self._agents = [self._agent]
+        for i in range(1, lanes_wanted(self.config)):
+            try:
+                self._agents.append(_make_agent(f"{self.agent_name}-l{i}", self.config))
+            except Exception as exc:  # one lane works: run with the lanes made
+                log.warning("nixl: lane %d not created (%s); running %d lane(s)", i, exc, len(self._agents))
+                break
         self._lock = threading.Lock()
         self._remotes: dict[str, _Remote] = {}
         self._reg: Any = None
@@ -239,10 +256,16 @@ class NixlBackend(TransferBackend):
             raise ValueError(
                 f"nixl backend: mem_type must be one of {self.region_mem_types}, not {mem_type!r}"
             )
-        self._reg = self._agent.register_memory([(address, size, device, "")], mem_type)
-        self._lane_regs = [
-            a.register_memory([(address, size, device, "")], mem_type) for a in self._agents[1:]
-        ]
+        regs: list[Any] = []
+        try:
+            for agent in self._agents:
+                regs.append(agent.register_memory([(address, size, device, "")], mem_type))
+        except BaseException:
+            for agent, reg in zip(self._agents, regs, strict=False):
+                with contextlib.suppress(Exception):
+                    agent.deregister_memory(reg)
+            raise
+        self._reg, self._lane_regs = regs[0], regs[1:]
         self._base, self._size, self._mem_type, self._device = address, size, mem_type, device
 
     @property
@@ -299,19 +322,30 @@ class NixlBackend(TransferBackend):
         if r is None or self._reg is None:
             raise PeerUnavailable(f"nixl peer {peer} not connected")
         check_segments(segments, self._size, r.size)
-        n = len(segments)
-        local = np.empty((n, 3), dtype=np.uint64)
-        remote = np.empty((n, 3), dtype=np.uint64)
-        for i, s in enumerate(segments):
-            local[i] = (self._base + s.local_offset, s.length, self._device)
-            remote[i] = (r.base + s.remote_offset, s.length, r.device)
+        lanes = r.lanes
+        try:
+            return self._post(r, peer, _lane_rows(segments, len(lanes)), notif)
+        except TransferError:
+            if len(lanes) == 1:
+                raise
+        # a lane beyond the first failed to post: this peer is served over the first lane from now on
+        log.warning("nixl: a lane to %s failed to post; pushing to it over one lane", peer)
+        r.lanes = lanes[:1]
+        return self._post(r, peer, _lane_rows(segments, 1), notif)
+
+    def _post(self, r: _Remote, peer: str, rows: list[list[tuple[int, int, int]]], notif: bytes) -> _Handle:
+        """One WRITE per lane (lane i gets ``rows[i]``); on any failure every WRITE posted is released."""
         posted: list[tuple[Any, Any]] = []
         status = "DONE"
         try:
-            for lane, part in enumerate(_split(n, len(r.lanes), segments)):
+            for lane, lane_rows in enumerate(rows):
                 agent, lane_peer = self._agents[lane], r.lanes[lane]
-                ldescs = agent.get_xfer_descs(local[part], self._mem_type)
-                rdescs = agent.get_xfer_descs(remote[part], r.mem_type)
+                local = np.array(
+                    [(self._base + lo, n, self._device) for lo, n, _ in lane_rows], dtype=np.uint64
+                )
+                remote = np.array([(r.base + ro, n, r.device) for _, n, ro in lane_rows], dtype=np.uint64)
+                ldescs = agent.get_xfer_descs(local, self._mem_type)
+                rdescs = agent.get_xfer_descs(remote, r.mem_type)
                 xfer = agent.initialize_xfer("WRITE", ldescs, rdescs, lane_peer, notif)
                 posted.append((agent, xfer))
                 lane_status = agent.transfer(xfer)
@@ -328,19 +362,26 @@ class NixlBackend(TransferBackend):
         return _Handle(posted, status, peer)
 
     def wait(self, handle: _Handle, deadline: float) -> None:
-        """Every lane's transfer DONE (or the first error, or ``deadline``); releases them all in any case."""
+        """Every lane's transfer DONE (or the first error, or ``deadline``); releases them all in any case. The
+        lanes still running are checked together each round (a check also progresses that lane's worker)."""
+        pending = list(handle.xfers) if handle.status == "PROC" else []
+        delay = POLL_MIN_S
         try:
-            for agent, xfer in handle.xfers:
-                delay = POLL_MIN_S
-                status = agent.check_xfer_state(xfer) if handle.status == "PROC" else handle.status
-                while status == "PROC":
-                    if time.monotonic() > deadline:
-                        raise TransferTimeout(f"nixl write to {handle.peer} passed its deadline")
-                    time.sleep(delay)
-                    delay = min(delay * 2, POLL_MAX_S)
+            while pending:
+                still = []
+                for agent, xfer in pending:
                     status = agent.check_xfer_state(xfer)
-                if status != "DONE":
-                    raise TransferFailed(f"nixl write to {handle.peer} failed ({status})", retryable=True)
+                    if status == "PROC":
+                        still.append((agent, xfer))
+                    elif status != "DONE":
+                        raise TransferFailed(f"nixl write to {handle.peer} failed ({status})", retryable=True)
+                pending = still
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise TransferTimeout(f"nixl write to {handle.peer} passed its deadline")
+                time.sleep(delay)
+                delay = min(delay * 2, POLL_MAX_S)
         except TransferError:
             raise
         except Exception as exc:

@@ -134,6 +134,24 @@ def test_the_attention_term_counts_computed_tokens_against_the_whole_prompt_with
     assert got.prefill_overhead_s == pytest.approx(0.01, rel=1e-6)
 
 
+def test_prompts_of_one_length_with_varying_hits_give_no_attention_term():
+    """Every prompt ~4096 tokens, only the hits varying: computed x prompt is computed times a constant, the
+    attention term cannot be told from the per-token one, so none is fitted (a line instead)."""
+    true = WorkerProfile(1 / 75e-6, 0.01, 0.006, 0.0, prefill_attention_s_per_token2=2.5e-8)
+    points = Points()
+    for computed, prompt in ((200, 4090), (800, 4100), (1600, 4080), (3000, 4110)):
+        secs = 2 * prefill_seconds(true, computed, prompt)
+        _interval(points, "prefill", {}, {"prefill_s": secs, "prefill_n": 2, "computed_tokens": 2 * computed,
+                  "prompt_tokens": 2 * prompt})  # fmt: skip
+    _interval(points, "decode", {"running": 1}, {"running": 1, "itl_s": 0.006, "itl_n": 1})
+    got = fit_profile(points).profile
+    assert got.prefill_attention_s_per_token2 == 0
+    for computed, prompt in ((200, 4090), (3000, 4110)):  # the line still predicts these prefills
+        assert prefill_seconds(got, computed, prompt) == pytest.approx(
+            prefill_seconds(true, computed, prompt), rel=0.02
+        )
+
+
 def test_without_spread_the_slopes_come_from_the_base_profile():
     base = WorkerProfile(1000.0, 0.05, 0.01, 0.001, transfer_s=0.003)
     points = Points()

@@ -4,13 +4,13 @@ are split over them."""
 
 from __future__ import annotations
 
-import itertools
+import time
 
 import pytest
 
 from pdmesh.transfer import nixl_backend
 from pdmesh.transfer.backend import Segment
-from pdmesh.transfer.nixl_backend import NixlConfig, _split, lanes_wanted, progress_thread_wanted
+from pdmesh.transfer.nixl_backend import NixlConfig, _lane_rows, lanes_wanted, progress_thread_wanted
 
 
 @pytest.mark.parametrize(
@@ -68,16 +68,101 @@ def test_two_lanes_where_ucx_reaches_other_hosts_only_over_tcp(
 
 @pytest.mark.parametrize(
     "lengths, lanes",
-    [([1536] * 64, 2), ([1536] * 64, 3), ([100, 1, 1, 1, 1, 100], 2), ([5], 4), ([1, 2, 3, 4, 5, 6, 7], 7)],
-)
-def test_a_push_splits_into_contiguous_runs_of_about_equal_bytes(lengths, lanes):
-    segments = [Segment(0, n, 0) for n in lengths]
-    runs = _split(len(segments), lanes, segments)
-    assert len(runs) <= min(lanes, len(segments))
-    if len(set(lengths)) == 1:  # equal chunks, as a worker's push: every lane gets a run
-        assert len(runs) == min(lanes, len(segments))
-    assert runs[0].start == 0 and runs[-1].stop == len(segments)
-    assert all(a.stop == b.start for a, b in itertools.pairwise(runs))  # contiguous, no overlap
-    assert all(r.stop > r.start for r in runs)
-    per_run = [sum(lengths[r]) for r in runs]
-    assert max(per_run) - min(per_run) <= max(lengths)  # balanced to within one segment
+    [([1536] * 64, 2), ([1536] * 64, 3), ([100, 1, 1, 1, 1, 100], 2), ([40, 60], 2), ([10, 10, 80], 3), ([5], 4),
+     ([3], 7), ([0, 4, 0], 2)],
+)  # fmt: skip
+def test_a_push_splits_into_contiguous_runs_of_equal_bytes(lengths, lanes):
+    segments, off = [], 0
+    for n in lengths:
+        segments.append(Segment(off, n, 1000 + off))
+        off += n
+    rows = _lane_rows(segments, lanes)
+    total = sum(lengths)
+    assert len(rows) == min(lanes, total)
+    per_lane = [sum(n for _, n, _ in lane) for lane in rows]
+    assert sum(per_lane) == total and max(per_lane) - min(per_lane) <= 1  # equal to the byte
+    flat = [row for lane in rows for row in lane]
+    pos = 0
+    for lo, n, ro in flat:  # in order, contiguous, every byte once, remote offsets follow local ones
+        assert lo == pos and ro == 1000 + lo and n > 0
+        pos += n
+    assert pos == total
+
+
+class _FakeAgent:
+    """Just enough of a ``nixl_agent`` to drive a backend's lanes: ``fail_post`` makes ``transfer`` raise,
+    ``polls`` says how many checks a transfer stays in progress."""
+
+    def __init__(self, name: str, fail_post: bool = False, polls: int = 2) -> None:
+        self.name, self.fail_post, self.polls = name, fail_post, polls
+        self.open: dict[int, int] = {}
+        self.posted: list[int] = []  # bytes per WRITE posted
+
+    def register_memory(self, regions, mem_type):
+        return ("reg", self.name)
+
+    def deregister_memory(self, reg):
+        pass
+
+    def get_agent_metadata(self) -> bytes:
+        return self.name.encode()
+
+    def add_remote_agent(self, md: bytes) -> bytes:
+        return md
+
+    def remove_remote_agent(self, name):
+        pass
+
+    def get_xfer_descs(self, rows, mem_type):
+        return rows
+
+    def initialize_xfer(self, op, local, remote, peer, notif):
+        handle = len(self.posted) + 1000 * len(self.name)
+        self.posted.append(int(local[:, 1].sum()))
+        self.open[handle] = self.polls
+        return handle
+
+    def transfer(self, handle):
+        if self.fail_post:
+            raise RuntimeError("lane broken")
+        return "PROC"
+
+    def check_xfer_state(self, handle):
+        self.open[handle] -= 1
+        return "PROC" if self.open[handle] > 0 else "DONE"
+
+    def release_xfer_handle(self, handle):
+        del self.open[handle]
+
+    def get_new_notifs(self):
+        return {}
+
+
+def test_lanes_share_a_push_and_a_broken_lane_leaves_the_peer_on_one(monkeypatch):
+    agents: dict[str, _FakeAgent] = {}
+
+    def make(name, config):
+        agents[name] = _FakeAgent(name)
+        return agents[name]
+
+    monkeypatch.setattr(nixl_backend, "_make_agent", make)
+    tx, rx = (
+        nixl_backend.NixlBackend("fp", NixlConfig(lanes=2)),
+        nixl_backend.NixlBackend("fp", NixlConfig(lanes=2)),
+    )
+    buf = memoryview(bytearray(1 << 20))
+    tx.register_memory(buf)
+    rx.register_memory(memoryview(bytearray(1 << 20)))
+    peer = tx.connect(rx.local_metadata())
+    segments = [Segment(i * 4096, 4096, i * 4096) for i in range(8)]
+    lane0, lane1 = (agents[a] for a in sorted(agents) if a.startswith(tx.agent_name))
+    tx.wait(tx.write(peer, segments, b"n"), time.monotonic() + 5)
+    assert lane0.posted == [16384] and lane1.posted == [16384]  # half each
+    assert not lane0.open and not lane1.open  # every handle released
+    lane1.fail_post = True
+    tx.wait(tx.write(peer, segments, b"n"), time.monotonic() + 5)
+    assert lane0.posted[-1] == 32768 and not lane0.open and not lane1.open  # all of it over lane 0
+    tx.wait(tx.write(peer, segments, b"n"), time.monotonic() + 5)
+    assert len(lane1.posted) == 2 and lane0.posted[-1] == 32768  # the peer stays on one lane
+    tx.close()
+    rx.close()
