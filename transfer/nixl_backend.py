@@ -5,7 +5,7 @@ other hosts only over TCP, else 1; each lane is its own UCX connection and progr
 metadata is its lanes' agent metadata plus the pool's base address and size; the sender loads it with
 ``add_remote_agent`` (once per remote agent, refcounted; local lane i loads the peer's lane i, as many as both
 run) and posts one descriptor list per lane and batch (``initialize_xfer("WRITE", local, remote, peer, notif)``,
-the batch's segments split into contiguous runs of about equal bytes); the batch is done when every lane's is. ``wait``
+the batch's bytes split into contiguous runs of equal size); the batch is done when every lane's is. ``wait``
 polls ``check_xfer_state`` with sleeps that back off (50 .. 200 us): no busy-spin on a 2-core box. On timeout
 or error the transfer handles are released, which asks NIXL to cancel them; the receiver's lease grace covers a write
 the NIC could still finish after that.
