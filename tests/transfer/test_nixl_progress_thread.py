@@ -44,14 +44,12 @@ def test_progress_thread_only_where_a_peer_can_be_on_another_host(
         ("eth0", False, None, None, 2),  # TCP between hosts: a second UCX connection and progress thread
         (None, False, None, None, 2),
         ("eth0", True, None, None, 1),  # an RDMA device: one agent already uses every rail
-        ("lo", False, None, None, 1),  # one host: cma in the initiator's call
+        ("lo", False, None, None, 2),  # one host: cma copies in each lane's posting thread, in parallel
         ("lo", False, "3", None, 3),  # PDMESH_NIXL_LANES forces it
         ("eth0", False, "3", 1, 1),  # an explicit config wins
     ],
 )
-def test_two_lanes_where_ucx_reaches_other_hosts_only_over_tcp(
-    monkeypatch, tmp_path, devices, rdma, forced, configured, lanes
-):
+def test_two_lanes_unless_the_host_has_rdma(monkeypatch, tmp_path, devices, rdma, forced, configured, lanes):
     ib = tmp_path / "infiniband"
     ib.mkdir()
     if rdma:
