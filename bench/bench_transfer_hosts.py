@@ -6,7 +6,7 @@ on the bare link and on rate-limited links, pushed the way workers push (a whole
 
 Per link, in the same run: ``socket`` (one bare TCP stream carrying the same 96 MiB per push in one ``sendall``,
 no transfer layer: a reference, which our ``tcp`` backend, sending chunk by chunk, beats on the bare pair), our
-``tcp`` backend, ``nixl`` as shipped (two lanes here: :func:`pdmesh.transfer.nixl_backend.lanes_wanted`) and
+``tcp`` backend, ``nixl`` as shipped (two lanes here: :func:`pdmesh.transfer.nixl_agent.lanes_wanted`) and
 ``nixl:1 lane`` (one agent, one UCX connection); the senders take turns push by push
 so that background load on this 2-core machine falls on all alike. NIXL runs on UCX's TCP transport
 (``UCX_TLS=tcp``): the namespaces share one machine, where UCX would otherwise take shared memory or cma. Rates are limited with ``tbf``; link delay needs ``sch_netem``, which this machine's

@@ -214,7 +214,7 @@ class StagedChunks:
 
 def _one_lane(nixl: NixlConfig | None) -> NixlConfig:
     """Device staging runs one agent: NVLink or RDMA move device memory, where one agent uses every rail and a
-    second would register the region twice (lanes split TCP streams: :func:`pdmesh.transfer.nixl_backend.lanes_wanted`)."""
+    second would register the region twice (lanes split TCP streams: :func:`pdmesh.transfer.nixl_agent.lanes_wanted`)."""
     cfg = nixl or NixlConfig()
     if cfg.lanes is None:
         cfg = replace(cfg, lanes=1)

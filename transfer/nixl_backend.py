@@ -43,129 +43,20 @@ from pdmesh.transfer.backend import (
     unpack_metadata,
 )
 from pdmesh.transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
+from pdmesh.transfer.nixl_agent import (
+    NixlConfig,
+    lanes_wanted,
+    make_agent,
+    nixl_available,
+    progress_thread_wanted,
+)
+
+__all__ = ["NixlBackend", "NixlConfig", "lanes_wanted", "nixl_available", "progress_thread_wanted"]
 
 log = logging.getLogger("pdmesh.transfer")
 
 POLL_MIN_S = 50e-6
 POLL_MAX_S = 200e-6
-
-
-def nixl_available() -> bool:
-    try:
-        import nixl._api  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@dataclass
-class NixlConfig:
-    """How the NIXL agent is built. The defaults are the measured best on loopback (``bench/bench_transfer.py``,
-    docs/transfer.md), where UCX moves host memory with cma (``process_vm_writev``, done by the sender):
-
-    * ``UCX_TLS``: left to UCX. ``tcp`` runs 0.18x memcpy against cma's 0.43x; UCX's shared-memory transports
-      alone (``posix``, ``sysv``) cannot serve NIXL (creating the backend fails: no RMA).
-    * descriptors per WRITE (1, 8, 64 pieces of 256 MiB), 4 WRITEs in flight, 2 posting threads, UCX
-      ``num_workers=2``: all within 5 % of one descriptor (one copying thread does the work either way).
-    * registration is already once per pool (at start), not per push.
-    What moves cma is the page size of the receiving pool: into 4 KiB tmpfs pages (``/dev/shm``) 0.43x memcpy,
-    into huge pages 0.58x (a tmpfs mounted ``huge=within_size``/``always``) and 0.86x (anonymous THP memory).
-    That is a mount option of the node, not a setting here.
-
-    Between hosts (UCX's TCP transport, ``bench/bench_transfer_hosts.py``) UCX moves a WRITE's bytes only when a
-    worker is progressed, on both sides. ``enable_prog_thread`` (default: :func:`progress_thread_wanted`, on unless
-    UCX is confined to loopback) runs UCX's progress thread, which sleeps in ``poll()`` on the workers' event fds and wakes when a
-    socket is ready (at the latest every ``prog_thread_wait_ms``: 0.7 % of a core while idle), instead of the
-    sender's wait and the receiver's poller progressing it every 0.2-0.5 ms: +3-6 % per request push on the veth
-    pair. (The stock wrapper runs that thread with no wait: a core at 100 % while idle.) Tried there and no
-    help: ``UCX_TCP_SNDBUF``/``UCX_TCP_RCVBUF`` 8 MiB, ``UCX_TCP_TX_SEG_SIZE``/``RX_SEG_SIZE`` 512 KiB (they size
-    active messages; a WRITE is one zero-copy PUT per descriptor, ``UCX_PROTO_INFO=y``: ``ucp_put* 0..inf
-    zero-copy tcp``). UCX's rendezvous and lane settings do not apply to PUTs on one device; ``lanes`` (agents per
-    backend, :func:`lanes_wanted`) splits a push over several UCX connections instead."""
-
-    backends: list[str] = field(default_factory=lambda: ["UCX"])
-    ucx_env: dict[str, str] = field(default_factory=dict)
-    override_env: bool = False
-    enable_prog_thread: bool | None = None  # None: see progress_thread_wanted
-    num_threads: int = 0
-    prog_thread_wait_ms: float = 10.0
-    lanes: int | None = None  # None: see lanes_wanted
-
-
-def progress_thread_wanted(config: NixlConfig) -> bool:
-    """``config.enable_prog_thread`` when set; else ``PDMESH_NIXL_PROG_THREAD`` (``0`` off, anything else on) when
-    set; else on unless ``UCX_NET_DEVICES`` is ``lo`` alone (read after ``ucx_env`` is applied). Between hosts UCX's
-    TCP transport needs progress on both sides (the thread: +3-6 % per request push on the veth pair); confined to
-    one host, UCX copies with cma in the initiator's own call and the thread only competes for the cores
-    (``bench/bench_transfer.py``, alternating runs: a request push 0.47-0.51x memcpy without it, 0.41-0.43x with)."""
-    if config.enable_prog_thread is not None:
-        return config.enable_prog_thread
-    forced = os.environ.get("PDMESH_NIXL_PROG_THREAD")
-    if forced is not None:
-        return forced.strip() != "0"
-    return os.environ.get("UCX_NET_DEVICES", "").strip() != "lo"
-
-
-RDMA_DEVICES = "/sys/class/infiniband"
-
-
-def lanes_wanted(config: NixlConfig) -> int:
-    """How many agents (lanes) a backend runs: ``config.lanes`` when set; else ``PDMESH_NIXL_LANES`` when set;
-    else 1 where the host has an RDMA device (under ``/sys/class/infiniband``: one agent already uses every rail),
-    else 2. A push's bytes split over the lanes, each lane's WRITE posted from its own thread: over UCX's TCP
-    transport each lane is its own connection and progress thread (one stream is bounded by one core's copies on
-    each side; veth pair, 96 MiB pushes: 1.7 -> 2.0-2.4 GB/s); over cma (one host) each lane's copy runs in its
-    posting thread (256 MiB: 0.35-0.45x -> 0.64-0.71x memcpy)."""
-    if config.lanes is not None:
-        return max(1, config.lanes)
-    forced = os.environ.get("PDMESH_NIXL_LANES", "").strip()
-    if forced:
-        try:
-            return max(1, int(forced))
-        except ValueError:
-            log.warning("PDMESH_NIXL_LANES=%r is not a number: ignored", forced)
-    try:
-        rdma = bool(os.listdir(RDMA_DEVICES))
-    except OSError:
-        rdma = False
-    return 1 if rdma else 2
-
-
-def _make_agent(name: str, config: NixlConfig) -> Any:
-    """A ``nixl_agent`` whose progress thread (when on) sleeps in ``poll()`` on UCX's event fds for at most
-    ``config.prog_thread_wait_ms`` instead of spinning: the Python wrapper hard-codes the thread's delay to 0,
-    which makes its ``poll()`` return at once (a core at 100 % while idle). The agent is made without backends,
-    its core agent is replaced by one built with the delay set, then the backends are created on that one."""
-    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-
-    strict = nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-    prog_thread = progress_thread_wanted(config)
-    custom = prog_thread and config.prog_thread_wait_ms > 0
-    agent = nixl_agent(
-        name,
-        nixl_agent_config(
-            enable_prog_thread=prog_thread,
-            backends=[] if custom else list(config.backends),
-            num_threads=config.num_threads,
-            sync_mode=strict,
-        ),
-    )
-    if not custom:
-        return agent
-    from nixl._api import nixlBind  # type: ignore[attr-defined]
-
-    core = nixlBind.nixlAgentConfig()
-    core.useProgThread = True
-    core.useListenThread = False
-    core.syncMode = strict.value
-    core.pthrDelay = int(config.prog_thread_wait_ms * 1000)  # us; UCX's thread rounds it up to whole ms
-    core.lthrDelay = 100000
-    core.captureTelemetry = False
-    agent.agent = nixlBind.nixlAgent(name, core)
-    init = {"num_threads": str(config.num_threads)} if config.num_threads > 0 else {}
-    for backend in config.backends:
-        agent.create_backend(backend, init)
-    return agent
 
 
 def _lane_rows(segments: Sequence[Segment], lanes: int) -> list[list[tuple[int, int, int]]]:
@@ -230,11 +121,11 @@ class NixlBackend(TransferBackend):
             if self.config.override_env or k not in os.environ:
                 os.environ[k] = v
         self.agent_name = f"pdmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = _make_agent(self.agent_name, self.config)
+        self._agent = make_agent(self.agent_name, self.config)
         self._agents = [self._agent]
         for i in range(1, lanes_wanted(self.config)):
             try:
-                self._agents.append(_make_agent(f"{self.agent_name}-l{i}", self.config))
+                self._agents.append(make_agent(f"{self.agent_name}-l{i}", self.config))
             except Exception as exc:  # one lane works: run with the lanes made
                 log.warning("nixl: lane %d not created (%s); running %d lane(s)", i, exc, len(self._agents))
                 break

@@ -1,5 +1,5 @@
-"""When NIXL's agent runs UCX's progress thread (:func:`pdmesh.transfer.nixl_backend.progress_thread_wanted`), how
-many agents (lanes) a backend runs (:func:`~pdmesh.transfer.nixl_backend.lanes_wanted`) and how a push's segments
+"""When NIXL's agent runs UCX's progress thread (:func:`pdmesh.transfer.nixl_agent.progress_thread_wanted`), how
+many agents (lanes) a backend runs (:func:`~pdmesh.transfer.nixl_agent.lanes_wanted`) and how a push's segments
 are split over them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pdmesh.transfer import nixl_backend
+from pdmesh.transfer import nixl_agent, nixl_backend
 from pdmesh.transfer.backend import Segment
 from pdmesh.transfer.nixl_backend import NixlConfig, _lane_rows, lanes_wanted, progress_thread_wanted
 
@@ -54,7 +54,7 @@ def test_two_lanes_unless_the_host_has_rdma(monkeypatch, tmp_path, devices, rdma
     ib.mkdir()
     if rdma:
         (ib / "mlx5_0").mkdir()
-    monkeypatch.setattr(nixl_backend, "RDMA_DEVICES", str(ib))
+    monkeypatch.setattr(nixl_agent, "RDMA_DEVICES", str(ib))
     monkeypatch.delenv("PDMESH_NIXL_PROG_THREAD", raising=False)
     for name, value in (("UCX_NET_DEVICES", devices), ("PDMESH_NIXL_LANES", forced)):
         if value is None:
@@ -143,7 +143,7 @@ def test_lanes_share_a_push_and_a_broken_lane_leaves_the_peer_on_one(monkeypatch
         agents[name] = _FakeAgent(name)
         return agents[name]
 
-    monkeypatch.setattr(nixl_backend, "_make_agent", make)
+    monkeypatch.setattr(nixl_backend, "make_agent", make)
     tx, rx = (
         nixl_backend.NixlBackend("fp", NixlConfig(lanes=2)),
         nixl_backend.NixlBackend("fp", NixlConfig(lanes=2)),
