@@ -228,6 +228,9 @@ class NixlBackend(TransferBackend):
         # a lane beyond the first failed to post: this peer is served over the first lane from now on
         log.warning("nixl: a lane to %s failed to post; pushing to it over one lane", peer)
         r.lanes = lanes[:1]
+        for agent, name in zip(self._agents[1:], lanes[1:], strict=False):  # the dropped lanes' remote agents
+            with contextlib.suppress(Exception):
+                agent.remove_remote_agent(name)
         return self._post(r, peer, _lane_rows(segments, 1), notif)
 
     def _post(self, r: _Remote, peer: str, rows: list[list[tuple[int, int, int]]], notif: bytes) -> _Handle:

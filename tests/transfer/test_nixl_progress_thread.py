@@ -95,6 +95,7 @@ class _FakeAgent:
         self.name, self.fail_post, self.polls = name, fail_post, polls
         self.open: dict[int, int] = {}
         self.posted: list[int] = []  # bytes per WRITE posted
+        self.removed: list[str] = []  # remote agents removed
 
     def register_memory(self, regions, mem_type):
         return ("reg", self.name)
@@ -109,7 +110,7 @@ class _FakeAgent:
         return md
 
     def remove_remote_agent(self, name):
-        pass
+        self.removed.append(name)
 
     def get_xfer_descs(self, rows, mem_type):
         return rows
@@ -160,6 +161,7 @@ def test_lanes_share_a_push_and_a_broken_lane_leaves_the_peer_on_one(monkeypatch
     lane1.fail_post = True
     tx.wait(tx.write(peer, segments, b"n"), time.monotonic() + 5)
     assert lane0.posted[-1] == 32768 and not lane0.open and not lane1.open  # all of it over lane 0
+    assert len(lane1.removed) == 1 and not lane0.removed  # the dropped lane's remote agent is unloaded
     tx.wait(tx.write(peer, segments, b"n"), time.monotonic() + 5)
     assert len(lane1.posted) == 2 and lane0.posted[-1] == 32768  # the peer stays on one lane
     tx.close()
