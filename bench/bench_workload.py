@@ -329,7 +329,7 @@ def ratios(res: dict) -> dict:
         r["slo_attainment"] = {
             t: round(res[t][w]["slo_attainment"], 3)
             for t in res
-            if w in res[t] and res[t][w]["slo_attainment"]
+            if w in res[t] and res[t][w]["slo_attainment"] is not None  # 0.0 (no request in SLO) is reported
         }
         out[w] = r
     return out
