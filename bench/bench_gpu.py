@@ -37,12 +37,10 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,82 +49,32 @@ if str(REPO) not in sys.path:
         0, str(REPO)
     )  # pdmesh (+ pdmesh.kernels from kernels/) and tests.kernels from the checkout
 
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # the benchmark's own modules, also when loaded by path
+
 import torch  # noqa: E402
+from gpu_cases import (  # noqa: E402
+    DEEPSEEK_V2_LITE,
+    LLAMA3_8B,
+    QWEN25_05B,
+    SMOKE,
+    BenchCase,
+    ModelShape,
+    alloc_caches,
+    plan,
+    same_bytes,
+)
+from gpu_timing import MAX_SPIN_MS, Timer, kernel_launch  # noqa: E402
+
+__all__ = [
+    "DEEPSEEK_V2_LITE", "LLAMA3_8B", "MAX_SPIN_MS", "QWEN25_05B", "SMOKE", "BenchCase", "ModelShape", "Timer",
+    "alloc_caches", "kernel_launch", "main", "plan", "run_bit_exact", "run_row", "same_bytes",
+]  # fmt: skip
 
 GOAL = 0.8  # pack and unpack >= 80% of memcpy of the same bytes
-MAX_SPIN_MS = 40.0  # longest spin kernel queued before a timed batch
 ROTATE_BYTES = 128 << 20  # chunk bytes a timed batch cycles through (H100/H200 L2: 50/60 MB)
 EXIT_BIT_EXACT, EXIT_NO_CUDA, EXIT_NO_TRITON, EXIT_FORBIDDEN_IMPORT = 1, 3, 4, 5
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """KV shape of a model: ``head_dim`` is the per-token width of one head (MLA: the latent width)."""
-
-    name: str
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-
-LLAMA3_8B = ModelShape("llama3-8b", 32, 8, 128, torch.bfloat16)
-QWEN25_05B = ModelShape("qwen2.5-0.5b", 24, 2, 64, torch.bfloat16)  # bench/bench_ttft.py QWEN_SHAPE
-DEEPSEEK_V2_LITE = ModelShape(
-    "deepseek-v2-lite-mla", 27, 1, 576, torch.bfloat16
-)  # kv_lora_rank 512 + rope 64
-SMOKE = ModelShape("smoke-tiny", 2, 2, 8, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class BenchCase:
-    """One benchmark row: ``destination`` is ``"device"`` or ``"pinned"`` (host memory the kernel addresses)."""
-
-    model: ModelShape
-    layout_name: str
-    destination: str = "device"
-    impl: str = "triton"
-    block_size: int = 16
-    tokens: int = 256
-    pool_blocks: int = 1024
-
-
-def plan(smoke: bool) -> list[BenchCase]:
-    """The rows to measure."""
-    if smoke:
-        kw = {"block_size": 4, "tokens": 16, "pool_blocks": 8}
-        return [
-            BenchCase(SMOKE, "flash_attn_nhd", **kw),
-            BenchCase(SMOKE, "flash_attn_hnd", **kw),
-            BenchCase(SMOKE, "vllm_BHLNC", **kw),
-            BenchCase(SMOKE, "mla", **kw),
-            BenchCase(SMOKE, "flash_attn_nhd", impl="torch", **kw),
-        ]
-    rows = [
-        BenchCase(LLAMA3_8B, name)
-        for name in (
-            "flash_attn_nhd",
-            "flash_attn_hnd",
-            "flashinfer_nhd",
-            "flashinfer_hnd",
-            "vllm_LBNHC",
-            "vllm_BLNHC",
-            "vllm_BHLNC",
-        )
-    ]
-    rows += [
-        BenchCase(LLAMA3_8B, "flash_attn_nhd", impl="torch"),
-        BenchCase(LLAMA3_8B, "flash_attn_nhd", destination="pinned"),
-        BenchCase(LLAMA3_8B, "flash_attn_hnd", destination="pinned"),
-    ]
-    q = {"pool_blocks": 2048}
-    rows += [
-        BenchCase(QWEN25_05B, name, **q)
-        for name in ("flash_attn_nhd", "flash_attn_hnd", "flashinfer_nhd", "vllm_BLNHC")
-    ]
-    rows += [BenchCase(QWEN25_05B, "flash_attn_nhd", destination="pinned", **q)]
-    rows += [BenchCase(DEEPSEEK_V2_LITE, "mla"), BenchCase(DEEPSEEK_V2_LITE, "mla", destination="pinned")]
-    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,171 +101,6 @@ def default_out(smoke: bool) -> Path:
     name = "gpu-smoke.json" if smoke else "gpu.json"
     out_dir = os.environ.get("OUT")
     return Path(out_dir) / name if out_dir else REPO / "bench" / "results" / name
-
-
-# ---------------------------------------------------------------------------------------------- caches
-
-
-def alloc_caches(case: BenchCase, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """Per-layer caches of ``case`` filled with random bytes. FlashAttention/FlashInfer/MLA: one tensor per layer
-    in the layout's memory order; ``vllm_<ORDER>``: views of one ``[L, B, H, N, C]`` allocation (C = K|V, 2 x head)."""
-    from pdmesh.kernels import get_layout
-
-    m = case.model
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def random_tensor(phys_shape: list[int]) -> torch.Tensor:
-        n = m.dtype.itemsize
-        for s in phys_shape:
-            n *= s
-        raw = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device, generator=gen)
-        return raw.view(m.dtype).view(phys_shape)
-
-    nb, bs, h, d = case.pool_blocks, case.block_size, m.kv_heads, m.head_dim
-    if case.layout_name.startswith("vllm_"):
-        order_name = case.layout_name.removeprefix("vllm_")
-        logical = (m.layers, nb, h, bs, 2 * d)
-        order = ["LBHNC".index(ch) for ch in order_name]
-        full = random_tensor([logical[i] for i in order]).permute(*[order.index(i) for i in range(5)])
-        return [full[i] for i in range(m.layers)]
-    layout = get_layout(case.layout_name)
-    if case.layout_name.startswith("flash_attn"):
-        shape: tuple[int, ...] = (2, nb, bs, h, d)
-    elif case.layout_name.startswith("flashinfer"):
-        shape = (nb, 2, bs, h, d)
-    elif case.layout_name == "mla":
-        shape = (nb, bs, d)
-    else:
-        raise ValueError(f"no benchmark shape for layout {case.layout_name}")
-    order = list(layout.stride_order or range(layout.ndim))
-    inverse = [order.index(i) for i in range(layout.ndim)]
-    return [random_tensor([shape[i] for i in order]).permute(*inverse) for _ in range(m.layers)]
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (NaN patterns included), on whatever device ``a`` is."""
-    a = a.contiguous().view(torch.uint8)
-    b = b.contiguous().view(torch.uint8).to(a.device)
-    return a.shape == b.shape and torch.equal(a, b)
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-class Timer:
-    """Median seconds per call of a batch of back-to-back calls (see the module doc)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cycles_per_ms = 0.0
-        if device.type == "cuda":
-            torch.cuda._sleep(1_000)  # load the spin kernel
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            cycles = 5_000_000
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            end.synchronize()
-            self.cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def per_call(self, calls: list[Callable[[], object]], iters: int, reps: int) -> tuple[float, bool | None]:
-        """(median seconds per call, whether host overhead stayed hidden in every batch; None on CPU)."""
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                for i in range(iters):
-                    calls[i % len(calls)]()
-                times.append((time.perf_counter() - t0) / iters)
-            return statistics.median(times), None
-        self.sync()
-        t0 = time.perf_counter()
-        for i in range(iters):
-            calls[i % len(calls)]()
-        enqueue_ms = (time.perf_counter() - t0) * 1e3
-        self.sync()
-        # Spin long enough for the host to enqueue the batch; double (up to MAX_SPIN_MS) while the GPU still
-        # reaches the batch first. Some calls block the host on the GPU (a pageable H2D copy may): then no spin
-        # helps, so the remaining batches run without one and the row says host_overhead_hidden=False.
-        spin_ms: float | None = min(2 * enqueue_ms + 0.5, MAX_SPIN_MS)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times, hidden_all = [], True
-        for _ in range(reps):
-            while True:
-                if spin_ms is not None:
-                    torch.cuda._sleep(int(spin_ms * self.cycles_per_ms))
-                start.record()
-                for i in range(iters):
-                    calls[i % len(calls)]()
-                end.record()
-                hidden = spin_ms is not None and not start.query()  # GPU had not reached the batch yet
-                end.synchronize()
-                if hidden or spin_ms is None:
-                    break
-                if spin_ms >= MAX_SPIN_MS:
-                    spin_ms = None  # cannot be hidden: time this and the next batches without a spin
-                    break
-                spin_ms = min(2 * spin_ms, MAX_SPIN_MS)
-            hidden_all &= hidden
-            times.append(start.elapsed_time(end) / 1e3 / iters)
-        return statistics.median(times), hidden_all
-
-    def call_us(self, call: Callable[[], object], reps: int) -> float:
-        """Median host wall time of one call plus synchronize, in microseconds."""
-        times = []
-        for _ in range(reps):
-            self.sync()
-            t0 = time.perf_counter()
-            call()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
-
-
-# ---------------------------------------------------------------------------------------------- one row
-
-
-def kernel_launch(bound: object, ids: list[int], buf: torch.Tensor, pack: bool) -> Callable[[], None]:
-    """The launch ``triton_impl._run`` makes for ``bound`` (same word, tile and grid rules), with the pointer
-    table and ids uploaded once: the kernel's own time. The caller checks it writes the same bytes as the API."""
-    import triton
-    import triton.language as tl
-
-    from pdmesh.kernels import triton_impl
-
-    caches, geo, dev = bound.caches, bound.geometry, bound.device  # type: ignore[attr-defined]
-    ptrs = [c.data_ptr() for c in caches]
-    word = triton_impl._word_bytes(
-        [*ptrs, buf.data_ptr(), geo.block_stride, geo.plane_stride or 8, geo.plane_nbytes]
-    )
-    table = torch.tensor(ptrs, dtype=torch.int64, device=dev)
-    ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
-    plane_words = geo.plane_nbytes // word
-    block = min(1024 if dev.type == "cuda" else 256, triton.next_power_of_2(plane_words))
-    grid = (len(caches) * geo.num_planes * len(ids), min(triton.cdiv(plane_words, block), 64))
-    kernel = triton_impl._kernel(False)  # triton.jit; interpreted under TRITON_INTERPRET=1 (--cpu-smoke)
-    word_type = getattr(tl, triton_impl._WORD_TYPES[word])
-
-    def launch() -> None:
-        kernel[grid](
-            table,
-            buf,
-            ids_t,
-            len(ids),
-            geo.block_stride // word,
-            geo.plane_stride // word,
-            plane_words,
-            P=geo.num_planes,
-            WORD=word_type,
-            BLOCK=block,
-            PACK=pack,
-        )
-
-    return launch
 
 
 def run_row(case: BenchCase, device: torch.device, timer: Timer, iters: int, reps: int) -> dict:
