@@ -109,6 +109,18 @@ class FrameTarget:
         self.name, self.connect, self.auth = name, connect, auth
 
 
+def _hello_auth(hello: dict) -> Callable[[socket.socket], None]:
+    """Authentication by one ``hello`` frame carrying the token, answered ``ok`` (the tier's control socket and the
+    cache server speak it)."""
+
+    def auth(s: socket.socket) -> None:
+        s.sendall(encode_frame(hello))
+        reply = recv_frame(s, 1 << 20, time.monotonic() + 5)
+        assert reply.get("ok"), reply
+
+    return auth
+
+
 def tier_target(socket_path: str, token: str) -> FrameTarget:
     def connect() -> socket.socket:
         s = socket.socket(socket.AF_UNIX)
@@ -116,24 +128,14 @@ def tier_target(socket_path: str, token: str) -> FrameTarget:
         s.connect(socket_path)
         return s
 
-    def auth(s: socket.socket) -> None:
-        s.sendall(encode_frame({"id": 0, "op": "hello", "token": token}))
-        reply = recv_frame(s, 1 << 20, time.monotonic() + 5)
-        assert reply.get("ok"), reply
-
-    return FrameTarget("tier-control", connect, auth)
+    return FrameTarget("tier-control", connect, _hello_auth({"id": 0, "op": "hello", "token": token}))
 
 
 def cache_target(host: str, port: int, token: str) -> FrameTarget:
     def connect() -> socket.socket:
         return socket.create_connection((host, port), timeout=5)
 
-    def auth(s: socket.socket) -> None:
-        s.sendall(encode_frame({"op": "hello", "proto": 1, "token": token}))
-        reply = recv_frame(s, 1 << 20, time.monotonic() + 5)
-        assert reply.get("ok"), reply
-
-    return FrameTarget("cache-server", connect, auth)
+    return FrameTarget("cache-server", connect, _hello_auth({"op": "hello", "proto": 1, "token": token}))
 
 
 def transfer_target(host: str, port: int, token: str) -> FrameTarget:
