@@ -26,7 +26,7 @@ from pdmesh.router.batch import StreamMerger, gather_parts, merge_responses, mer
 from pdmesh.router.config import RouterConfig
 from pdmesh.router.errors import OpenAIError, sse_error_event
 from pdmesh.router.exchange import ClientGone, Exchange
-from pdmesh.router.legs import Legs
+from pdmesh.router.legs import Legs, idle_decoder, short_uncached
 from pdmesh.router.limits import Permit
 from pdmesh.router.openai_requests import (
     Kind,
@@ -307,19 +307,13 @@ def _held_by_a_decoder(
 
 
 def _decode_only_on_the_one_decoder(st: RouterState, ctx: RouteContext, decoders: list[Worker]) -> bool:
-    """One decode worker, and the whole prompt is short enough that a conditional-PD rule sends it decode-only there
-    whatever the tiers hold (shorter than ``min_uncached_tokens``, or at most ``idle_decoder_max_uncached_tokens``
-    while that decoder is idle): the lookups could change neither the worker nor the mode, so they are skipped.
-    Should the decoder take a request between here and the legs' decision, the prompt goes through PD with the
-    prefill choice made from the router's index alone (the lookups only inform choices)."""
+    """One decode worker, and the whole prompt (what it must compute at most) already meets a conditional-PD rule
+    of :mod:`router.legs` (``short_uncached``, ``idle_decoder``): it goes decode-only there whatever the tiers hold,
+    so the lookups could change neither the worker nor the mode and are skipped."""
     if len(decoders) != 1 or ctx.prompt is None:
         return False
-    n, cfg = ctx.prompt.n_tokens, st.config.conditional_pd
-    if cfg.min_uncached_tokens and n < cfg.min_uncached_tokens:
-        return True
-    d = decoders[0]
-    limit = cfg.idle_decoder_max_uncached_tokens
-    return bool(limit) and n <= limit and not d.in_flight and not d.pd_pending
+    n = ctx.prompt.n_tokens
+    return short_uncached(st, n) or idle_decoder(st, ctx, decoders[0], n)
 
 
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:
