@@ -7,7 +7,8 @@ on the bare link and on rate-limited links, pushed the way workers push (a whole
 Per link, in the same run: ``socket`` (one bare TCP stream carrying the same 96 MiB per push in one ``sendall``,
 no transfer layer: a reference, which our ``tcp`` backend, sending chunk by chunk, beats on the bare pair), our
 ``tcp`` backend, ``nixl`` as shipped (two lanes here: :func:`pdmesh.transfer.nixl_agent.lanes_wanted`) and
-``nixl:1 lane`` (one agent, one UCX connection); the senders take turns push by push
+``nixl:1 lane`` (one agent, one UCX connection) and ``nixl:spinlock`` (UCX's worker lock left a spinlock:
+``UCX_USE_MT_MUTEX=n``); the senders take turns push by push
 so that background load on this 2-core machine falls on all alike. NIXL runs on UCX's TCP transport
 (``UCX_TLS=tcp``): the namespaces share one machine, where UCX would otherwise take shared memory or cma. Rates are limited with ``tbf``; link delay needs ``sch_netem``, which this machine's
 kernel lacks, so delay rows are left out when it is missing (and say so). Writes bench/results/transfer_hosts.json.
@@ -34,7 +35,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CHUNK = 1536 << 10
 PER_PUSH = 64
 PEER = [sys.executable, "-m", "tests.transfer.netns_peer"]
-ONE_LANE = {"nixl:1 lane": {"PDMESH_NIXL_LANES": "1"}}  # NIXL as before lanes: one agent, one UCX connection
+VARIANTS = {
+    "nixl:1 lane": {"PDMESH_NIXL_LANES": "1"},  # NIXL as before lanes: one agent, one UCX connection
+    "nixl:spinlock": {"UCX_USE_MT_MUTEX": "n"},  # as before UCX's worker lock became a mutex (nixl_agent.py)
+}
 LINKS = [("bare veth", None, None), ("25 Gbit/s", "25gbit", None), ("10 Gbit/s", "10gbit", None),
          ("25 Gbit/s + 20 us", "25gbit", "20us"), ("10 Gbit/s + 100 us", "10gbit", "100us")]  # fmt: skip
 
@@ -139,13 +143,14 @@ def main() -> int:
             except NetemMissing as e:
                 skipped.append(f"{label}: {e}")
                 continue
-            kinds = ["socket", *backends] + (["nixl:1 lane"] if "nixl" in backends else [])
-            row = {"link": label, **link_row(hosts, kinds, a.pushes, ONE_LANE)}
+            kinds = ["socket", *backends] + (list(VARIANTS) if "nixl" in backends else [])
+            row = {"link": label, **link_row(hosts, kinds, a.pushes, VARIANTS)}
             for b in kinds[1:]:
                 row[f"{b}_vs_socket"] = round(row[b]["gbps_median"] / row["socket"]["gbps_median"], 3)
             if "nixl" in row:
                 row["nixl_vs_tcp"] = round(row["nixl"]["gbps_median"] / row["tcp"]["gbps_median"], 3)
                 row["lanes_gain"] = round(row["nixl"]["gbps_median"] / row["nixl:1 lane"]["gbps_median"], 3)
+                row["mutex_gain"] = round(row["nixl"]["gbps_median"] / row["nixl:spinlock"]["gbps_median"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {

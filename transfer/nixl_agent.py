@@ -72,6 +72,33 @@ def progress_thread_wanted(config: NixlConfig) -> bool:
 
 RDMA_DEVICES = "/sys/class/infiniband"
 
+PROGRESS_THREAD_UCX_DEFAULTS = {"UCX_USE_MT_MUTEX": "y"}
+"""UCX settings pdmesh applies where UCX's progress thread runs, unless the environment (or
+``NixlConfig.ucx_env``) sets them.
+
+``UCX_USE_MT_MUTEX=y``: a multi-threaded UCX worker guards itself with a mutex instead of a spinlock. With the
+progress thread, several threads enter a sender's worker (the progress thread, inside ``sendmsg`` for the length of
+a socket buffer; the lane's posting thread; ``wait``'s ``check_xfer_state``), and with the spinlock the waiting
+ones spin through each such syscall: 14 % of this 2-core box's cycles in ``pthread_spin_lock`` during pushes
+across the veth pair (``perf record -a``), taken from the copies that move the bytes. With the mutex they sleep:
+pushes taking turns, 1.09-1.25x the TCP backend's GB/s where the spinlock gave 0.92-1.01x
+(``bench/bench_transfer_hosts.py``). Without the progress thread (one host, cma copies inside the post) nothing
+spins through a syscall and the default stays: loopback request pushes 0.47-0.82x memcpy with the spinlock,
+0.68-0.70x with the mutex (``bench/bench_transfer.py``, within this box's noise)."""
+
+
+def apply_ucx_env(config: NixlConfig) -> None:
+    """Put ``config.ucx_env`` and then, when :func:`progress_thread_wanted`, :data:`PROGRESS_THREAD_UCX_DEFAULTS`
+    into the process environment, where UCX reads its settings when the agent creates its backend. A value already
+    in the environment wins (an operator's ``UCX_*`` overrides ours) unless ``config.override_env`` is set, which
+    lets ``ucx_env``'s own keys replace it."""
+    for k, v in config.ucx_env.items():
+        if config.override_env or k not in os.environ:
+            os.environ[k] = v
+    if progress_thread_wanted(config):
+        for k, v in PROGRESS_THREAD_UCX_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+
 
 def lanes_wanted(config: NixlConfig) -> int:
     """How many agents (lanes) a backend runs: ``config.lanes`` when set; else ``PDMESH_NIXL_LANES`` when set;

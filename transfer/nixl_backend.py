@@ -11,7 +11,9 @@ or error the transfer handles are released, which asks NIXL to cancel them; the 
 the NIC could still finish after that.
 
 Config: ``NixlConfig.ucx_env`` (e.g. ``{"UCX_NET_DEVICES": "lo", "UCX_TLS": "cma,tcp"}``) is put into the
-process environment before the agent is created (UCX reads its settings from there); existing values win unless
+process environment before the agent is created (UCX reads its settings from there), then, where UCX's progress
+thread runs, ``UCX_USE_MT_MUTEX=y`` (:data:`~pdmesh.transfer.nixl_agent.PROGRESS_THREAD_UCX_DEFAULTS`: waiting
+threads sleep instead of spinning through the progress thread's syscalls); existing values win unless
 ``override_env``. ``register_region(ptr, size, "VRAM", device)`` registers device memory on GPU nodes (a
 :class:`pdmesh.transfer.device_staging.StagingRegion` on CUDA; UCX then moves it with cuda_ipc on one node, rc
 with GPUDirect RDMA between nodes: not run here, no GPU); a WRITE may go from either kind to either kind, each
@@ -45,6 +47,7 @@ from pdmesh.transfer.backend import (
 from pdmesh.transfer.errors import PeerUnavailable, TransferError, TransferFailed, TransferTimeout
 from pdmesh.transfer.nixl_agent import (
     NixlConfig,
+    apply_ucx_env,
     lanes_wanted,
     make_agent,
     nixl_available,
@@ -117,9 +120,7 @@ class NixlBackend(TransferBackend):
     def __init__(self, fingerprint: str, config: NixlConfig | None = None) -> None:
         super().__init__(fingerprint)
         self.config = config or NixlConfig()
-        for k, v in self.config.ucx_env.items():
-            if self.config.override_env or k not in os.environ:
-                os.environ[k] = v
+        apply_ucx_env(self.config)
         self.agent_name = f"pdmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._agent = make_agent(self.agent_name, self.config)
         self._agents = [self._agent]

@@ -4,6 +4,7 @@ are split over them."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -166,3 +167,35 @@ def test_lanes_share_a_push_and_a_broken_lane_leaves_the_peer_on_one(monkeypatch
     assert len(lane1.posted) == 2 and lane0.posted[-1] == 32768  # the peer stays on one lane
     tx.close()
     rx.close()
+
+
+@pytest.mark.parametrize(
+    "devices, operator, ucx_env, override, wanted",
+    [
+        (
+            "eth0",
+            None,
+            {},
+            False,
+            "y",
+        ),  # progress thread: the worker lock is a mutex (no spinning through syscalls)
+        ("lo", None, {}, False, None),  # one host, no progress thread: UCX's own default
+        ("eth0", "n", {}, False, "n"),  # an operator's UCX_USE_MT_MUTEX wins over ours
+        ("eth0", None, {"UCX_USE_MT_MUTEX": "n"}, False, "n"),  # so does the config's ucx_env
+        ("eth0", "y", {"UCX_USE_MT_MUTEX": "n"}, False, "y"),  # ... which yields to the environment
+        ("eth0", "y", {"UCX_USE_MT_MUTEX": "n"}, True, "n"),  # ... unless it overrides it
+        (None, None, {"UCX_NET_DEVICES": "lo"}, False, None),  # ucx_env applies before the thread is decided
+    ],
+)
+def test_ucx_env_then_the_progress_threads_defaults_unless_already_set(
+    monkeypatch, devices, operator, ucx_env, override, wanted
+):
+    monkeypatch.delenv("PDMESH_NIXL_PROG_THREAD", raising=False)
+    for name, value in (("UCX_NET_DEVICES", devices), ("UCX_USE_MT_MUTEX", operator)):
+        monkeypatch.setenv(name, "")  # recorded, so that what apply_ucx_env sets is undone after the test
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    nixl_agent.apply_ucx_env(NixlConfig(ucx_env=ucx_env, override_env=override))
+    assert os.environ.get("UCX_USE_MT_MUTEX") == wanted
