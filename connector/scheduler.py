@@ -13,6 +13,9 @@ Rules (see docs/architecture.md, "Chunks and keys"):
   are ready or the deadline passes; then load what is ready and compute the rest).
 - Saves: every full chunk whose KV is complete after a step (prompt; and generated tokens when
   ``save_generated``), once per request.
+- Shards (an engine over several tensor ranks or pipeline stages): keys here are chunk keys; each worker process
+  saves, pushes and loads its part under its shard key (:func:`pdmesh.connector.metadata.for_shard`), and a chunk
+  counts as ready only when the tier holds every shard's part (one lookup of all of them, chunk by chunk).
 - Device landing (a decode worker with the device path on, connector/device_landing.py): ``landed`` says which
   chunks landed in the worker's device staging region; the leading run of them after the tier's ready prefix
   counts as ready too (no I/O: the worker half's landing, in this process). Without it (or with vLLM's worker in
@@ -31,6 +34,7 @@ from vllm.logger import init_logger
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
 from pdmesh.connector.params import PdParams
 from pdmesh.decoder.wait import PushWait
+from pdmesh.kvcache.keys import every_shard_keys
 from pdmesh.prefiller.push import PushPlan
 
 log = init_logger("pdmesh.connector")
@@ -82,9 +86,12 @@ class ConnectorScheduler:
         clock: Callable[[], float] = time.monotonic,
         token: str = "",
         landed: Callable[[Sequence[bytes]], list[bool]] | None = None,
+        shards: int = 1,
     ) -> None:
         if chunk_tokens % block_size:
             raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the block size {block_size}")
+        if shards > 1 and landed is not None:
+            raise ValueError("a device landing serves one worker process: not with several shards")
         self.tier = tier
         self.key_fn = key_fn  # (token_ids, n_chunks) -> keys of the first n_chunks full chunks
         self.C = chunk_tokens
@@ -93,6 +100,7 @@ class ConnectorScheduler:
         self.clock = clock
         self.token = token  # the cluster token: verifies the router's signature on push targets
         self.landed = landed  # keys -> landed in the device landing (never raises, no I/O)
+        self.shards = shards  # worker processes holding a part of each chunk (tensor ranks x pipeline stages)
         self.stats = SchedulerStats()
         self._reqs: dict[str, _Req] = {}
         self._fallbacks: list[str] = []
@@ -115,7 +123,7 @@ class ConnectorScheduler:
         self.stats.lookups += 1
         tier_down = False
         try:
-            ready = min(self.tier.lookup(keys[:limit]), limit)
+            ready = min(self.tier.lookup(every_shard_keys(keys[:limit], self.shards)) // self.shards, limit)
         except Exception as e:  # the tier is an optimisation: unreachable => compute
             self.stats.lookup_errors += 1
             log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)

@@ -14,7 +14,10 @@ vLLM creates one instance per role: the scheduler half (:class:`ConnectorSchedul
 worker half (:class:`ConnectorWorker`: pack/unpack between vLLM's blocks and the tier's shared-memory pool).
 They share nothing but the per-step :class:`PdmeshConnectorMetadata` (and, on a decode worker with the device
 path on, the worker half's device landing, which the scheduler half reads when vLLM runs both in one process:
-``pdmesh.connector.device_landing.landing_for``). Both talk to the local tier server over
+``pdmesh.connector.device_landing.landing_for``). An engine over several tensor ranks or pipeline stages runs one
+worker half per worker process, each saving, pushing and loading its own part of a chunk under its shard key
+(:func:`pdmesh.connector.metadata.for_shard`); the scheduler half counts a chunk only when every part is in the tier,
+and the device path stays off (a landing serves one worker process). Both talk to the local tier server over
 its unix socket with bounded timeouts; a tier that is down makes every lookup miss and every save a no-op, so
 outputs never change (they are only computed instead of loaded).
 """
@@ -33,7 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from pdmesh.connector.metadata import PdmeshConnectorMetadata
+from pdmesh.connector.metadata import PdmeshConnectorMetadata, for_shard
 from pdmesh.connector.scheduler import ConnectorScheduler
 from pdmesh.connector.tier_client import ConnectorTierClient
 from pdmesh.connector.worker import ConnectorWorker
@@ -81,9 +84,20 @@ def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
         dtype=str(mc.dtype).removeprefix("torch."),
         layout=f"{current_platform.device_type}:{cc.cache_dtype}",
         block_size=int(cc.block_size),
-        tp_rank=0,  # the worker half mixes its own rank into keys (see _rank_key)
+        tp_rank=0,  # each worker process's part has its own key: pdmesh.kvcache.keys.shard_key
         tp_size=int(pc.tensor_parallel_size),
+        pp_size=int(pc.pipeline_parallel_size),
     )
+
+
+def shard_of_this_worker(fingerprint: ModelFingerprint) -> int:
+    """This worker process's shard (``pp_rank * tp_size + tp_rank``), from vLLM's parallel groups, which vLLM sets
+    up before it creates the worker-side connector; 0 for an engine of one shard."""
+    if fingerprint.shards <= 1:
+        return 0
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    return get_pp_group().rank_in_group * fingerprint.tp_size + get_tensor_model_parallel_rank()
 
 
 class PdmeshConnector(KVConnectorBase_V1):
@@ -98,6 +112,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         self.chunk_tokens = int(extra.get("chunk_tokens") or self.block_size)
         self.fingerprint = fingerprint_for(vllm_config)
         self.tier = ConnectorTierClient.from_extra_config(extra, self.fingerprint)
+        self.shards = self.fingerprint.shards
+        self.shard = 0 if role == KVConnectorRole.SCHEDULER else shard_of_this_worker(self.fingerprint)
         self._scheduler: ConnectorScheduler | None = None
         self._worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -109,10 +125,16 @@ class PdmeshConnector(KVConnectorBase_V1):
                 self.block_size,
                 save_generated=bool(extra.get("save_generated", False)),
                 token=cluster_token_from_env(),
-                landed=self._landed_lookup(extra),
+                landed=self._landed_lookup(extra) if self.shards == 1 else None,
+                shards=self.shards,
             )
         log.info(
-            "pdmesh connector (%s): chunk %d tokens, tier %s", role.name, self.chunk_tokens, self.tier.address
+            "pdmesh connector (%s): chunk %d tokens, tier %s, shard %d of %d",
+            role.name,
+            self.chunk_tokens,
+            self.tier.address,
+            self.shard,
+            self.shards,
         )
 
     # ---------------------------------------------------------------- worker side
@@ -156,6 +178,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         try:
             cfg = DevicePathConfig.from_extra(extra)
             use, why = device_path_decision(cfg, bound.device)
+            if use and self.shards > 1:
+                use, why = False, f"off: {self.shards} shards (a device landing serves one worker process)"
             log.info("pdmesh connector: device path %s", why)
             if not use:
                 return None
@@ -177,7 +201,7 @@ class PdmeshConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         try:
             cfg = DevicePathConfig.from_extra(extra)
-            if cfg.landing is None or not device_path_decision(cfg, bound.device)[0]:
+            if cfg.landing is None or self.shards > 1 or not device_path_decision(cfg, bound.device)[0]:
                 return None
             from pdmesh.connector.device_landing import DeviceLanding
             from pdmesh.kvcache.transfer_node import parse_address
@@ -217,7 +241,7 @@ class PdmeshConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, PdmeshConnectorMetadata) and meta.loads:
-            self._worker.load(meta)
+            self._worker.load(for_shard(meta, self.shard, self.shards))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -230,7 +254,7 @@ class PdmeshConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, PdmeshConnectorMetadata) and meta.saves:
-            self._worker.save(meta)
+            self._worker.save(for_shard(meta, self.shard, self.shards))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()

@@ -22,6 +22,7 @@ def _tier_server(args: argparse.Namespace) -> int:
         "socket_path": args.socket,
         "pool_bytes": args.pool_bytes,
         "slot_bytes": args.slot_bytes,
+        "chunk_tokens": args.chunk_tokens,
         "remote__url": args.remote,
     }
     if args.transfer_port is not None:
@@ -70,6 +71,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--socket", help="unix control socket path")
     p.add_argument("--pool-bytes", help="memory pool size, e.g. 256MiB")
     p.add_argument("--slot-bytes", help="chunk slot size, e.g. 2MiB")
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        help="tokens per chunk of the engine's connector (for /lookup by token ids)",
+    )
     p.add_argument("--disk", help="enable the disk tier at this directory")
     p.add_argument("--remote", help="remote tier URL: redis://host:port/db or pdmesh://host:port")
     p.add_argument("--transfer-port", type=int, help="enable the PD transfer receiver on this port (0 = any)")

@@ -4,6 +4,12 @@ key(-1) = ``fingerprint.digest()``; key(i) = blake2b-128(key(i-1) || tokens of c
 Only full chunks get a key. The result depends only on the fingerprint fields and the token ids, so any two
 processes on any machine agree (never Python's ``hash()``, which is salted per process). Keys are 16-byte ``bytes``;
 JSON carries them as lowercase hex.
+
+Shards: an engine split over tensor-parallel ranks (and pipeline stages) holds each chunk's KV in
+``fingerprint.shards`` worker processes, each a different part (its KV heads, its layers). Each part is stored
+under its own key, :func:`shard_key` (``blake2b-128(key || shard as little-endian uint16)``); an engine of one shard
+stores under the chunk key itself. A chunk is there for such an engine when all its shards are
+(:func:`every_shard_keys`, one lookup).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ FORMAT_VERSION = 1
 KEY_BYTES = 16
 _PERSON_FP = b"pdmesh-fp"
 _PERSON_CHUNK = b"pdmesh-chunk"
+_PERSON_SHARD = b"pdmesh-shard"
 _MAX_TOKEN = 2**32
 
 
@@ -31,13 +38,22 @@ class ModelFingerprint:
     dtype: str = "float32"
     layout: str = ""
     block_size: int = 16
-    tp_rank: int = 0
+    tp_rank: int = 0  # always 0 in keys: each rank's part is told apart by shard_key, not by the seed
     tp_size: int = 1
     format_version: int = FORMAT_VERSION
+    pp_size: int = 1  # pipeline stages; left out of the digest when 1 (keys of unstaged engines never change)
+
+    @property
+    def shards(self) -> int:
+        """Worker processes that each hold a different part of every chunk (tensor ranks x pipeline stages)."""
+        return max(1, self.tp_size) * max(1, self.pp_size)
 
     def digest(self) -> bytes:
         """16 bytes: blake2b over the canonical JSON of the fields (sorted keys, no whitespace)."""
-        canon = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        fields = asdict(self)
+        if fields["pp_size"] == 1:
+            del fields["pp_size"]
+        canon = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.blake2b(canon, digest_size=KEY_BYTES, person=_PERSON_FP).digest()
 
     def to_dict(self) -> dict:
@@ -75,6 +91,34 @@ def chain_keys(seed: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list
 def chunk_keys(fingerprint: ModelFingerprint, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
     """Keys of the full chunks of ``token_ids`` (``len(token_ids) // chunk_tokens`` keys). Pure, deterministic."""
     return chain_keys(fingerprint.digest(), token_ids, chunk_tokens)
+
+
+def shard_key(key: bytes, shard: int) -> bytes:
+    """The key worker process ``shard`` (``pp_rank * tp_size + tp_rank``) of a sharded engine stores its part of
+    chunk ``key`` under. Distinct per shard and from every chunk key."""
+    if not 0 <= shard < 1 << 16:
+        raise ValueError(f"shard {shard} out of range")
+    h = hashlib.blake2b(key, digest_size=KEY_BYTES, person=_PERSON_SHARD)
+    h.update(shard.to_bytes(2, "little"))
+    return h.digest()
+
+
+def shard_keys(keys: Sequence[bytes], shard: int, shards: int) -> list[bytes]:
+    """``keys`` as worker process ``shard`` of an engine of ``shards`` stores them: the keys themselves when the
+    engine has one shard."""
+    if shards <= 1:
+        return list(keys)
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}")
+    return [shard_key(k, shard) for k in keys]
+
+
+def every_shard_keys(keys: Sequence[bytes], shards: int) -> list[bytes]:
+    """Every shard's key of every chunk, chunk by chunk (``shards`` per chunk, shard order): the leading run of
+    them a tier holds, divided by ``shards``, is how many leading chunks are whole there."""
+    if shards <= 1:
+        return list(keys)
+    return [shard_key(k, s) for k in keys for s in range(shards)]
 
 
 def key_hex(key: bytes) -> str:

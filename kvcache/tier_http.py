@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdmesh.kvcache.keys import ModelFingerprint, chain_keys, key_from_hex
+from pdmesh.kvcache.keys import ModelFingerprint, chain_keys, every_shard_keys, key_from_hex
 from pdmesh.kvcache.metrics import render
 from pdmesh.security import TOKEN_HEADER, token_matches
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pdmesh.kvcache.tier import Tier
 
 MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as JSON token ids is ~1 MB
+MAX_SHARDS = 1024  # tensor ranks x pipeline stages a /lookup by token ids accepts (bounds its keys)
 
 
 class _HTTPError(Exception):
@@ -95,22 +96,28 @@ def make_app(tier: Tier) -> FastAPI:
             chunk_tokens = int(body.get("chunk_tokens") or tier.config.chunk_tokens)
             if chunk_tokens <= 0:
                 raise ValueError("chunk_tokens must be positive")
+            shards = 1
             if "keys" in body:
                 keys = [key_from_hex(k) for k in body["keys"]]
             elif "token_ids" in body:
                 fp = body.get("fingerprint")
                 if fp is not None:
-                    seed = ModelFingerprint.from_dict(fp).digest()
+                    model = ModelFingerprint.from_dict(fp)
                 elif tier.fingerprint is not None:
-                    seed = tier.fingerprint.digest()
+                    model = tier.fingerprint
                 else:
                     raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
-                keys = chain_keys(seed, body["token_ids"], chunk_tokens)
+                shards = model.shards
+                if not 1 <= shards <= MAX_SHARDS:
+                    raise ValueError(f"tp_size x pp_size must be 1..{MAX_SHARDS}")
+                keys = chain_keys(model.digest(), body["token_ids"], chunk_tokens)
             else:
                 raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
         except (ValueError, TypeError, AttributeError, OverflowError) as e:
             raise _HTTPError(422, str(e)) from e
-        n, tiers = await tier.lookup(keys, bool(body.get("remote", True)))
+        # a sharded engine's chunk is there when every shard's part is (pdmesh.kvcache.keys.every_shard_keys)
+        n, tiers = await tier.lookup(every_shard_keys(keys, shards), bool(body.get("remote", True)))
+        n //= shards
         return {"chunks": n, "tokens": n * chunk_tokens, "total_chunks": len(keys), "tiers": tiers}
 
     @app.post("/clear")

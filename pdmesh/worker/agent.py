@@ -275,6 +275,7 @@ def _start_tier(
         pool_bytes=args.tier_pool_bytes,
         http_port=tier_http_port(args.tier_http_port, args.port),
         slot_bytes=slot,
+        chunk_tokens=chunk_tokens,
         transfer_host=args.host,
         advertise_host=host,
         http_host=args.host,

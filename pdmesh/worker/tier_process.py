@@ -75,6 +75,7 @@ class TierSettings:
     socket_path: str
     pool_bytes: str = "256MiB"
     slot_bytes: int | None = None  # default: the model's chunk size
+    chunk_tokens: int | None = None  # the connector's chunk size: /lookup by token ids must cut chunks alike
     transfer_host: str = "127.0.0.1"
     advertise_host: str = "127.0.0.1"
     http_host: str = "127.0.0.1"
@@ -97,6 +98,8 @@ class TierProcess:
         ]  # fmt: skip
         if settings.slot_bytes:
             argv += ["--slot-bytes", str(settings.slot_bytes)]
+        if settings.chunk_tokens:
+            argv += ["--chunk-tokens", str(settings.chunk_tokens)]
         Path(log_path).write_bytes(b"")
         self.process = ManagedProcess("tier-server", argv, env=dict(os.environ), log_path=log_path)
         self.info: dict = {}

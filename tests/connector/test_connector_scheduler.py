@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
 
+from pdmesh.connector.metadata import for_shard
 from pdmesh.connector.params import PdParams
 from pdmesh.connector.scheduler import ConnectorScheduler
-from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys, shard_keys
 from pdmesh.security import sign_push_target
 
 FP = ModelFingerprint(model="m", block_size=4)
@@ -57,10 +58,17 @@ class Clock:
         return self.t
 
 
-def make(save_generated=False):
+def make(save_generated=False, shards=1):
     tier, clock = FakeTier(), Clock()
     s = ConnectorScheduler(
-        tier, lambda toks, n: chunk_keys(FP, toks[: n * C], C), C, 4, save_generated, clock, token=TOKEN
+        tier,
+        lambda toks, n: chunk_keys(FP, toks[: n * C], C),
+        C,
+        4,
+        save_generated,
+        clock,
+        token=TOKEN,
+        shards=shards,
     )
     return s, tier, clock
 
@@ -304,3 +312,44 @@ def test_waiting_decode_leg_polls_its_tier_at_most_every_poll_interval():
     clock.t += PD_POLL_S
     assert s.get_num_new_matched_tokens(req, 0) == (24, False)
     assert tier.calls == 2
+
+
+def test_sharded_engine_loads_a_chunk_only_when_every_shard_holds_its_part():
+    s, tier, clock = make(shards=2)
+    prompt = list(range(1, 34))  # 4 chunks loadable ((33-1)//8)
+    keys = chunk_keys(FP, prompt, C)
+    rank0, rank1 = shard_keys(keys, 0, 2), shard_keys(keys, 1, 2)
+    tier.ready = set(keys)  # the chunk keys themselves: what a one-shard engine stores, not this one
+    assert s.get_num_new_matched_tokens(FakeRequest("a", prompt), 0) == (0, False)
+    tier.ready = set(rank0) | set(rank1[:2])  # rank 1 has the first two parts only
+    assert s.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (16, False)
+    # a PD decode leg waits for both ranks' pushes
+    req = FakeRequest("r", prompt, {"pdmesh": {"transfer_id": "t1", "deadline_ms": 5000}})
+    tier.ready = set(rank0)
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    tier.ready |= set(rank1)
+    clock.t = 1.0
+    assert s.get_num_new_matched_tokens(req, 0) == (32, False)
+
+
+def test_each_shard_saves_and_pushes_its_part_under_its_own_keys_and_transfer():
+    s, _tier, _ = make(shards=2)
+    prompt = list(range(1, 26))
+    params = {"transfer_id": "t9", "push_to": "10.0.0.2:7000", "deadline_ms": 5000}
+    req = FakeRequest("r", prompt, {"pdmesh": {**params, "sig": sign_push_target(TOKEN, *params.values())}})
+    s.get_num_new_matched_tokens(req, 0)
+    blocks = [5, 6, 7, 8, 9, 10, 11]
+    s.update_state_after_alloc(req, blocks, 0)
+    meta = s.build_meta(new_req_output(req, blocks, 0, 25))
+    assert for_shard(meta, 0, 1) is meta  # one shard: the plan as it is
+    keys = chunk_keys(FP, prompt, C)[:3]
+    for shard in (0, 1):
+        (save,) = for_shard(meta, shard, 2).saves
+        assert save.keys == shard_keys(keys, shard, 2) and save.block_ids == [[5, 6], [7, 8], [9, 10]]
+        assert save.push.transfer_id == f"t9.1.s{shard}" and save.push.peer == "10.0.0.2:7000"
+    assert meta.saves[0].keys == keys  # the scheduler's plan itself is untouched
+
+
+def test_a_device_landing_is_refused_with_several_shards():
+    with pytest.raises(ValueError, match="one worker process"):
+        ConnectorScheduler(FakeTier(), lambda t, n: [], C, 4, False, landed=lambda keys: [], shards=2)

@@ -93,3 +93,34 @@ def test_different_fingerprints_never_collide_in_a_tier():
         assert pool.lookup(ka) == 4 and pool.lookup(kb) == 4
         assert [pool.get(k) for k in ka] == [bytes([i]) * 8 for i in range(4)]
         assert [pool.get(k) for k in kb] == [bytes([100 + i]) * 8 for i in range(4)]
+
+
+def test_each_shard_of_a_chunk_has_its_own_key():
+    from pdmesh.kvcache.keys import every_shard_keys, shard_key, shard_keys
+
+    keys = chunk_keys(FP, list(range(1024)), 256)
+    assert shard_keys(keys, 0, 1) == keys  # one shard: the chunk keys themselves
+    assert every_shard_keys(keys, 1) == keys
+    parts = [shard_keys(keys, s, 4) for s in range(4)]
+    every = {k for p in parts for k in p}
+    assert len(every) == 16 and not every & set(keys)  # distinct per shard and chunk, never a chunk key
+    assert parts[2][1] == shard_key(keys[1], 2)  # deterministic, from the chunk key and the shard alone
+    assert every_shard_keys(keys, 4) == [parts[s][c] for c in range(4) for s in range(4)]  # chunk by chunk
+    with pytest.raises(ValueError):
+        shard_keys(keys, 4, 4)
+    with pytest.raises(ValueError):
+        shard_key(keys[0], 1 << 16)
+
+
+def test_pipeline_stages_count_as_shards_and_leave_unstaged_keys_unchanged():
+    import hashlib
+    from dataclasses import asdict
+
+    fields = {k: v for k, v in asdict(FP).items() if k != "pp_size"}  # the fields before stages existed
+    canon = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    assert FP.digest() == hashlib.blake2b(canon, digest_size=16, person=b"pdmesh-fp").digest()
+    tp2 = ModelFingerprint("tiny-llama", "r1", "float32", "cpu", 128, 0, 2)
+    staged = ModelFingerprint("tiny-llama", "r1", "float32", "cpu", 128, 0, 2, pp_size=2)
+    assert (FP.shards, tp2.shards, staged.shards) == (1, 2, 4)
+    assert staged.digest() != tp2.digest()
+    assert ModelFingerprint.from_dict(staged.to_dict()) == staged

@@ -110,6 +110,30 @@ def test_http_api(tmp_path, tier_factory):
     c.close()
 
 
+def test_http_lookup_by_token_ids_of_a_sharded_engine_counts_whole_chunks(tmp_path, tier_factory):
+    """A TP=2 engine's tier holds each chunk as two parts (one per rank): /lookup by token ids (the router's
+    cache-aware routing) counts a chunk when both parts are there; a fingerprint naming absurd shards is refused."""
+    from pdmesh.kvcache.keys import shard_keys
+
+    tp2 = ModelFingerprint("tiny", "r1", "float32", "cpu", 32, 0, 2)
+    t = tier_factory(tier_config(tmp_path, fingerprint=tp2.to_dict(), chunk_tokens=32))
+    c = client(t)
+    toks = list(range(32 * 4))
+    keys = chunk_keys(tp2, toks, 32)
+    held = shard_keys(keys[:3], 0, 2) + shard_keys(keys[:2], 1, 2)  # rank 1 lacks chunk 2's part
+    c.put(held, [data_for(k) for k in held])
+    with httpx.Client(base_url=t.http, timeout=5) as h:
+        r = h.post("/lookup", json={"token_ids": toks}, headers=TOK).json()
+        assert (r["chunks"], r["tokens"], r["total_chunks"]) == (2, 64, 4)
+        absurd = {**tp2.to_dict(), "tp_size": 1 << 20}
+        assert (
+            h.post("/lookup", json={"token_ids": toks, "fingerprint": absurd}, headers=TOK).status_code == 422
+        )
+        odd = {**tp2.to_dict(), "tp_size": "two"}
+        assert h.post("/lookup", json={"token_ids": toks, "fingerprint": odd}, headers=TOK).status_code == 422
+    c.close()
+
+
 def test_http_stats_with_a_transfer_endpoint(tmp_path, tier_factory):
     t = tier_factory(tier_config(tmp_path, transfer={"enabled": True}))
     with httpx.Client(base_url=t.http, timeout=5) as h:
