@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from pdmesh.procs import ManagedProcess, free_port
+from pdmesh.worker.shm_leftovers import remove_orphans
 
 log = logging.getLogger("pdmesh.cluster")
 
@@ -59,6 +61,7 @@ class LocalCluster:
         self._n_started = 0
         self._spawned: dict[str, tuple[list[str], Path, dict[str, str] | None]] = {}  # name -> how to restart
         self._exits: dict[str, list[float]] = {}  # name -> recent exit times (crash-loop detection)
+        self.started_wall = time.time()  # segments a killed worker leaves are newer (shm_leftovers)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -182,6 +185,9 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         proc.stop(10)
+        if sig == signal.SIGKILL:  # nothing of the tree could unlink its shared memory: do it for them
+            psutil.wait_procs(tree, timeout=10)
+            remove_orphans(self.started_wall)
 
     def stop(self) -> None:
         """Stop workers (they deregister), then the router. Blocking; idempotent."""

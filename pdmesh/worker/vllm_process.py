@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from pdmesh.procs import ManagedProcess
+from pdmesh.worker.shm_leftovers import remove_orphans
 
 log = logging.getLogger("pdmesh.worker")
 
@@ -88,6 +89,7 @@ class VLLMServer:
         env = {**os.environ, **spec.env}
         self.url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '::') else spec.host}:{spec.port}"
         log.info("starting vLLM: %s", " ".join(spec.argv()))
+        self.started_wall = time.time()  # what shared memory it may leave is newer (shm_leftovers)
         self.process = ManagedProcess(f"vllm:{spec.port}", spec.argv(), env=env, log_path=log_path)
 
     def wait_healthy(self, timeout: float) -> dict:
@@ -109,4 +111,9 @@ class VLLMServer:
         raise TimeoutError(f"vLLM at {self.url} not healthy after {timeout:.0f}s")
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        return self.process.stop(timeout)
+        """Stop the server's process group (SIGTERM, SIGKILL after ``timeout``), then remove the shared-memory
+        segments it left (a SIGKILLed engine cannot unlink its own: :mod:`pdmesh.worker.shm_leftovers`).
+        Blocking; idempotent."""
+        code = self.process.stop(timeout)
+        remove_orphans(self.started_wall)
+        return code

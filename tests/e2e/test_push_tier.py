@@ -12,12 +12,14 @@ import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
+from pdmesh.worker import shm_leftovers
 from pdmesh.worker.tier_process import chunk_nbytes_for_model
 from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV
@@ -205,6 +207,13 @@ def test_push_frozen_then_prefill_killed_decoder_recomputes(cluster, expected):
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
     cluster.kill_worker("prefill-1", signal.SIGKILL)
+    # the killed engine could not unlink its shared memory: the cluster did (and nothing the others still use)
+    left = [
+        p.name
+        for p in Path(shm_leftovers.SHM_DIR).glob(shm_leftovers.PREFIX + "*")
+        if p.stat().st_ctime >= cluster.started_wall and str(p) not in shm_leftovers.segments_in_use()
+    ]
+    assert left == [], left
     _check(cluster, expected, FRESH[0])
 
 
