@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger("pdmesh.procs")
 
 _PR_SET_PDEATHSIG = 1
+STRAGGLER_GRACE_S = 5.0  # after the leader of a stopped group exits, how long the rest may take to exit
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -77,14 +78,31 @@ class ManagedProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def group_alive(self) -> bool:
+        """Whether any process of the group is left (zombies not yet reaped by their new parent count)."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL it. Blocking; idempotent."""
+        """SIGTERM the process group, wait up to ``timeout`` s for the leader, then up to
+        ``min(timeout, STRAGGLER_GRACE_S)`` more for the rest of the group to finish its own shutdown (a vLLM API
+        server exits before its engine and workers, which unlink their shared memory on the way out), then
+        SIGKILL whatever is left. Blocking; idempotent."""
         if self.proc.poll() is None:
             self.signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs; killing", self.name, timeout)
+            else:
+                end = time.monotonic() + min(timeout, STRAGGLER_GRACE_S)
+                while self.group_alive() and time.monotonic() < end:
+                    time.sleep(0.05)
         # Kill stragglers of the group even if the leader exited (grandchildren).
         self.signal_group(signal.SIGKILL)
         try:

@@ -1,11 +1,13 @@
 """Shared-memory segments a killed vLLM leaves behind, and their removal.
 
 vLLM's API server, engine core and workers talk through POSIX shared memory (Python's
-``multiprocessing.shared_memory``: files ``/dev/shm/psm_*``, up to a few hundred MiB each). A clean stop unlinks
-them; a process that is SIGKILLed (a stop past its timeout, a crash, an operator's ``kill -9``) cannot, and tmpfs
-keeps them until reboot. The owner of an engine calls :func:`remove_orphans` once the engine's processes are gone.
+``multiprocessing.shared_memory``: files ``/dev/shm/psm_*``, up to a few hundred MiB each; on CPU, tensor-parallel
+workers also share ``vllm_dist_*`` segments). A clean stop unlinks them; a process that is SIGKILLed (a stop past
+its timeout, a crash, an operator's ``kill -9``) cannot, and tmpfs keeps them until reboot. The owner of an engine
+calls :func:`remove_orphans` once the engine's processes are gone.
 
-Contract: a segment is removed only when it is (1) named ``psm_*`` in :data:`SHM_DIR`, (2) owned by this user (the
+Contract: a segment is removed only when it is (1) named with one of :data:`PREFIXES` in :data:`SHM_DIR`, (2) owned
+by this user (the
 only ones this process may unlink in the sticky ``/dev/shm``, and whose users' ``/proc`` entries it can read),
 (3) created or changed at or after ``since`` (the engine's start: older ones belong to someone else's
 lifetime), and (4) neither open nor mapped by any live process (``/proc/*/fd`` and ``/proc/*/maps``). A segment
@@ -21,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger("pdmesh.worker")
 
 SHM_DIR = "/dev/shm"
-PREFIX = "psm_"
+PREFIXES = ("psm_", "vllm_dist_")
 
 
 def segments_in_use(shm_dir: str = SHM_DIR) -> set[str]:
@@ -53,11 +55,13 @@ def segments_in_use(shm_dir: str = SHM_DIR) -> set[str]:
 
 
 def remove_orphans(since: float, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink this user's ``psm_*`` segments changed at or after ``since`` (wall-clock seconds) that no live process
-    has open or mapped; returns their names. See the module docstring for the rules."""
+    """Unlink this user's segments named with :data:`PREFIXES` changed at or after ``since`` (wall-clock seconds)
+    that no live process has open or mapped; returns their names. See the module docstring for the rules."""
     candidates: list[Path] = []
     try:
-        for path in Path(shm_dir).glob(PREFIX + "*"):
+        for path in Path(shm_dir).iterdir():
+            if not path.name.startswith(PREFIXES):
+                continue
             try:
                 st = path.stat()
             except OSError:

@@ -24,7 +24,7 @@ def test_only_unused_new_segments_of_this_user_are_removed(tmp_path):
     time.sleep(0.05)
     since = time.time()
     time.sleep(0.05)
-    for name in ("psm_orphan", "psm_mapped", "psm_open_elsewhere", "other_name"):
+    for name in ("psm_orphan", "psm_mapped", "psm_open_elsewhere", "vllm_dist_x-cpushm_0", "other_name"):
         _segment(shm / name)
     others = []
     if os.geteuid() == 0:  # another user's segment (only root can make one here; CI runs as root)
@@ -44,7 +44,7 @@ def test_only_unused_new_segments_of_this_user_are_removed(tmp_path):
             assert time.monotonic() < deadline, "the holder never opened its segment"
             time.sleep(0.05)
         assert str(shm / "psm_mapped") in segments_in_use(str(shm))
-        assert remove_orphans(since, str(shm)) == ["psm_orphan"]
+        assert sorted(remove_orphans(since, str(shm))) == ["psm_orphan", "vllm_dist_x-cpushm_0"]
         left = sorted(p.name for p in shm.iterdir())
         assert left == sorted(["other_name", "psm_mapped", "psm_old", "psm_open_elsewhere", *others])
     finally:

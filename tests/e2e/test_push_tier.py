@@ -210,8 +210,10 @@ def test_push_frozen_then_prefill_killed_decoder_recomputes(cluster, expected):
     # the killed engine could not unlink its shared memory: the cluster did (and nothing the others still use)
     left = [
         p.name
-        for p in Path(shm_leftovers.SHM_DIR).glob(shm_leftovers.PREFIX + "*")
-        if p.stat().st_ctime >= cluster.started_wall and str(p) not in shm_leftovers.segments_in_use()
+        for p in Path(shm_leftovers.SHM_DIR).iterdir()
+        if p.name.startswith(shm_leftovers.PREFIXES)
+        and p.stat().st_ctime >= cluster.started_wall
+        and str(p) not in shm_leftovers.segments_in_use()
     ]
     assert left == [], left
     _check(cluster, expected, FRESH[0])
