@@ -59,6 +59,7 @@ class _Req:
     push: PushPlan | None  # prefill leg of a push PD request
     wait: PushWait | None  # decode leg of a push PD request
     keys: list[bytes] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)  # every shard's key of keys[: len(parts) // shards]
     block_ids: list[int] = field(default_factory=list)
     load_range: tuple[int, int] | None = None  # chunk indexes [a, b) to load this step
     saved: int = 0  # chunks [0, saved) were saved (or loaded, or are not to be saved)
@@ -123,7 +124,7 @@ class ConnectorScheduler:
         self.stats.lookups += 1
         tier_down = False
         try:
-            ready = min(self.tier.lookup(every_shard_keys(keys[:limit], self.shards)) // self.shards, limit)
+            ready = min(self.tier.lookup(self._parts(st, limit)) // self.shards, limit)
         except Exception as e:  # the tier is an optimisation: unreachable => compute
             self.stats.lookup_errors += 1
             log.warning("tier lookup failed (%s); computing request %s", e, request.request_id)
@@ -240,6 +241,16 @@ class ConnectorScheduler:
         if len(st.keys) < n:
             st.keys = self.key_fn(list(st.request.all_token_ids), n)
         return st.keys
+
+    def _parts(self, st: _Req, n: int) -> list[bytes]:
+        """What a lookup of the first ``n`` chunks asks the tier: their keys, or with several shards every shard's
+        key of each (extended, not recomputed, per poll: a decode leg polls every PD_POLL_S)."""
+        if self.shards == 1:
+            return st.keys[:n]
+        have = len(st.parts) // self.shards
+        if have < n:
+            st.parts += every_shard_keys(st.keys[have:n], self.shards)
+        return st.parts[: n * self.shards]
 
     def _chunk_blocks(self, st: _Req, chunk: int) -> list[int]:
         a = chunk * self.blocks_per_chunk

@@ -45,8 +45,13 @@ class ModelFingerprint:
 
     @property
     def shards(self) -> int:
-        """Worker processes that each hold a different part of every chunk (tensor ranks x pipeline stages)."""
-        return max(1, self.tp_size) * max(1, self.pp_size)
+        """Worker processes that each hold a different part of every chunk (tensor ranks x pipeline stages).
+        ValueError unless both sizes are positive integers (a fingerprint may come from a request body)."""
+        for name in ("tp_size", "pp_size"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        return self.tp_size * self.pp_size
 
     def digest(self) -> bytes:
         """16 bytes: blake2b over the canonical JSON of the fields (sorted keys, no whitespace)."""

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pdmesh.kvcache.tier import Tier
 
 MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as JSON token ids is ~1 MB
-MAX_SHARDS = 1024  # tensor ranks x pipeline stages a /lookup by token ids accepts (bounds its keys)
+MAX_LOOKUP_KEYS = 1 << 20  # keys one /lookup may ask about (chunks x shards): bounds its work
 
 
 class _HTTPError(Exception):
@@ -108,17 +108,23 @@ def make_app(tier: Tier) -> FastAPI:
                 else:
                     raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
                 shards = model.shards
-                if not 1 <= shards <= MAX_SHARDS:
-                    raise ValueError(f"tp_size x pp_size must be 1..{MAX_SHARDS}")
                 keys = chain_keys(model.digest(), body["token_ids"], chunk_tokens)
             else:
                 raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
+            if len(keys) * shards > MAX_LOOKUP_KEYS:
+                raise ValueError(f"{len(keys)} chunks x {shards} shards: more than {MAX_LOOKUP_KEYS} keys")
+            # a sharded engine's chunk is there when every shard's part is (pdmesh.kvcache.keys.every_shard_keys)
+            parts = every_shard_keys(keys, shards)
         except (ValueError, TypeError, AttributeError, OverflowError) as e:
             raise _HTTPError(422, str(e)) from e
-        # a sharded engine's chunk is there when every shard's part is (pdmesh.kvcache.keys.every_shard_keys)
-        n, tiers = await tier.lookup(every_shard_keys(keys, shards), bool(body.get("remote", True)))
+        n, tiers = await tier.lookup(parts, bool(body.get("remote", True)))
         n //= shards
-        return {"chunks": n, "tokens": n * chunk_tokens, "total_chunks": len(keys), "tiers": tiers}
+        return {
+            "chunks": n,
+            "tokens": n * chunk_tokens,
+            "total_chunks": len(keys),
+            "tiers": tiers[::shards][:n],
+        }
 
     @app.post("/clear")
     async def clear(request: Request) -> dict:

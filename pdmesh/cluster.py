@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from pdmesh.procs import ManagedProcess, free_port
-from pdmesh.worker.shm_leftovers import remove_orphans
+from pdmesh.worker.shm_leftovers import remove_orphans, segments_of
 
 log = logging.getLogger("pdmesh.cluster")
 
@@ -61,7 +61,6 @@ class LocalCluster:
         self._n_started = 0
         self._spawned: dict[str, tuple[list[str], Path, dict[str, str] | None]] = {}  # name -> how to restart
         self._exits: dict[str, list[float]] = {}  # name -> recent exit times (crash-loop detection)
-        self.started_wall = time.time()  # segments a killed worker leaves are newer (shm_leftovers)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -179,6 +178,7 @@ class LocalCluster:
             tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
+        segments = segments_of(p.pid for p in tree)
         for p in tree:
             try:
                 p.send_signal(sig)
@@ -187,7 +187,7 @@ class LocalCluster:
         proc.stop(10)
         if sig == signal.SIGKILL:  # nothing of the tree could unlink its shared memory: do it for them
             psutil.wait_procs(tree, timeout=10)
-            remove_orphans(self.started_wall)
+            remove_orphans(segments)
 
     def stop(self) -> None:
         """Stop workers (they deregister), then the router. Blocking; idempotent."""

@@ -35,6 +35,24 @@ def _child_setup() -> None:  # runs in the child between fork and exec
             pass
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    out: list[int] = []
+    try:
+        entries = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
 class ManagedProcess:
     """A subprocess (and its process group) owned by the caller."""
 
@@ -79,7 +97,10 @@ class ManagedProcess:
             pass
 
     def group_alive(self) -> bool:
-        """Whether any process of the group is left (zombies not yet reaped by their new parent count)."""
+        """Whether any live process of the group is left. Zombies do not count: where nobody reaps orphans (an
+        agent that is PID 1 in a container) they stay, and waiting for them would only wait out the grace."""
+        if os.path.isdir("/proc/self"):
+            return bool(group_pids(self.proc.pid))
         try:
             os.killpg(self.proc.pid, 0)
         except ProcessLookupError:
@@ -92,7 +113,8 @@ class ManagedProcess:
         """SIGTERM the process group, wait up to ``timeout`` s for the leader, then up to
         ``min(timeout, STRAGGLER_GRACE_S)`` more for the rest of the group to finish its own shutdown (a vLLM API
         server exits before its engine and workers, which unlink their shared memory on the way out), then
-        SIGKILL whatever is left. Blocking; idempotent."""
+        SIGKILL whatever is left and wait (at most ``STRAGGLER_GRACE_S``) until no live process of the group is
+        left. Blocking; idempotent."""
         if self.proc.poll() is None:
             self.signal_group(signal.SIGTERM)
             try:
@@ -109,6 +131,9 @@ class ManagedProcess:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        end = time.monotonic() + STRAGGLER_GRACE_S
+        while self.group_alive() and time.monotonic() < end:
+            time.sleep(0.02)
         if self._log_file:
             self._log_file.close()
             self._log_file = None

@@ -91,7 +91,8 @@ def apply_ucx_env(config: NixlConfig) -> None:
     """Put ``config.ucx_env`` and then, when :func:`progress_thread_wanted`, :data:`PROGRESS_THREAD_UCX_DEFAULTS`
     into the process environment, where UCX reads its settings when the agent creates its backend. A value already
     in the environment wins (an operator's ``UCX_*`` overrides ours) unless ``config.override_env`` is set, which
-    lets ``ucx_env``'s own keys replace it."""
+    lets ``ucx_env``'s own keys replace it. The environment is the process's: what is set stays for the agents made
+    after (with or without a progress thread) and for child processes."""
     for k, v in config.ucx_env.items():
         if config.override_env or k not in os.environ:
             os.environ[k] = v

@@ -267,7 +267,8 @@ def _start_tier(
     block_size = _flag_value(extra, "--block-size")
     chunk_tokens = args.chunk_tokens or int(block_size or (128 if device == "cpu" else 16))
     dtype = _flag_value(extra, "--dtype") or ("float32" if device == "cpu" else "auto")
-    slot = chunk_nbytes_for_model(model, dtype, chunk_tokens)
+    tp = _flag_value(extra, "--tensor-parallel-size") or _flag_value(extra, "-tp") or "1"
+    slot = chunk_nbytes_for_model(model, dtype, chunk_tokens, int(tp) if tp.isdigit() else 1)  # a rank's part
     run_dir = os.environ.get("PDMESH_RUN_DIR") or tempfile.gettempdir()
     log_path = args.log_file + ".tier" if args.log_file else tier_log_path(run_dir, worker_id)
     settings = TierSettings(

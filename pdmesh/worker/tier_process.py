@@ -23,8 +23,10 @@ log = logging.getLogger("pdmesh.worker")
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1}
 
 
-def chunk_nbytes_for_model(model_dir: str, dtype: str, chunk_tokens: int) -> int | None:
-    """Bytes of one KV chunk (all layers, K and V) of a standard decoder in ``model_dir``; None if unknown."""
+def chunk_nbytes_for_model(model_dir: str, dtype: str, chunk_tokens: int, tp_size: int = 1) -> int | None:
+    """Bytes of one KV chunk (all layers, K and V) of a standard decoder in ``model_dir``, or of one tensor-parallel
+    rank's part of it when ``tp_size`` > 1 (its KV heads: ``kv_heads / tp_size``, at least one, as vLLM replicates
+    them when there are fewer heads than ranks); None if unknown."""
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
@@ -40,6 +42,8 @@ def chunk_nbytes_for_model(model_dir: str, dtype: str, chunk_tokens: int) -> int
     if dtype == "auto":
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     width = _DTYPE_BYTES.get(dtype.removeprefix("torch."), 2)
+    if tp_size > 1:
+        kv_heads = max(1, kv_heads // tp_size)
     return layers * 2 * kv_heads * head_dim * chunk_tokens * width
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from pdmesh.procs import ManagedProcess
-from pdmesh.worker.shm_leftovers import remove_orphans
+from pdmesh.procs import ManagedProcess, group_pids
+from pdmesh.worker.shm_leftovers import remove_orphans, segments_of
 
 log = logging.getLogger("pdmesh.worker")
 
@@ -89,8 +89,8 @@ class VLLMServer:
         env = {**os.environ, **spec.env}
         self.url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '::') else spec.host}:{spec.port}"
         log.info("starting vLLM: %s", " ".join(spec.argv()))
-        self.started_wall = time.time()  # what shared memory it may leave is newer (shm_leftovers)
         self.process = ManagedProcess(f"vllm:{spec.port}", spec.argv(), env=env, log_path=log_path)
+        self._segments: set[str] = set()  # shared memory its processes had mapped (shm_leftovers)
 
     def wait_healthy(self, timeout: float) -> dict:
         """Block until ``GET /health`` is 200; return the served model card. Raises on exit or timeout."""
@@ -104,6 +104,7 @@ class VLLMServer:
                 try:
                     if client.get(self.url + "/health").status_code == 200:
                         cards = client.get(self.url + "/v1/models").json()["data"]
+                        self._segments |= segments_of(group_pids(self.process.pid))
                         return cards[0]
                 except (httpx.HTTPError, ValueError, KeyError, IndexError):
                     pass
@@ -114,6 +115,8 @@ class VLLMServer:
         """Stop the server's process group (SIGTERM, SIGKILL after ``timeout``), then remove the shared-memory
         segments it left (a SIGKILLed engine cannot unlink its own: :mod:`pdmesh.worker.shm_leftovers`).
         Blocking; idempotent."""
+        self._segments |= segments_of(group_pids(self.process.pid))
         code = self.process.stop(timeout)
-        remove_orphans(self.started_wall)
+        remove_orphans(self._segments)
+        self._segments = set()
         return code

@@ -353,3 +353,21 @@ def test_each_shard_saves_and_pushes_its_part_under_its_own_keys_and_transfer():
 def test_a_device_landing_is_refused_with_several_shards():
     with pytest.raises(ValueError, match="one worker process"):
         ConnectorScheduler(FakeTier(), lambda t, n: [], C, 4, False, landed=lambda keys: [], shards=2)
+
+
+def test_each_shard_loads_its_own_part():
+    s, tier, _ = make(shards=2)
+    prompt = list(range(1, 18))  # 2 chunks loadable
+    keys = chunk_keys(FP, prompt, C)
+    tier.ready = {k for shard in (0, 1) for k in shard_keys(keys, shard, 2)}
+    req = FakeRequest("r", prompt)
+    assert s.get_num_new_matched_tokens(req, 0) == (16, False)
+    assert s.get_num_new_matched_tokens(req, 0) == (
+        16,
+        False,
+    )  # the parts asked again come from the request's cache
+    s.update_state_after_alloc(req, [1, 2, 3, 4, 5], 16)
+    meta = s.build_meta(new_req_output(req, [1, 2, 3, 4, 5], 0, 17))
+    for shard in (0, 1):
+        (load,) = for_shard(meta, shard, 2).loads
+        assert load.keys == shard_keys(keys[:2], shard, 2) and load.block_ids == [[1, 2], [3, 4]]

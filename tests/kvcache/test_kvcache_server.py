@@ -112,7 +112,8 @@ def test_http_api(tmp_path, tier_factory):
 
 def test_http_lookup_by_token_ids_of_a_sharded_engine_counts_whole_chunks(tmp_path, tier_factory):
     """A TP=2 engine's tier holds each chunk as two parts (one per rank): /lookup by token ids (the router's
-    cache-aware routing) counts a chunk when both parts are there; a fingerprint naming absurd shards is refused."""
+    cache-aware routing) counts a chunk when both parts are there; a fingerprint with bad sizes, or a lookup of too
+    many keys, is refused with a 422."""
     from pdmesh.kvcache.keys import shard_keys
 
     tp2 = ModelFingerprint("tiny", "r1", "float32", "cpu", 32, 0, 2)
@@ -125,12 +126,13 @@ def test_http_lookup_by_token_ids_of_a_sharded_engine_counts_whole_chunks(tmp_pa
     with httpx.Client(base_url=t.http, timeout=5) as h:
         r = h.post("/lookup", json={"token_ids": toks}, headers=TOK).json()
         assert (r["chunks"], r["tokens"], r["total_chunks"]) == (2, 64, 4)
-        absurd = {**tp2.to_dict(), "tp_size": 1 << 20}
-        assert (
-            h.post("/lookup", json={"token_ids": toks, "fingerprint": absurd}, headers=TOK).status_code == 422
-        )
-        odd = {**tp2.to_dict(), "tp_size": "two"}
-        assert h.post("/lookup", json={"token_ids": toks, "fingerprint": odd}, headers=TOK).status_code == 422
+        assert r["tiers"] == ["memory", "memory"]  # one per whole chunk
+        for bad in (1 << 20, "two", 2.0, True, 0, -2):  # absurd work or not sizes: 422, never a 500
+            body = {"token_ids": toks, "fingerprint": {**tp2.to_dict(), "tp_size": bad}}
+            assert h.post("/lookup", json=body, headers=TOK).status_code == 422, bad
+        many = {"token_ids": list(range(40000)), "chunk_tokens": 1}  # 40000 chunks x 32 shards > the bound
+        many["fingerprint"] = {**tp2.to_dict(), "tp_size": 32}
+        assert h.post("/lookup", json=many, headers=TOK).status_code == 422
     c.close()
 
 
