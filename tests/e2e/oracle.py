@@ -1,9 +1,12 @@
-"""Requests for correctness tests and how to read token ids out of any OpenAI response shape."""
+"""Requests for correctness tests, the reference engine they are checked against, and how to read token ids out
+of any OpenAI response shape."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 
 import httpx
 
@@ -52,6 +55,28 @@ def make_requests() -> list[tuple[str, dict]]:
         if body["stream"]:
             body["stream_options"] = {"include_usage": True}
     return reqs
+
+
+@contextlib.contextmanager
+def reference_engine(
+    model: str, args: list[str], log_dir: object, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, httpx.Client]]:
+    """One plain vLLM server (no connector) with ``args``, healthy, as (url, client); stopped on exit. The oracle:
+    a cluster run with the same model and args must answer with its tokens."""
+    from pdmesh.procs import free_port
+    from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
+
+    spec = VLLMServerSpec(
+        model=model, host="127.0.0.1", port=free_port(), served_model_name=MODEL, kv_transfer_config=None,
+        extra_args=args, env=dict(env or {}), device=detect_device(),
+    )  # fmt: skip
+    server = VLLMServer(spec, log_path=f"{log_dir}/vllm.log")
+    try:
+        server.wait_healthy(300)
+        with httpx.Client(timeout=300, trust_env=False) as c:
+            yield server.url, c
+    finally:
+        server.stop()
 
 
 def token_ids(path: str, body: dict, base_url: str, client: httpx.Client | None = None) -> list[int]:

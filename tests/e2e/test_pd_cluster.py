@@ -21,9 +21,8 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import ManagedProcess, free_port
 from pdmesh.security import TOKEN_HEADER, worker_api_key
 from pdmesh.transfer.nixl_backend import nixl_available
-from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV, ENGINE_ARGS
-from tests.e2e.oracle import MODEL, make_requests, scrape, token_ids
+from tests.e2e.oracle import MODEL, make_requests, reference_engine, scrape, token_ids
 from tests.e2e.surface import CASES, answer, same
 from tests.netns import REPO, HostPair, netns_unavailable
 
@@ -35,23 +34,9 @@ REQUESTS = make_requests()
 def reference(tiny_model, tmp_path_factory) -> dict:
     """What a single plain vLLM engine (no KV connector, same engine args) answers, sequential requests:
     ``tokens`` for :data:`REQUESTS`, ``surface`` for the field cases of :mod:`tests.e2e.surface`."""
-    spec = VLLMServerSpec(
-        model=tiny_model,
-        host="127.0.0.1",
-        port=free_port(),
-        served_model_name=MODEL,
-        kv_transfer_config=None,
-        extra_args=ENGINE_ARGS,
-        device=detect_device(),
-    )
-    server = VLLMServer(spec, log_path=str(tmp_path_factory.mktemp("ref") / "vllm.log"))
-    try:
-        server.wait_healthy(300)
-        with httpx.Client(timeout=300, trust_env=False) as c:
-            out = [token_ids(path, _non_streaming(body), server.url, c) for path, body in REQUESTS]
-            surface = {name: answer(server.url, path, body, c) for name, path, body in CASES}
-    finally:
-        server.stop()
+    with reference_engine(tiny_model, ENGINE_ARGS, tmp_path_factory.mktemp("ref")) as (url, c):
+        out = [token_ids(path, _non_streaming(body), url, c) for path, body in REQUESTS]
+        surface = {name: answer(url, path, body, c) for name, path, body in CASES}
     assert all(out), "reference engine produced empty outputs"
     return {"tokens": out, "surface": surface}
 

