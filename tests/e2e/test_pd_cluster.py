@@ -380,6 +380,18 @@ def test_workers_engines_refuse_direct_clients_and_survive_hostile_params(cluste
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_openai_fields_through_pd_equal_single_engine(cluster, reference, case):
+    """n > 1, batched prompts (plain, streamed, token ids), echo/logprobs/prompt_logprobs, stop, seed, JSON mode,
+    tools, user, max_completion_tokens, usage streaming: the same answer as one engine, field by field."""
+    name, path, body = case
+    want = reference["surface"][name]
+    with httpx.Client(timeout=300, trust_env=False) as c:
+        got = answer(cluster.url, path, body, c)
+    assert want["status"] == 200 or name in ("json-object", "tools-required"), (name, want)
+    assert same(got, want), (name, got, want)
+
+
 def test_decoder_killed_mid_stream_then_replaced(cluster):
     """Last in this module: it replaces the decode worker."""
     body = {
@@ -428,18 +440,6 @@ def test_decoder_killed_mid_stream_then_replaced(cluster):
         time.sleep(1)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_openai_fields_through_pd_equal_single_engine(cluster, reference, case):
-    """n > 1, batched prompts (plain, streamed, token ids), echo/logprobs/prompt_logprobs, stop, seed, JSON mode,
-    tools, user, max_completion_tokens, usage streaming: the same answer as one engine, field by field."""
-    name, path, body = case
-    want = reference["surface"][name]
-    with httpx.Client(timeout=300, trust_env=False) as c:
-        got = answer(cluster.url, path, body, c)
-    assert want["status"] == 200 or name in ("json-object", "tools-required"), (name, want)
-    assert same(got, want), (name, got, want)
 
 
 # -- two hosts: the prefill worker in one network namespace, the decode worker in another (tests/netns.py) -----
