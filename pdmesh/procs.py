@@ -109,6 +109,12 @@ class ManagedProcess:
             return True
         return True
 
+    def _wait_group_gone(self, seconds: float) -> None:
+        """Poll :meth:`group_alive` every 50 ms until it is false or ``seconds`` have passed. Blocking."""
+        end = time.monotonic() + seconds
+        while self.group_alive() and time.monotonic() < end:
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM the process group, wait up to ``timeout`` s for the leader, then up to
         ``min(timeout, STRAGGLER_GRACE_S)`` more for the rest of the group to finish its own shutdown (a vLLM API
@@ -122,18 +128,14 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %.0fs; killing", self.name, timeout)
             else:
-                end = time.monotonic() + min(timeout, STRAGGLER_GRACE_S)
-                while self.group_alive() and time.monotonic() < end:
-                    time.sleep(0.05)
+                self._wait_group_gone(min(timeout, STRAGGLER_GRACE_S))
         # Kill stragglers of the group even if the leader exited (grandchildren).
         self.signal_group(signal.SIGKILL)
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
-        end = time.monotonic() + STRAGGLER_GRACE_S
-        while self.group_alive() and time.monotonic() < end:
-            time.sleep(0.02)
+        self._wait_group_gone(STRAGGLER_GRACE_S)
         if self._log_file:
             self._log_file.close()
             self._log_file = None
