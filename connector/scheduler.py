@@ -11,6 +11,9 @@ Rules (see docs/architecture.md, "Chunks and keys"):
   prefill leg follows :class:`pdmesh.prefiller.push.PushPlan` (what to save and push, to whom), the decode leg
   :class:`pdmesh.decoder.wait.PushWait` (poll, ``get_num_new_matched_tokens`` -> None, until the pushed chunks
   are ready or the deadline passes; then load what is ready and compute the rest).
+- Identity (:mod:`pdmesh.connector.identity`): keys chain the request's LoRA adapter, ``cache_salt`` and
+  multimodal inputs besides its tokens; a request whose identity cannot be keyed (prompt embeddings, an image
+  without a content hash) is a skip: it loads, saves, pushes and waits for nothing (``SchedulerStats.skipped``).
 - Saves: every full chunk whose KV is complete after a step (prompt; and generated tokens when
   ``save_generated``), once per request.
 - Shards (an engine over several tensor ranks or pipeline stages): keys here are chunk keys; each worker process
@@ -31,10 +34,11 @@ from typing import Any, Protocol
 
 from vllm.logger import init_logger
 
+from pdmesh.connector.identity import identity_of
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
 from pdmesh.connector.params import PdParams
 from pdmesh.decoder.wait import PushWait
-from pdmesh.kvcache.keys import every_shard_keys
+from pdmesh.kvcache.keys import InputIdentity, every_shard_keys
 from pdmesh.prefiller.push import PushPlan
 
 log = init_logger("pdmesh.connector")
@@ -58,6 +62,7 @@ class _Req:
     request: Any  # vllm.v1.request.Request (live object: all_token_ids grows as tokens are sampled)
     push: PushPlan | None  # prefill leg of a push PD request
     wait: PushWait | None  # decode leg of a push PD request
+    identity: InputIdentity | None  # None: a skip (the request's KV cannot be keyed)
     keys: list[bytes] = field(default_factory=list)
     parts: list[bytes] = field(default_factory=list)  # every shard's key of keys[: len(parts) // shards]
     block_ids: list[int] = field(default_factory=list)
@@ -74,13 +79,14 @@ class SchedulerStats:
     hit_tokens: int = 0
     pd_waits: int = 0
     pd_fallbacks: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # requests not keyed (no load/save/push), by reason
 
 
 class ConnectorScheduler:
     def __init__(
         self,
         tier: TierLookup,
-        key_fn: Callable[[Sequence[int], int], list[bytes]],
+        key_fn: Callable[[Sequence[int], int, InputIdentity], list[bytes]],
         chunk_tokens: int,
         block_size: int,
         save_generated: bool,
@@ -94,7 +100,7 @@ class ConnectorScheduler:
         if shards > 1 and landed is not None:
             raise ValueError("a device landing serves one worker process: not with several shards")
         self.tier = tier
-        self.key_fn = key_fn  # (token_ids, n_chunks) -> keys of the first n_chunks full chunks
+        self.key_fn = key_fn  # (token_ids, n_chunks, identity) -> keys of the first n_chunks full chunks
         self.C = chunk_tokens
         self.blocks_per_chunk = chunk_tokens // block_size
         self.save_generated = save_generated
@@ -115,7 +121,7 @@ class ConnectorScheduler:
         limit = (len(prompt) - 1) // self.C
         first = num_computed_tokens // self.C
         st.load_range = None
-        if limit <= 0 or num_computed_tokens % self.C or first >= limit:
+        if st.identity is None or limit <= 0 or num_computed_tokens % self.C or first >= limit:
             return 0, False
         if st.wait is not None and not st.wait.fell_back and self.clock() < st.next_poll:
             self.stats.pd_waits += 1
@@ -213,13 +219,19 @@ class ConnectorScheduler:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _track(self, request: Any) -> _Req:
+        identity = identity_of(request)
+        if isinstance(identity, str):  # cannot be keyed: neither reuse nor PD for this request
+            self.stats.skipped[identity] = self.stats.skipped.get(identity, 0) + 1
+            log.info("request %s: no KV reuse or transfer (%s)", request.request_id, identity)
+            st = self._reqs[request.request_id] = _Req(request, None, None, None)
+            return st
         pd = PdParams.from_request(request.kv_transfer_params, self.token)
         push = wait = None
         if pd is not None and pd.push_to:
             push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s, pd.push_to_device)
         elif pd is not None:
             wait = PushWait(pd.transfer_id, pd.deadline_s, self.clock())
-        st = self._reqs[request.request_id] = _Req(request, push, wait)
+        st = self._reqs[request.request_id] = _Req(request, push, wait, identity)
         return st
 
     def _extend_landed(self, keys: list[bytes], ready: int, limit: int) -> int:
@@ -239,7 +251,8 @@ class ConnectorScheduler:
 
     def _keys(self, st: _Req, n: int) -> list[bytes]:
         if len(st.keys) < n:
-            st.keys = self.key_fn(list(st.request.all_token_ids), n)
+            assert st.identity is not None  # skips never ask for keys
+            st.keys = self.key_fn(list(st.request.all_token_ids), n, st.identity)
         return st.keys
 
     def _parts(self, st: _Req, n: int) -> list[bytes]:
@@ -257,6 +270,8 @@ class ConnectorScheduler:
         return st.block_ids[a : a + self.blocks_per_chunk]
 
     def _save_op(self, st: _Req) -> ChunkOp | None:
+        if st.identity is None:
+            return None
         prompt_len = len(st.request.prompt_token_ids or [])
         limit_tokens = st.done_tokens if self.save_generated else min(st.done_tokens, prompt_len)
         limit = min(limit_tokens, len(st.request.all_token_ids)) // self.C

@@ -73,16 +73,51 @@ def _transfer_fingerprint(extra: dict) -> str:
     )
 
 
-def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
-    """The compatibility fingerprint both halves (and every peer) derive from the engine config alone."""
+def engine_layout(vllm_config: VllmConfig, backend_name: str | None = None) -> str:
+    """The KV memory layout an engine uses, as one string that goes into the fingerprint: device, cache dtype,
+    attention backend, vLLM's resolved KV cache layout (NHD/HND/...; not on CPU, whose backend has one layout)
+    and the per-rank geometry (KV heads, head size, layers). Two engines whose strings differ never share a key,
+    so a pool of another layout (FlashAttention vs FlashInfer, NHD vs HND) never unpacks our chunks transposed.
+
+    ``backend_name``: the backend the worker half actually bound; None derives it from the config (vLLM's
+    default choice for it), as the scheduler half must. Never raises: what cannot be read is ``?``."""
     from vllm.platforms import current_platform
 
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    parts = [current_platform.device_type, str(cc.cache_dtype)]
+    try:
+        if backend_name is None:
+            from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+            backend_name = get_current_attn_backends(vllm_config)[0].get_name()
+        parts.append(str(backend_name))
+    except Exception as e:
+        log.warning("pdmesh connector: attention backend unknown (%s)", e)
+        parts.append("?")
+    if not current_platform.is_cpu():
+        try:
+            parts.append(cc.get_resolved_kv_cache_layout().name)
+        except Exception:
+            parts.append("?")
+    try:
+        parts += [
+            f"kvh{mc.get_num_kv_heads(pc)}",
+            f"hd{mc.get_head_size()}",
+            f"L{mc.get_num_layers(pc)}",
+        ]
+    except Exception:
+        parts.append("?")
+    return ":".join(parts)
+
+
+def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
+    """The compatibility fingerprint both halves (and every peer) derive from the engine config alone."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     return ModelFingerprint(
         model=str(mc.model),
         revision=str(mc.revision or ""),
         dtype=str(mc.dtype).removeprefix("torch."),
-        layout=f"{current_platform.device_type}:{cc.cache_dtype}",
+        layout=engine_layout(vllm_config),
         block_size=int(cc.block_size),
         tp_rank=0,  # each worker process's part has its own key: pdmesh.kvcache.keys.shard_key
         tp_size=int(pc.tensor_parallel_size),
@@ -116,11 +151,13 @@ class PdmeshConnector(KVConnectorBase_V1):
         self.shard = 0 if role == KVConnectorRole.SCHEDULER else shard_of_this_worker(self.fingerprint)
         self._scheduler: ConnectorScheduler | None = None
         self._worker: ConnectorWorker | None = None
+        self._refused = False  # the worker half found another layout than the keys name: no loads or saves
+        self._refused_blocks: set[int] = set()
         if role == KVConnectorRole.SCHEDULER:
             C = self.chunk_tokens
             self._scheduler = ConnectorScheduler(
                 self.tier,
-                lambda toks, n: chunk_keys(self.fingerprint, toks[: n * C], C),
+                lambda toks, n, identity: chunk_keys(self.fingerprint, toks[: n * C], C, identity),
                 C,
                 self.block_size,
                 save_generated=bool(extra.get("save_generated", False)),
@@ -145,7 +182,8 @@ class PdmeshConnector(KVConnectorBase_V1):
 
         first = next(iter(kv_caches.values()))
         if current_platform.is_cpu():
-            layout = layout_for("CPU_ATTN", first.shape)
+            backend = "CPU_ATTN"
+            layout = layout_for(backend, first.shape)
         else:  # CUDA/ROCm: the backend and vLLM's resolved KVCacheLayout name the memory order (not run in CI)
             from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
 
@@ -153,6 +191,17 @@ class PdmeshConnector(KVConnectorBase_V1):
             resolved = self._vllm_config.cache_config.get_resolved_kv_cache_layout().name
             layout = layout_for(backend, first.shape, kv_cache_layout=resolved)
         bound = bind(list(kv_caches.values()), layout)
+        actual = engine_layout(self._vllm_config, backend)
+        if actual != self.fingerprint.layout:
+            # keys were made for another layout: loading them would unpack transposed bytes. Refuse all I/O.
+            log.error(
+                "pdmesh connector: KV layout in use %r differs from the keyed layout %r; this worker loads and "
+                "saves nothing (loads planned by the scheduler are reported as load errors and recomputed)",
+                actual,
+                self.fingerprint.layout,
+            )
+            self._refused = True
+            return
         blocks_per_chunk = self.chunk_tokens // self.block_size
         self._worker = ConnectorWorker(
             self.tier,
@@ -242,6 +291,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, PdmeshConnectorMetadata) and meta.loads:
             self._worker.load(for_shard(meta, self.shard, self.shards))
+        elif self._refused and isinstance(meta, PdmeshConnectorMetadata):
+            self._refused_blocks.update(b for op in meta.loads for blocks in op.block_ids for b in blocks)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -257,6 +308,9 @@ class PdmeshConnector(KVConnectorBase_V1):
             self._worker.save(for_shard(meta, self.shard, self.shards))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._refused:
+            out, self._refused_blocks = self._refused_blocks, set()
+            return out
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:

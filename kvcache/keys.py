@@ -5,6 +5,13 @@ Only full chunks get a key. The result depends only on the fingerprint fields an
 processes on any machine agree (never Python's ``hash()``, which is salted per process). Keys are 16-byte ``bytes``;
 JSON carries them as lowercase hex.
 
+Input identity: besides the token ids, a chunk's KV depends on the LoRA adapter, a tenant's ``cache_salt`` and
+multimodal inputs (image placeholders are the same token ids for different images). :class:`InputIdentity` carries
+them: the adapter and salt re-seed the whole chain (:meth:`InputIdentity.seed`), and each chunk that overlaps a
+multimodal input's placeholder range also hashes that input's content identifier and offset
+(:meth:`InputIdentity.chunk_extra`), as vLLM's own block hash does. A request without any of them keys exactly as
+before (``InputIdentity()`` changes nothing).
+
 Shards: an engine split over tensor-parallel ranks (and pipeline stages) holds each chunk's KV in
 ``fingerprint.shards`` worker processes, each a different part (its KV heads, its layers). Each part is stored
 under its own key, :func:`shard_key` (``blake2b-128(key || shard as little-endian uint16)``); an engine of one shard
@@ -26,6 +33,8 @@ KEY_BYTES = 16
 _PERSON_FP = b"pdmesh-fp"
 _PERSON_CHUNK = b"pdmesh-chunk"
 _PERSON_SHARD = b"pdmesh-shard"
+_PERSON_IDENTITY = b"pdmesh-ident"
+_MEDIA_TAG = b"\xffmedia"
 _MAX_TOKEN = 2**32
 
 
@@ -69,6 +78,56 @@ class ModelFingerprint:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class MediaInput:
+    """One multimodal input of a prompt: its placeholder tokens ``[offset, offset + length)`` and the content
+    identifier the engine hashed it to (vLLM's ``mm_hash``)."""
+
+    offset: int
+    length: int
+    identifier: str
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What changes a request's KV besides its token ids and the engine fingerprint.
+
+    ``adapter``: the LoRA adapter's identity (name and a digest of its weights, ``""`` for the base model);
+    ``salt``: the request's ``cache_salt`` (tenant isolation, ``""`` for none); ``media``: the multimodal inputs,
+    sorted by offset. Equal identities and equal tokens give equal keys on any process; any difference in one of
+    the fields gives different keys from the first chunk (adapter, salt) or from the first chunk that overlaps a
+    differing input (media) on.
+    """
+
+    adapter: str = ""
+    salt: str = ""
+    media: tuple[MediaInput, ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """True for a request keyed by tokens alone (the base model, no salt, no multimodal inputs)."""
+        return not (self.adapter or self.salt or self.media)
+
+    def seed(self, base: bytes) -> bytes:
+        """The chain's seed for this identity: ``base`` (a fingerprint digest) itself without adapter or salt,
+        else blake2b over ``base`` and the canonical JSON of both."""
+        if not (self.adapter or self.salt):
+            return base
+        h = hashlib.blake2b(base, digest_size=KEY_BYTES, person=_PERSON_IDENTITY)
+        h.update(json.dumps([self.adapter, self.salt], separators=(",", ":")).encode())
+        return h.digest()
+
+    def chunk_extra(self, start: int, end: int) -> bytes:
+        """What chunk ``[start, end)`` hashes besides its tokens: each overlapping input's identifier and its
+        offset relative to the chunk (the same input at another place is other KV). Empty when none overlaps."""
+        parts = [
+            f"{m.identifier}@{m.offset - start}"
+            for m in self.media
+            if m.offset < end and m.offset + m.length > start
+        ]
+        return "\0".join(parts).encode()
+
+
 def _chunk_bytes(chunk: Sequence[int]) -> bytes:
     try:
         return struct.pack(f"<{len(chunk)}I", *chunk)
@@ -77,25 +136,39 @@ def _chunk_bytes(chunk: Sequence[int]) -> bytes:
         raise ValueError(f"token id {bad!r} is not a uint32") from e
 
 
-def chain_keys(seed: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
-    """Keys of the full chunks of ``token_ids`` chained from ``seed`` (a fingerprint digest)."""
+def chain_keys(
+    seed: bytes, token_ids: Sequence[int], chunk_tokens: int, identity: InputIdentity | None = None
+) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` chained from ``seed`` (a fingerprint digest), under ``identity``
+    (none: tokens alone)."""
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
     if len(seed) != KEY_BYTES:
         raise ValueError(f"seed must be {KEY_BYTES} bytes")
     keys: list[bytes] = []
-    prev = seed
+    prev = seed if identity is None else identity.seed(seed)
+    media = identity is not None and bool(identity.media)
     for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
         h = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=_PERSON_CHUNK)
         h.update(_chunk_bytes(token_ids[start : start + chunk_tokens]))
+        if media:  # token bytes are a fixed length per chunk: what follows cannot be confused with tokens
+            extra = identity.chunk_extra(start, start + chunk_tokens)  # type: ignore[union-attr]
+            if extra:
+                h.update(_MEDIA_TAG + len(extra).to_bytes(4, "little") + extra)
         prev = h.digest()
         keys.append(prev)
     return keys
 
 
-def chunk_keys(fingerprint: ModelFingerprint, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
-    """Keys of the full chunks of ``token_ids`` (``len(token_ids) // chunk_tokens`` keys). Pure, deterministic."""
-    return chain_keys(fingerprint.digest(), token_ids, chunk_tokens)
+def chunk_keys(
+    fingerprint: ModelFingerprint,
+    token_ids: Sequence[int],
+    chunk_tokens: int,
+    identity: InputIdentity | None = None,
+) -> list[bytes]:
+    """Keys of the full chunks of ``token_ids`` (``len(token_ids) // chunk_tokens`` keys) under ``identity``.
+    Pure, deterministic."""
+    return chain_keys(fingerprint.digest(), token_ids, chunk_tokens, identity)
 
 
 def shard_key(key: bytes, shard: int) -> bytes:

@@ -4,7 +4,7 @@
 - ``GET /metrics`` (no token): Prometheus text (:mod:`pdmesh.kvcache.metrics`).
 - ``GET /stats``: the tier's counters (:meth:`pdmesh.kvcache.tier.Tier.stats`).
 - ``POST /lookup``: ``{"keys": [hex]}`` or ``{"token_ids": [...], "fingerprint"?: {...}, "chunk_tokens"?: int,
-  "remote"?: bool}`` -> ``{chunks, tokens, total_chunks, tiers}``: how much of a prompt the tier holds (the
+  "salt"?: str, "remote"?: bool}`` (``salt``: the request's ``cache_salt``, which keys its chunks) -> ``{chunks, tokens, total_chunks, tiers}``: how much of a prompt the tier holds (the
   router's cache-aware choice uses it).
 - ``POST /clear``: ``{"tiers": ["memory", "disk", "remote"]}`` -> ``{cleared}``.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdmesh.kvcache.keys import ModelFingerprint, chain_keys, every_shard_keys, key_from_hex
+from pdmesh.kvcache.keys import InputIdentity, ModelFingerprint, chain_keys, every_shard_keys, key_from_hex
 from pdmesh.kvcache.metrics import render
 from pdmesh.security import TOKEN_HEADER, token_matches
 
@@ -108,7 +108,10 @@ def make_app(tier: Tier) -> FastAPI:
                 else:
                     raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
                 shards = model.shards
-                keys = chain_keys(model.digest(), body["token_ids"], chunk_tokens)
+                salt = body.get("salt", "")
+                if not isinstance(salt, str):
+                    raise ValueError("salt must be a string")
+                keys = chain_keys(model.digest(), body["token_ids"], chunk_tokens, InputIdentity(salt=salt))
             else:
                 raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
             if len(keys) * shards > MAX_LOOKUP_KEYS:

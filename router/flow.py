@@ -264,6 +264,10 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
     )
     if not cfg.cache_aware.tier_lookup or ctx.prompt.token_ids is None:
         return
+    if not ctx.prompt.tier_lookup_ok or st.registry.is_adapter(ctx.model):
+        # the tiers key chunks by what the engine saw (image hashes, adapter weights): the router cannot name them
+        st.metrics.tier_lookups.labels("identity").inc()
+        return
     # Whose tiers to ask, in one concurrent round: the prefill pool's for a cache-aware prefill choice; the decode
     # pool's for a cache-aware decode choice and for conditional PD (a decoder whose tier, or the remote tier
     # behind it, holds the prompt serves it alone and loads it from there).
@@ -280,7 +284,9 @@ async def _analyze(st: RouterState, ctx: RouteContext, prefill_policy: Policy, d
         asked.update((w.id, w) for w in decoders)
     if asked:
         st.metrics.tier_lookups.labels("asked").inc()
-        ctx.tier_cached = await lookup_all(st.tier_lookup, list(asked.values()), ctx.prompt.token_ids)
+        ctx.tier_cached = await lookup_all(
+            st.tier_lookup, list(asked.values()), ctx.prompt.token_ids, ctx.prompt.salt
+        )
 
 
 def _held_by_a_decoder(

@@ -83,7 +83,8 @@ class RouterMetrics:
         self.tier_lookups = Counter(
             "pdmesh_router_tier_lookups",
             "Requests whose prompt was looked up in the workers' tiers, or not because the router's own index "
-            "already showed a decode worker holding it (skipped)",
+            "already showed a decode worker holding it (skipped), or because the prompt's identity (an image, a LoRA "
+            "adapter) is keyed by what only the engine sees (identity)",
             ["outcome"],
             registry=r,
         )

@@ -72,19 +72,19 @@ class PromptAnalyzer:
         """Never raises for tokenizer trouble (falls back to text keys); bounded by the tokenize timeout."""
         ids = prompt_token_ids(body)
         if ids is not None:
-            return token_info(model, ids, self.cfg.chunk_tokens)
+            return token_info(model, ids, self.cfg.chunk_tokens, body)
         if self.cfg.tokenizer == "chars":
             return text_info(model, body, self.cfg.chunk_chars)
         req = _tokenize_body(model, body)
         digest = blake2b(json.dumps(req, sort_keys=True).encode(), digest_size=16).digest()
         cached = self.cache.get(digest)
         if cached is not None:
-            return token_info(model, cached, self.cfg.chunk_tokens)
+            return token_info(model, cached, self.cfg.chunk_tokens, body)
         tokens = await self._tokenize(req, workers)
         if tokens is None:
             return text_info(model, body, self.cfg.chunk_chars)
         self.cache.put(digest, tokens)
-        return token_info(model, tokens, self.cfg.chunk_tokens)
+        return token_info(model, tokens, self.cfg.chunk_tokens, body)
 
     async def _tokenize(self, req: dict, workers: list[Worker]) -> array | None:
         now = time.monotonic()

@@ -8,6 +8,11 @@ equal leading keys on any router replica (never Python's ``hash()``). Only full 
 - text keys: chunks of ``chunk_chars`` characters of a canonical rendering of the whole prompt (every message
   with its role, tools and template arguments), used when tokenization is off or unavailable. A changed
   earlier message changes every later key, as with real templating.
+
+Identity beyond text (:func:`input_scope`): a ``cache_salt`` and any non-text content (images, audio, video, whose
+placeholder tokens are the same for different inputs) re-seed the chain, so two tenants' or two images' prompts
+never look like one prefix to the router. The tiers' ``/lookup`` is asked only for prompts whose identity the tier
+can key: with the salt passed on, never for non-text content (:attr:`PromptInfo.tier_lookup_ok`).
 """
 
 from __future__ import annotations
@@ -31,10 +36,50 @@ class PromptInfo:
     tokens_per_key: int
     exact: bool  # True: token ids from the worker's tokenizer; False: text chunks, n_tokens estimated
     token_ids: array | None = None  # kept only for the tiers' /lookup
+    salt: str = ""  # the request's cache_salt, passed to the tiers' /lookup
+    tier_lookup_ok: bool = True  # False: the tiers cannot key this prompt's identity (non-text content)
 
 
-def model_seed(model: str) -> bytes:
-    return blake2b(b"pdmesh-router-keys-v1\0" + model.encode(), digest_size=16).digest()
+_TEXT_PART_TYPES = ("text", "input_text")
+
+
+def has_media(body: dict) -> bool:
+    """True when a chat message carries non-text content (an image, audio, video, file part)."""
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") not in _TEXT_PART_TYPES for part in content
+        ):
+            return True
+    return False
+
+
+def input_scope(body: dict) -> str:
+    """What besides the text re-seeds a prompt's keys: its ``cache_salt`` and a digest of its non-text content
+    (``""`` for a plain prompt, whose keys do not change)."""
+    salt = body.get("cache_salt")
+    parts = []
+    if isinstance(salt, str) and salt:
+        parts.append("salt:" + salt)
+    if has_media(body):
+        media = [
+            part
+            for m in body["messages"]
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict) and part.get("type") not in _TEXT_PART_TYPES
+        ]
+        canon = json.dumps(media, sort_keys=True, separators=(",", ":"), default=str).encode()
+        parts.append("media:" + blake2b(canon, digest_size=16).hexdigest())
+    return "\n".join(parts)
+
+
+def model_seed(model: str, scope: str = "") -> bytes:
+    """The chain's seed: the model name, and the request's :func:`input_scope` when it has one."""
+    raw = b"pdmesh-router-keys-v1\0" + model.encode()
+    if scope:
+        raw += b"\0scope\0" + scope.encode()
+    return blake2b(raw, digest_size=16).digest()
 
 
 def token_keys(seed: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
@@ -103,22 +148,35 @@ def prompt_token_ids(body: dict) -> list[int] | None:
     return None
 
 
+def _salt(body: dict | None) -> str:
+    salt = (body or {}).get("cache_salt")
+    return salt if isinstance(salt, str) else ""
+
+
 def text_info(model: str, body: dict, chunk_chars: int) -> PromptInfo:
     text = templated_text(body)
     return PromptInfo(
-        keys=text_keys(model_seed(model), text, chunk_chars),
+        keys=text_keys(model_seed(model, input_scope(body)), text, chunk_chars),
         n_tokens=max(1, len(text) // CHARS_PER_TOKEN),
         tokens_per_key=max(1, chunk_chars // CHARS_PER_TOKEN),
         exact=False,
+        salt=_salt(body),
+        tier_lookup_ok=not has_media(body),
     )
 
 
-def token_info(model: str, token_ids: Sequence[int], chunk_tokens: int) -> PromptInfo:
+def token_info(
+    model: str, token_ids: Sequence[int], chunk_tokens: int, body: dict | None = None
+) -> PromptInfo:
+    """Keys of a tokenized prompt; ``body`` (the request) adds its identity (:func:`input_scope`)."""
     ids = token_ids if isinstance(token_ids, array) else array("i", token_ids)
+    scope = input_scope(body) if body else ""
     return PromptInfo(
-        keys=token_keys(model_seed(model), ids, chunk_tokens),
+        keys=token_keys(model_seed(model, scope), ids, chunk_tokens),
         n_tokens=len(ids),
         tokens_per_key=chunk_tokens,
         exact=True,
         token_ids=ids,
+        salt=_salt(body),
+        tier_lookup_ok=not (body and has_media(body)),
     )

@@ -23,8 +23,11 @@ class WorkerRegistration(BaseModel):
     role: Role
     # Base URL of the worker's OpenAI server, e.g. http://10.0.0.5:8100
     url: str = Field(min_length=1, max_length=512)
-    # Served model names.
-    models: list[str] = Field(min_length=1)
+    # Served model names: the base model's and every LoRA adapter's the engine serves now.
+    models: list[str] = Field(min_length=1, max_length=1024)
+    # Which of ``models`` are LoRA adapters (their KV is keyed by the adapter's weights, which only the engine
+    # knows: the router does not ask tiers about them).
+    adapters: list[str] = Field(default_factory=list, max_length=1024)
     max_model_len: int | None = Field(default=None, gt=0)
     # Engine's KV block size (tokens), for cache-aware routing.
     block_size: int | None = Field(default=None, gt=0)

@@ -192,6 +192,10 @@ class Registry:
     def all(self) -> list[Worker]:
         return list(self._workers.values())
 
+    def is_adapter(self, model: str) -> bool:
+        """True when a worker serves ``model`` as a LoRA adapter."""
+        return any(model in w.info.adapters for w in self._workers.values())
+
     def models(self) -> dict[str, dict[str, int | None]]:
         """Model name -> {'max_model_len': ...} over healthy workers."""
         out: dict[str, dict[str, int | None]] = {}

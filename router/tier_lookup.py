@@ -19,8 +19,9 @@ from pdmesh.security import TOKEN_HEADER
 
 
 class TierLookup(Protocol):
-    async def cached_tokens(self, worker: Worker, token_ids: Sequence[int]) -> int | None:
-        """Leading tokens of the prompt held by ``worker``'s tier; None when unknown. Never raises."""
+    async def cached_tokens(self, worker: Worker, token_ids: Sequence[int], salt: str = "") -> int | None:
+        """Leading tokens of the prompt (under the request's ``cache_salt``) held by ``worker``'s tier; None when
+        unknown. Never raises."""
         ...
 
 
@@ -30,14 +31,14 @@ class HttpTierLookup:
         self.headers = {TOKEN_HEADER: cluster_token} if cluster_token else {}
         self.timeout_s = timeout_s
 
-    async def cached_tokens(self, worker: Worker, token_ids: Sequence[int]) -> int | None:
+    async def cached_tokens(self, worker: Worker, token_ids: Sequence[int], salt: str = "") -> int | None:
         url = worker.info.tier_url
         if not url:
             return None
         try:
             r = await self.client.post(
                 url.rstrip("/") + "/lookup",
-                json={"token_ids": list(token_ids)},
+                json={"token_ids": list(token_ids), **({"salt": salt} if salt else {})},
                 headers=self.headers,
                 timeout=self.timeout_s,
             )
@@ -49,10 +50,12 @@ class HttpTierLookup:
             return None
 
 
-async def lookup_all(source: TierLookup, workers: list[Worker], token_ids: Sequence[int]) -> dict[str, int]:
+async def lookup_all(
+    source: TierLookup, workers: list[Worker], token_ids: Sequence[int], salt: str = ""
+) -> dict[str, int]:
     """Ask every worker's tier concurrently; returns worker id -> cached tokens for the ones that answered."""
     asked = [w for w in workers if w.info.tier_url]
     if not asked:
         return {}
-    answers = await asyncio.gather(*(source.cached_tokens(w, token_ids) for w in asked))
+    answers = await asyncio.gather(*(source.cached_tokens(w, token_ids, salt) for w in asked))
     return {w.id: n for w, n in zip(asked, answers, strict=True) if n}

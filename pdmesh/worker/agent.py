@@ -31,6 +31,7 @@ from pdmesh.security import cluster_token_from_env, worker_api_key
 from pdmesh.worker.cpu_pinning import pin_worker_to_engine_cores
 from pdmesh.worker.heartbeat import RouterTargets, heartbeat_until_stopped
 from pdmesh.worker.roles import WorkerRole
+from pdmesh.worker.served_models import ServedModels
 from pdmesh.worker.supervision import CrashLoop, EngineWatch, TierWatch
 from pdmesh.worker.tier_process import (
     TierProcess,
@@ -235,7 +236,11 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
                 tier, lambda: _start_tier(args, worker_id, model, device, host, extra, wait=False)[0]
             )
         try:
-            return asyncio.run(_run_until_signalled(engine, reg, routers, watch))
+            key = spec.env.get("VLLM_API_KEY")
+            served = ServedModels(
+                lambda: engine.server.url, {"Authorization": f"Bearer {key}"} if key else {}
+            )
+            return asyncio.run(_run_until_signalled(engine, reg, routers, watch, served))
         except CrashLoop as e:
             log.error("%s worker stops: %s", role.name, e)
             return 2
@@ -298,13 +303,17 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 async def _run_until_signalled(
-    engine: EngineWatch, reg: WorkerRegistration, router: RouterTargets, tier: TierWatch | None = None
+    engine: EngineWatch,
+    reg: WorkerRegistration,
+    router: RouterTargets,
+    tier: TierWatch | None = None,
+    served: ServedModels | None = None,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await heartbeat_until_stopped(engine, reg, router, stop, tier)
+        return await heartbeat_until_stopped(engine, reg, router, stop, tier, served)
     finally:
         await engine.aclose()

@@ -29,6 +29,7 @@ import httpx
 
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.security import TOKEN_HEADER, cluster_token_from_env
+from pdmesh.worker.served_models import ServedModels
 from pdmesh.worker.supervision import CrashLoop, EngineWatch, TierWatch
 
 log = logging.getLogger("pdmesh.worker")
@@ -120,6 +121,7 @@ async def heartbeat_until_stopped(
     routers: str | RouterTargets,
     stop: asyncio.Event,
     tier: TierWatch | None = None,
+    served: ServedModels | None = None,
 ) -> int:
     """Register with every router and heartbeat until ``stop`` is set (returns 0); deregisters on the way out.
 
@@ -129,7 +131,8 @@ async def heartbeat_until_stopped(
     exponential backoff (0.5 s doubling to 10 s), each failure logged; the others keep their own rhythm (the
     interval each router asks for). Each HTTP call has a 5 s timeout (2 s to connect; 2 s for a deregistration,
     sent to every router told anything since the last one, in parallel). With ``tier``, each heartbeat carries
-    the tier's current addresses (none while it is down).
+    the tier's current addresses (none while it is down); with ``served``, the models the engine serves now (LoRA
+    adapters loaded at run time included).
     """
     targets = routers if isinstance(routers, RouterTargets) else RouterTargets(routers)
     headers = {TOKEN_HEADER: cluster_token_from_env()}
@@ -198,6 +201,8 @@ async def heartbeat_until_stopped(
                     if due:
                         if tier is not None:
                             reg = await tier.advertised(reg)
+                        if served is not None:
+                            reg = await served.refresh(reg, client)
                         body = reg.model_dump_json()
                         for url, peer in due:
                             peer.contacted = True

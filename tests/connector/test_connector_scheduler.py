@@ -62,7 +62,7 @@ def make(save_generated=False, shards=1):
     tier, clock = FakeTier(), Clock()
     s = ConnectorScheduler(
         tier,
-        lambda toks, n: chunk_keys(FP, toks[: n * C], C),
+        lambda toks, n, ident: chunk_keys(FP, toks[: n * C], C, ident),
         C,
         4,
         save_generated,
@@ -352,7 +352,7 @@ def test_each_shard_saves_and_pushes_its_part_under_its_own_keys_and_transfer():
 
 def test_a_device_landing_is_refused_with_several_shards():
     with pytest.raises(ValueError, match="one worker process"):
-        ConnectorScheduler(FakeTier(), lambda t, n: [], C, 4, False, landed=lambda keys: [], shards=2)
+        ConnectorScheduler(FakeTier(), lambda t, n, i: [], C, 4, False, landed=lambda keys: [], shards=2)
 
 
 def test_each_shard_loads_its_own_part():

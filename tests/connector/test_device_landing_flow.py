@@ -31,7 +31,7 @@ def _scheduler(landed_keys: set[bytes]):
     tier, clock = FakeTier(), Clock()
     s = ConnectorScheduler(
         tier,
-        lambda toks, n: chunk_keys(FP, toks[: n * C], C),
+        lambda toks, n, ident: chunk_keys(FP, toks[: n * C], C, ident),
         C,
         4,
         False,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from pdmesh.kvcache.client import TierClient, TierError, TierUnavailable
-from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+from pdmesh.kvcache.keys import InputIdentity, ModelFingerprint, chunk_keys
 from pdmesh.procs import free_port
 
 from .conftest import tier_config
@@ -100,12 +100,19 @@ def test_http_api(tmp_path, tier_factory):
         r = h.post("/lookup", json={"token_ids": toks, "fingerprint": other}, headers=TOK).json()
         assert r["chunks"] == 0
         assert h.post("/lookup", json={"keys": ["zz"]}, headers=TOK).status_code == 422
+        # a tenant's salt keys its chunks: the plain prompt's chunks are not its hits, its own are
+        salted = chunk_keys(FP, toks, 32, InputIdentity(salt="tenant-a"))
+        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 0
+        c.put(salted[:3], [data_for(k) for k in salted[:3]])
+        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 3
+        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-b"}, headers=TOK).json()["chunks"] == 0
+        assert h.post("/lookup", json={"token_ids": toks, "salt": 7}, headers=TOK).status_code == 422
         stats = h.get("/stats", headers=TOK).json()
-        assert stats["memory"]["ready"] == 2
+        assert stats["memory"]["ready"] == 5
         metrics = h.get("/metrics").text
         for fam in ("pdmesh_tier_hits_total", "pdmesh_tier_evictions_total", "pdmesh_tier_used_bytes"):
             assert fam in metrics
-        assert h.post("/clear", json={"tiers": ["memory"]}, headers=TOK).json()["cleared"]["memory"] == 2
+        assert h.post("/clear", json={"tiers": ["memory"]}, headers=TOK).json()["cleared"]["memory"] == 5
     assert c.lookup(keys).n == 0
     c.close()
 
