@@ -29,14 +29,15 @@ from typing import Any, Protocol
 
 import torch
 
+from pdmesh.connector.config import ConnectorConfig
+from pdmesh.transfer import registry
 from pdmesh.transfer.device_staging import StagingRegion
-from pdmesh.transfer.nixl_backend import NixlBackend, NixlConfig, nixl_available
+from pdmesh.transfer.nixl_agent import NixlConfig
 from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.registry import BackendOptions
 from pdmesh.transfer.sender import Sender, SenderConfig
 
 log = logging.getLogger("pdmesh.connector")
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 class StagePacker(Protocol):
@@ -65,28 +66,27 @@ class DevicePathConfig:
     landing_advertise_host: str | None = None
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> DevicePathConfig:
-        """Parse the connector's extra config; raises ValueError for a non-positive slot count."""
-        raw = extra.get("device_staging", False)
-        enabled = raw if isinstance(raw, bool) else str(raw).strip().lower() in _TRUE
-        slots = int(extra.get("device_staging_slots", cls.slots))
-        if slots <= 0:
-            raise ValueError(f"device_staging_slots must be positive, not {slots}")
-        landing = extra.get("device_landing") or None
-        advertise = extra.get("device_landing_advertise_host") or None
+    def from_config(cls, config: ConnectorConfig) -> DevicePathConfig:
+        """The device path's part of the connector's typed config."""
         return cls(
-            enabled,
-            slots,
-            None if landing is None else str(landing),
-            None if advertise is None else str(advertise),
+            config.device_staging,
+            config.device_staging_slots,
+            config.device_landing,
+            config.device_landing_advertise_host,
         )
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> DevicePathConfig:
+        """Parse a ``kv_connector_extra_config`` through :class:`ConnectorConfig` (the one parser); raises
+        :class:`pdmesh.connector.config.ConnectorConfigError` (a ValueError) for invalid values."""
+        return cls.from_config(ConnectorConfig.load(extra, block_size=1, env={}))
 
 
 def device_path_decision(
     config: DevicePathConfig, cache_device: torch.device, nixl_ok: bool | None = None
 ) -> tuple[bool, str]:
     """Whether the device path is used, and why (for the log). On only when asked for, the caches are on CUDA
-    and NIXL imports (``nixl_ok`` None: look it up)."""
+    and NIXL imports (``nixl_ok`` None: ask the transfer registry)."""
     if not config.enabled:
         return (
             False,
@@ -97,7 +97,7 @@ def device_path_decision(
             False,
             f"off: the KV caches are on {cache_device.type}, not CUDA; pushes use the host tier pool",
         )
-    if not (nixl_available() if nixl_ok is None else nixl_ok):
+    if not (registry.available("nixl") if nixl_ok is None else nixl_ok):
         return False, "off: NIXL is not installed; pushes use the host tier pool"
     return True, f"on: chunks staged in {config.slots} slots of device memory registered with NIXL"
 
@@ -221,12 +221,17 @@ def _one_lane(nixl: NixlConfig | None) -> NixlConfig:
     return cfg
 
 
+def _staging_options(fingerprint: str, nixl: NixlConfig | None) -> BackendOptions:
+    """The NIXL backend's options on a staging region (one lane unless ``nixl`` sets them)."""
+    return BackendOptions(fingerprint, nixl=_one_lane(nixl))
+
+
 def staging_receiver(
     staging: StagingRegion, config: ReceiverConfig, nixl: NixlConfig | None = None
 ) -> Receiver:
     """A receiver whose pushes land in ``staging`` over NIXL (registered as the region's VRAM or DRAM). Start it
     with ``start()``; ``close()`` it before closing the region."""
-    return Receiver(staging, config, [NixlBackend(config.fingerprint, _one_lane(nixl))])
+    return Receiver(staging, config, [registry.build("nixl", _staging_options(config.fingerprint, nixl))])
 
 
 def staging_sender(staging: StagingRegion, config: SenderConfig, nixl: NixlConfig | None = None) -> Sender:
@@ -235,6 +240,6 @@ def staging_sender(staging: StagingRegion, config: SenderConfig, nixl: NixlConfi
     return Sender(
         staging.buffer,
         config,
-        {"nixl": lambda: NixlBackend(config.fingerprint, _one_lane(nixl))},
+        registry.factories(("nixl",), _staging_options(config.fingerprint, nixl)),
         region=staging.memory_region,
     )

@@ -85,12 +85,16 @@ class DevicePush:
         fingerprint: str,
         token: str,
         nixl: NixlConfig | None = None,
+        engine: str = "",
     ) -> DevicePush:
         """A staging region of ``slots`` chunks on the caches' device and a NIXL sender over it; NIXL's agent is
-        built and the region registered in a background thread (seconds), so the first push does not wait."""
+        built and the region registered in a background thread (seconds), so the first push does not wait.
+        ``engine``: this engine's fingerprint digest (hex): landings of another engine are refused at handshake."""
         staged = StagedChunks.on_device(packer, blocks_per_chunk, slots)
         sender = staging_sender(
-            staged.staging, SenderConfig(fingerprint=fingerprint, token=token, backends=("nixl",)), nixl
+            staged.staging,
+            SenderConfig(fingerprint=fingerprint, engine=lambda: engine, token=token, backends=("nixl",)),
+            nixl,
         )
         threading.Thread(target=sender.warm, name="pdmesh-device-push-warm", daemon=True).start()
         return cls(staged, sender)

@@ -1,9 +1,9 @@
 """Scheduler half of the pdmesh connector: which chunks to load and save, per request, per step.
 
-Runs on vLLM's scheduler thread; never touches KV memory. The only I/O is :meth:`TierLookup.lookup` (one
+Runs on vLLM's scheduler thread; never touches KV memory. The only I/O is :meth:`TierChunkLookup.lookup` (one
 bounded-time RPC to the local tier server per new request, and per poll while a PD transfer is in flight).
 
-Rules (see docs/architecture.md, "Chunks and keys"):
+Rules (see docs/kvcache.md, "Chunk keys", and docs/connector.md):
 - A chunk is ``chunk_tokens`` tokens = whole blocks. Only full chunks are stored or loaded. At least the last
   prompt token is always recomputed (vLLM needs logits), so loads stop at ``(len(prompt) - 1) // C`` chunks.
 - Loads start where vLLM's own prefix cache stopped, and only at a chunk boundary.
@@ -36,7 +36,8 @@ from vllm.logger import init_logger
 
 from pdmesh.connector.identity import identity_of
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
-from pdmesh.connector.params import PdParams
+from pdmesh.connector.params import PdParams, SeenGrants
+from pdmesh.connector.stats import PdmeshKVConnectorStats, StatsInterval, counts_of
 from pdmesh.decoder.wait import PushWait
 from pdmesh.kvcache.keys import InputIdentity, every_shard_keys
 from pdmesh.prefiller.push import PushPlan
@@ -48,7 +49,7 @@ log = init_logger("pdmesh.connector")
 PD_POLL_S = 0.002
 
 
-class TierLookup(Protocol):
+class TierChunkLookup(Protocol):
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` are ready in the local tier (fetching from slower tiers as needed).
 
@@ -74,6 +75,10 @@ class _Req:
 
 @dataclass
 class SchedulerStats:
+    """The scheduler half's lifetime counts. vLLM sees their growth per engine step through
+    :meth:`ConnectorScheduler.take_stats` (connector/stats.py): ``vllm:pdmesh_<field>_total``, and ``skipped`` as
+    ``vllm:pdmesh_skipped_requests_total{reason=...}``."""
+
     lookups: int = 0
     lookup_errors: int = 0
     hit_tokens: int = 0
@@ -85,7 +90,7 @@ class SchedulerStats:
 class ConnectorScheduler:
     def __init__(
         self,
-        tier: TierLookup,
+        tier: TierChunkLookup,
         key_fn: Callable[[Sequence[int], int, InputIdentity], list[bytes]],
         chunk_tokens: int,
         block_size: int,
@@ -110,7 +115,8 @@ class ConnectorScheduler:
         self.shards = shards  # worker processes holding a part of each chunk (tensor ranks x pipeline stages)
         self.stats = SchedulerStats()
         self._reqs: dict[str, _Req] = {}
-        self._fallbacks: list[str] = []
+        self._grants = SeenGrants()  # push grants honoured by this engine: each is used once
+        self._interval = StatsInterval()
 
     # -- vLLM scheduler hooks ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -145,7 +151,6 @@ class ConnectorScheduler:
                 return None, False  # the pushed chunks are still in flight: ask again next step
             if st.wait.fell_back:
                 self.stats.pd_fallbacks += 1
-                self._fallbacks.append(request.request_id)
                 log.warning(
                     "PD transfer %s: %d of %d chunks arrived before the deadline; computing the rest",
                     st.wait.transfer_id,
@@ -210,9 +215,10 @@ class ConnectorScheduler:
         role = None if st is None else (st.push or st.wait)
         return None if role is None else {"pdmesh": role.report()}
 
-    def take_fallbacks(self) -> list[str]:
-        out, self._fallbacks = self._fallbacks, []
-        return out
+    def take_stats(self) -> PdmeshKVConnectorStats | None:
+        """What :attr:`stats` counted since the previous call (None: nothing), for vLLM's
+        ``get_kv_connector_stats`` on the scheduler side. Call it from the scheduler thread only."""
+        return self._interval.take(counts_of(self.stats))
 
     def active_requests(self) -> int:
         return len(self._reqs)
@@ -225,7 +231,9 @@ class ConnectorScheduler:
             log.info("request %s: no KV reuse or transfer (%s)", request.request_id, identity)
             st = self._reqs[request.request_id] = _Req(request, None, None, None)
             return st
-        pd = PdParams.from_request(request.kv_transfer_params, self.token)
+        pd = PdParams.from_request(
+            request.kv_transfer_params, self.token, request.prompt_token_ids, self._grants
+        )
         push = wait = None
         if pd is not None and pd.push_to:
             push = PushPlan(pd.transfer_id, pd.push_to, pd.deadline_s, pd.push_to_device)

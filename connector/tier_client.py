@@ -1,23 +1,20 @@
 """The connector's view of the local tier server: :class:`kvcache.client.TierClient` shaped for its two halves.
 
-Implements :class:`pdmesh.connector.scheduler.TierLookup` and
+Implements :class:`pdmesh.connector.scheduler.TierChunkLookup` and
 :class:`pdmesh.connector.worker.TierWorkerClient`. Every call goes over the tier's unix socket with the client's
 timeout and raises on failure (the halves treat any exception as "tier unavailable": compute instead).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from typing import Any
 
 from pdmesh.breaker import CircuitBreaker
+from pdmesh.connector.config import ConnectorConfig
 from pdmesh.kvcache.client import TierClient, TierUnavailable
 from pdmesh.kvcache.keys import ModelFingerprint
 from pdmesh.security import cluster_token_from_env
 from pdmesh.transfer.segment import attach_segment
-
-SOCKET_ENV = "PDMESH_TIER_SOCKET"
 
 
 class ConnectorTierClient:
@@ -28,29 +25,36 @@ class ConnectorTierClient:
         timeout_s: float,
         fingerprint: ModelFingerprint,
         load_timeout_s: float = 10.0,
+        chunk_tokens: int | None = None,
     ) -> None:
+        """``chunk_tokens``: told to the tier at hello (its ``/lookup`` by token ids then chunks alike)."""
         self.address = socket_path
         self.load_timeout_s = load_timeout_s
         self._mapped_name: str | None = None
         self._view: memoryview | None = None
-        self._client = TierClient(socket_path, token, timeout_s=timeout_s, fingerprint=fingerprint.to_dict())
+        self._client = TierClient(
+            socket_path,
+            token,
+            timeout_s=timeout_s,
+            fingerprint=fingerprint.to_dict(),
+            chunk_tokens=chunk_tokens,
+        )
         self._breaker = CircuitBreaker(failures=1, open_s=1.0, max_open_s=5.0)
 
     @classmethod
-    def from_extra_config(cls, extra: dict[str, Any], fingerprint: ModelFingerprint) -> ConnectorTierClient:
-        path = extra.get("tier_socket") or os.environ.get(SOCKET_ENV)
-        if not path:
-            raise ValueError(f"pdmesh connector: set kv_connector_extra_config.tier_socket or {SOCKET_ENV}")
+    def from_config(cls, config: ConnectorConfig, fingerprint: ModelFingerprint) -> ConnectorTierClient:
+        """A client of the configured tier socket (ConnectorConfigError when none is set). The default
+        ``tier_timeout_s`` (3 s) exceeds the tier server's own bound on a remote lookup (2.5 s)."""
         return cls(
-            str(path),
+            config.socket(),
             cluster_token_from_env(),
-            # > the tier server's own bound on a remote lookup (remote timeout + connect timeout = 2.5 s)
-            float(extra.get("tier_timeout_s", 3.0)),
+            config.tier_timeout_s,
             fingerprint,
-            float(extra.get("tier_load_timeout_s", 10.0)),
+            config.tier_load_timeout_s,
+            chunk_tokens=config.chunk,
         )
 
-    # TierLookup
+    # TierChunkLookup
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Raises at once while the lookup breaker is open: a dead or hung tier costs vLLM's scheduler thread one
         bounded call per cooldown, not one per request (and a decode leg then falls back at once)."""

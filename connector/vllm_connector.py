@@ -24,7 +24,6 @@ outputs never change (they are only computed instead of loaded).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +35,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from pdmesh.connector.config import ConnectorConfig
 from pdmesh.connector.metadata import PdmeshConnectorMetadata, for_shard
 from pdmesh.connector.scheduler import ConnectorScheduler
+from pdmesh.connector.stats import PdmeshKVConnectorStats, PdmeshPromMetrics, StatsInterval
 from pdmesh.connector.tier_client import ConnectorTierClient
 from pdmesh.connector.worker import ConnectorWorker
 from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
@@ -45,6 +46,7 @@ from pdmesh.security import cluster_token_from_env
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -58,19 +60,6 @@ if TYPE_CHECKING:
 from vllm.logger import init_logger
 
 log = init_logger("pdmesh.connector")
-# the tier servers' transfer fingerprint (kvcache config transfer.fingerprint): the device path's pushes must match
-TRANSFER_FP_ENV = "PDMESH_TIER_TRANSFER_FINGERPRINT"
-
-
-def _transfer_fingerprint(extra: dict) -> str:
-    """The transfer fingerprint the device path's sender and landing present (must match the tier servers')."""
-    from pdmesh.kvcache.config import TransferConfig
-
-    return str(
-        extra.get("transfer_fingerprint")
-        or os.environ.get(TRANSFER_FP_ENV)
-        or TransferConfig.model_fields["fingerprint"].default
-    )
 
 
 def engine_layout(vllm_config: VllmConfig, backend_name: str | None = None) -> str:
@@ -142,17 +131,22 @@ class PdmeshConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
     ):
         super().__init__(vllm_config, role, kv_cache_config)
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.block_size = int(vllm_config.cache_config.block_size)
-        self.chunk_tokens = int(extra.get("chunk_tokens") or self.block_size)
+        # validated once, here: a bad key or value stops the engine with every problem named
+        self.config = ConnectorConfig.load(
+            self._kv_transfer_config.kv_connector_extra_config, self.block_size
+        )
+        self.chunk_tokens = self.config.chunk
         self.fingerprint = fingerprint_for(vllm_config)
-        self.tier = ConnectorTierClient.from_extra_config(extra, self.fingerprint)
+        self.tier = ConnectorTierClient.from_config(self.config, self.fingerprint)
         self.shards = self.fingerprint.shards
         self.shard = 0 if role == KVConnectorRole.SCHEDULER else shard_of_this_worker(self.fingerprint)
         self._scheduler: ConnectorScheduler | None = None
         self._worker: ConnectorWorker | None = None
         self._refused = False  # the worker half found another layout than the keys name: no loads or saves
         self._refused_blocks: set[int] = set()
+        self._refused_chunks = 0  # planned chunk loads a refused worker half did not do (load errors)
+        self._refused_interval = StatsInterval()
         if role == KVConnectorRole.SCHEDULER:
             C = self.chunk_tokens
             self._scheduler = ConnectorScheduler(
@@ -160,9 +154,9 @@ class PdmeshConnector(KVConnectorBase_V1):
                 lambda toks, n, identity: chunk_keys(self.fingerprint, toks[: n * C], C, identity),
                 C,
                 self.block_size,
-                save_generated=bool(extra.get("save_generated", False)),
+                save_generated=self.config.save_generated,
                 token=cluster_token_from_env(),
-                landed=self._landed_lookup(extra) if self.shards == 1 else None,
+                landed=self._landed_lookup() if self.shards == 1 else None,
                 shards=self.shards,
             )
         log.info(
@@ -223,9 +217,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         that cannot start is logged and left out."""
         from pdmesh.connector.device_path import DevicePathConfig, device_path_decision
 
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         try:
-            cfg = DevicePathConfig.from_extra(extra)
+            cfg = DevicePathConfig.from_config(self.config)
             use, why = device_path_decision(cfg, bound.device)
             if use and self.shards > 1:
                 use, why = False, f"off: {self.shards} shards (a device landing serves one worker process)"
@@ -235,7 +228,12 @@ class PdmeshConnector(KVConnectorBase_V1):
             from pdmesh.connector.device_push import DevicePush
 
             return DevicePush.build(
-                bound, blocks_per_chunk, cfg.slots, _transfer_fingerprint(extra), cluster_token_from_env()
+                bound,
+                blocks_per_chunk,
+                cfg.slots,
+                self.config.transfer_fingerprint,
+                cluster_token_from_env(),
+                engine=self.fingerprint.digest().hex(),
             )
         except Exception as e:
             log.warning("pdmesh connector: device path not started (%s); pushes use the host tier pool", e)
@@ -247,9 +245,8 @@ class PdmeshConnector(KVConnectorBase_V1):
         raises: a landing that cannot start is logged and left out (prefill workers then push to the tier)."""
         from pdmesh.connector.device_path import DevicePathConfig, device_path_decision
 
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         try:
-            cfg = DevicePathConfig.from_extra(extra)
+            cfg = DevicePathConfig.from_config(self.config)
             if cfg.landing is None or self.shards > 1 or not device_path_decision(cfg, bound.device)[0]:
                 return None
             from pdmesh.connector.device_landing import DeviceLanding
@@ -258,9 +255,16 @@ class PdmeshConnector(KVConnectorBase_V1):
 
             host, port = parse_address(cfg.landing)
             token = cluster_token_from_env()
-            rx = ReceiverConfig(fingerprint=_transfer_fingerprint(extra), host=host, port=port, token=token)
+            engine = self.fingerprint.digest().hex()
+            rx = ReceiverConfig(
+                fingerprint=self.config.transfer_fingerprint,
+                engine=lambda: engine,
+                host=host,
+                port=port,
+                token=token,
+            )
             # its own tier connection: the landing's copy thread must not share the worker half's
-            tier = ConnectorTierClient.from_extra_config(extra, self.fingerprint)
+            tier = ConnectorTierClient.from_config(self.config, self.fingerprint)
             landing = DeviceLanding.build(
                 bound, blocks_per_chunk, cfg.slots, tier, rx, advertise_host=cfg.landing_advertise_host
             )
@@ -271,15 +275,12 @@ class PdmeshConnector(KVConnectorBase_V1):
             log.warning("pdmesh connector: device landing not started (%s); pushes land in the tier pool", e)
             return None
 
-    def _landed_lookup(self, extra: dict) -> Callable[[Sequence[bytes]], list[bool]] | None:
+    def _landed_lookup(self) -> Callable[[Sequence[bytes]], list[bool]] | None:
         """For the scheduler half: which keys landed in this process's device landing (None when the config
         has none; the landing itself starts with the worker half)."""
         from pdmesh.connector.device_path import DevicePathConfig
 
-        try:
-            cfg = DevicePathConfig.from_extra(extra)
-        except ValueError:
-            return None
+        cfg = DevicePathConfig.from_config(self.config)
         if not (cfg.enabled and cfg.landing):
             return None
         from pdmesh.connector.device_landing import landed_in_process
@@ -293,6 +294,7 @@ class PdmeshConnector(KVConnectorBase_V1):
             self._worker.load(for_shard(meta, self.shard, self.shards))
         elif self._refused and isinstance(meta, PdmeshConnectorMetadata):
             self._refused_blocks.update(b for op in meta.loads for blocks in op.block_ids for b in blocks)
+            self._refused_chunks += sum(len(op.keys) for op in meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -312,6 +314,43 @@ class PdmeshConnector(KVConnectorBase_V1):
             out, self._refused_blocks = self._refused_blocks, set()
             return out
         return self._worker.take_load_errors() if self._worker is not None else set()
+
+    # ---------------------------------------------------------------- stats (both sides)
+    def get_kv_connector_stats(self) -> PdmeshKVConnectorStats | None:
+        """What this instance's half counted since vLLM's previous call; None when nothing (connector/stats.py).
+
+        vLLM 0.32 calls it on both sides once per engine step: the worker-side instance's result rides the model
+        runner output to the scheduler (summed over the engine's worker processes), the scheduler-side instance's
+        is added to it there, and the sum reaches the API server's ``/metrics`` (``vllm:pdmesh_*``, see
+        :meth:`build_prom_metrics`) and its ``KV Transfer metrics`` log line. Never raises, does no I/O."""
+        try:
+            if self._scheduler is not None:
+                return self._scheduler.take_stats()
+            if self._worker is not None:
+                return self._worker.take_stats()
+            if self._refused:
+                return self._refused_interval.take({"load_errors": self._refused_chunks})
+        except Exception as e:  # stats must never stop an engine step
+            log.warning_once("pdmesh connector: stats not collected (%s)", repr(e))  # once per distinct error
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PdmeshKVConnectorStats:
+        """The stats object for ``data`` (a ``PdmeshKVConnectorStats.to_dict()`` that crossed processes), or an
+        empty one; vLLM's logging stat logger sums these over its log interval."""
+        return PdmeshKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> PdmeshPromMetrics:
+        """The ``vllm:pdmesh_*`` counters (:class:`pdmesh.connector.stats.PdmeshPromMetrics`), registered once by
+        vLLM's Prometheus stat logger in the process that serves ``/metrics``."""
+        return PdmeshPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None and self._worker.device_push is not None:

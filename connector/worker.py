@@ -28,6 +28,7 @@ import torch
 from vllm.logger import init_logger
 
 from pdmesh.connector.metadata import ChunkOp, PdmeshConnectorMetadata
+from pdmesh.connector.stats import PdmeshKVConnectorStats, StatsInterval, counts_of
 
 if TYPE_CHECKING:
     from pdmesh.connector.device_landing import DeviceLanding
@@ -72,6 +73,10 @@ class Packer(Protocol):
 
 @dataclass
 class WorkerStats:
+    """The worker half's lifetime counts (chunks and bytes of this worker process's part). vLLM sees their growth
+    per engine step, with the device path's, through :meth:`ConnectorWorker.take_stats` (connector/stats.py):
+    ``vllm:pdmesh_<field>_total``."""
+
     loaded_chunks: int = 0
     load_errors: int = 0
     saved_chunks: int = 0
@@ -103,6 +108,7 @@ class ConnectorWorker:
         self._pool: torch.Tensor | None = None
         self._pool_view: memoryview | None = None
         self._load_errors: set[int] = set()
+        self._interval = StatsInterval()
 
     def _pool_tensor(self) -> torch.Tensor:
         """The pool as a uint8 tensor; re-wrapped when the tier's segment changed (a restarted tier server)."""
@@ -178,6 +184,17 @@ class ConnectorWorker:
         device = getattr(self.packer, "device", None)
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def take_stats(self) -> PdmeshKVConnectorStats | None:
+        """What :attr:`stats` and the device path's stats (``device_push_*``, ``landing_*``) counted since the
+        previous call (None: nothing), for vLLM's ``get_kv_connector_stats`` on the worker side. Call it from the
+        model-runner thread only; the device path's threads may count meanwhile (nothing is lost)."""
+        totals = counts_of(self.stats)
+        if self.device_push is not None:
+            totals.update(counts_of(self.device_push.stats, "device_push_"))
+        if self.landing is not None:
+            totals.update(counts_of(self.landing.stats, "landing_"))
+        return self._interval.take(totals)
 
     def take_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()

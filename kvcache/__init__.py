@@ -4,7 +4,7 @@ No vLLM and no torch here (tests/test_layout.py checks it): the tier stores opaq
 
 Folder map:
 
-- ``keys`` (chained chunk keys seeded by the model fingerprint), ``record`` (checksummed on-disk/Redis records).
+- ``keys`` (chained chunk keys seeded by the model fingerprint), ``record`` (checksummed disk records, MAC-tagged remote records).
 - ``segment`` (the shared-memory segment) and ``pool`` (``ChunkPool``: slots, leases, pins, LRU eviction).
 - ``disk`` (the disk tier), ``remote`` (``RemoteTier``, the guard with its breaker, ``open_remote``),
   ``remote_redis`` and ``remote_cache_server`` (the two remote clients), ``cache_server`` (the shared cache

@@ -7,12 +7,16 @@ Protocol (TCP, :mod:`pdmesh.frames` frames, one request at a time per connection
   reply and the connection is closed. (The token is sent: the client only ever connects to the operator-configured
   ``remote.url``, never to an address from a request.) Malformed fields after the hello get a ``bad_request``
   reply; the connection and the server live on.
-* ``{"op": "put", "key": bytes16, "fp": bytes16, "n": int, "csum": int}`` + ``n`` payload bytes ->
-  ``{"ok": true, "stored": bool}``. The server verifies the xxh3-64 checksum before storing; a mismatch is an
-  error reply (``corrupt``) and nothing is stored.
+* ``{"op": "put", "key": bytes16, "fp": bytes16, "n": int, "csum": int, "mac": bytes16}`` + ``n`` payload
+  bytes -> ``{"ok": true, "stored": bool}``. The server verifies the xxh3-64 checksum before storing; a mismatch
+  is an error reply (``corrupt``) and nothing is stored. ``mac`` is the writer's record tag
+  (:class:`pdmesh.kvcache.record.RecordMac`, keyed from the cluster token): the server stores it opaquely and
+  never checks it; a put without one is a ``bad_request`` (and the connection closes).
 * ``{"op": "get", "key": bytes16, "fp": bytes16 | None}`` -> ``{"ok": true, "hit": false}`` or
-  ``{"ok": true, "hit": true, "n": int, "csum": int, "fp": bytes16}`` + ``n`` payload bytes (the client verifies).
-  With ``fp`` given, a chunk stored under another fingerprint is a miss.
+  ``{"ok": true, "hit": true, "n": int, "csum": int, "mac": bytes, "fp": bytes16}`` + ``n`` payload bytes. The
+  client verifies ``mac``, so integrity holds end to end: a record planted or altered by a writer without the
+  token, or by this server, is a miss on the client. With ``fp`` given, a chunk stored under another fingerprint
+  is a miss.
 * ``{"op": "contains", "keys": [bytes16]}`` -> ``{"ok": true, "n": leading present count}``
 * ``{"op": "delete", "keys": [...]}``, ``{"op": "clear"}``, ``{"op": "stats"}``.
 * Errors: ``{"ok": false, "error": type, "message": str}``.
@@ -46,6 +50,7 @@ HELLO_TIMEOUT_S = 5.0  # pre-auth: the hello must arrive within this
 PRE_AUTH_MAX_FRAME = (
     16 << 10
 )  # pre-auth: the hello frame is small; a larger announced length closes the socket
+MAX_MAC_BYTES = 64  # a put's record tag is stored opaquely, up to this size
 
 
 class CacheServer:
@@ -184,16 +189,22 @@ class CacheServer:
             n = msg.get("n")
             key = msg.get("key")
             csum = msg.get("csum")
+            mac = msg.get("mac")
             if (
                 not isinstance(n, int)
                 or n < 0
                 or not isinstance(key, bytes)
                 or len(key) != 16
                 or not isinstance(csum, int)
+                or not isinstance(mac, bytes)
+                or not 0 < len(mac) <= MAX_MAC_BYTES
                 or (msg.get("fp") is not None and not isinstance(msg.get("fp"), bytes))
             ):
                 send_frame(
-                    conn, _err("bad_request", "put needs key (16 bytes), n, csum (int) and fp (bytes)")
+                    conn,
+                    _err(
+                        "bad_request", "put needs key (16 bytes), n, csum (int), mac (bytes) and fp (bytes)"
+                    ),
                 )
                 return False
             buf = self.store.reserve(n)
@@ -214,7 +225,7 @@ class CacheServer:
                 self.store.corrupt += 1
                 send_frame(conn, _err("corrupt", "payload checksum mismatch"))
                 return True
-            stored = self.store.insert(key, _fp(msg.get("fp")) or NO_FINGERPRINT, msg["csum"], buf, n)
+            stored = self.store.insert(key, _fp(msg.get("fp")) or NO_FINGERPRINT, csum, mac, buf, n)
             send_frame(conn, {"ok": True, "stored": stored})
         elif op == "get":
             item = self.store.acquire(_key(msg.get("key")), _fp(msg.get("fp")))
@@ -222,7 +233,14 @@ class CacheServer:
                 send_frame(conn, {"ok": True, "hit": False})
             else:
                 try:
-                    head = {"ok": True, "hit": True, "n": item.n, "csum": item.csum, "fp": item.fp}
+                    head = {
+                        "ok": True,
+                        "hit": True,
+                        "n": item.n,
+                        "csum": item.csum,
+                        "mac": item.mac,
+                        "fp": item.fp,
+                    }
                     if (action := failpoints.claim("kvcache.cache_server.payload")) is not None:
                         payload = memoryview(item.data).cast("B")
                         send_frame(conn, head)

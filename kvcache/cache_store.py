@@ -18,6 +18,7 @@ from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
 class _Item:
     fp: bytes
     csum: int
+    mac: bytes  # the writer's record tag, stored opaquely (readers verify it)
     buf: bytearray  # capacity rounded up to a page; the payload is buf[:n]
     n: int
     refs: int = 0  # readers currently sending it
@@ -113,26 +114,27 @@ class CacheStore:
         with self._lock:
             self._free.setdefault(len(buf), []).append(buf)
 
-    def insert(self, key: bytes, fp: bytes, csum: int, buf: bytearray, n: int) -> bool:
-        """Index a received, verified payload. False (buffer recycled) if the key is already present."""
+    def insert(self, key: bytes, fp: bytes, csum: int, mac: bytes, buf: bytearray, n: int) -> bool:
+        """Index a received payload whose checksum ``csum`` was verified; ``mac`` (the writer's record tag) is
+        kept opaquely for readers to verify. False (buffer recycled) if the key is already present."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 self._free.setdefault(len(buf), []).append(buf)
                 return False
-            self._items[key] = _Item(fp, csum, buf, n)
+            self._items[key] = _Item(fp, csum, mac, buf, n)
             self._used += len(buf)
             self.puts += 1
             return True
 
-    def put(self, key: bytes, data, fp: bytes = NO_FINGERPRINT) -> bool:
-        """Copy ``data`` in (for in-process use and tests)."""
+    def put(self, key: bytes, data, fp: bytes = NO_FINGERPRINT, mac: bytes = b"") -> bool:
+        """Copy ``data`` in with record tag ``mac`` (for in-process use and tests)."""
         view = memoryview(data).cast("B")
         buf = self.reserve(len(view))
         if buf is None:
             return False
         buf[: len(view)] = view
-        return self.insert(key, fp, checksum(view), buf, len(view))
+        return self.insert(key, fp, checksum(view), mac, buf, len(view))
 
     def acquire(self, key: bytes, fp: bytes | None) -> _Item | None:
         """The item for ``key`` with a reader reference (call :meth:`release`), or None (counted as a miss)."""

@@ -12,7 +12,7 @@ import sys
 
 
 def _tier_server(args: argparse.Namespace) -> int:
-    from pdmesh.kvcache.config import ConfigError, TierConfig
+    from pdmesh.kvcache.config import TierConfig, TierConfigError
     from pdmesh.kvcache.server import run_tier_server
     from pdmesh.transfer.segment import SegmentSpaceError
 
@@ -35,7 +35,7 @@ def _tier_server(args: argparse.Namespace) -> int:
         overrides["disk__path"] = args.disk
     try:
         cfg = TierConfig.load(args.config, **overrides)
-    except ConfigError as e:
+    except TierConfigError as e:
         print(f"pdmesh tier-server: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

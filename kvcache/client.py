@@ -63,11 +63,14 @@ class TierClient:
         *,
         timeout_s: float = 2.0,
         fingerprint: dict | None = None,
+        chunk_tokens: int | None = None,
     ) -> None:
+        """``fingerprint`` and ``chunk_tokens`` (the engine's) are told to the server at hello."""
         self.socket_path = socket_path
         self.token = token
         self.timeout_s = timeout_s
         self.fingerprint = fingerprint
+        self.chunk_tokens = chunk_tokens
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -84,6 +87,8 @@ class TierClient:
             msg = {"id": 0, "op": "hello", "proto": CONTROL_PROTO, "token": self.token}
             if self.fingerprint:
                 msg["fingerprint"] = self.fingerprint
+            if self.chunk_tokens:
+                msg["chunk_tokens"] = self.chunk_tokens
             send_frame(s, msg)
             reply = recv_frame(s)
         except (OSError, FrameError) as e:

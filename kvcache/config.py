@@ -4,7 +4,7 @@ Every field maps to one environment variable: ``PDMESH_TIER_<FIELD>`` for top-le
 ``PDMESH_TIER_<SECTION>_<FIELD>`` for nested ones (``PDMESH_TIER_POOL_BYTES=512MiB``,
 ``PDMESH_TIER_DISK_ENABLED=true``, ``PDMESH_TIER_REMOTE_URL=redis://127.0.0.1:6379/0``). Byte sizes accept
 integers or strings with a unit (``KiB MiB GiB TiB``, ``KB MB GB``). Precedence: defaults < YAML < environment <
-explicit overrides. Invalid input raises :class:`ConfigError` naming the field.
+explicit overrides. Invalid input raises :class:`TierConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _UNITS = {
 }
 
 
-class ConfigError(KVCacheError, ValueError):
+class TierConfigError(KVCacheError, ValueError):
     """Invalid tier configuration (the message names the field or variable)."""
 
 
@@ -126,9 +126,13 @@ class TransferConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_backends(self) -> TransferConfig:
-        bad = [b for b in self.backends if b not in ("shm", "tcp", "nixl")]
+        from pdmesh.transfer.registry import known
+
+        bad = [b for b in self.backends if b not in known()]
         if bad or not self.backends:
-            raise ValueError(f"backends must be a non-empty list of shm, tcp, nixl (got {self.backends})")
+            raise ValueError(
+                f"backends must be a non-empty list of {', '.join(known())} (got {self.backends})"
+            )
         return self
 
 
@@ -187,19 +191,19 @@ class TierConfig(_Strict):
         **overrides: Any,
     ) -> TierConfig:
         """Defaults < YAML file ``path`` < ``PDMESH_TIER_*`` variables of ``env`` (default os.environ) <
-        ``overrides`` (dotted names allowed as ``disk__enabled``). Raises ConfigError."""
+        ``overrides`` (dotted names allowed as ``disk__enabled``). Raises TierConfigError."""
         data: dict[str, Any] = {}
         if path is not None:
             try:
                 text = Path(path).read_text()
             except OSError as e:
-                raise ConfigError(f"cannot read tier config {path}: {e}") from e
+                raise TierConfigError(f"cannot read tier config {path}: {e}") from e
             try:
                 loaded = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from e
+                raise TierConfigError(f"{path}: invalid YAML: {e}") from e
             if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
+                raise TierConfigError(f"{path}: the top level must be a mapping")
             data = loaded.get("tier", loaded) if isinstance(loaded.get("tier"), dict) else loaded
         for dotted, value in _env_values(os.environ if env is None else env).items():
             _set(data, dotted, value)
@@ -212,7 +216,7 @@ class TierConfig(_Strict):
             msgs = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'tier'}: {err['msg']}" for err in e.errors()
             )
-            raise ConfigError(f"invalid tier config: {msgs}") from e
+            raise TierConfigError(f"invalid tier config: {msgs}") from e
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, env: dict[str, str] | None = None) -> TierConfig:
@@ -239,7 +243,7 @@ def _env_values(env: dict[str, str]) -> dict[str, str]:
         if not var.startswith(ENV_PREFIX):
             continue
         if var not in known:
-            raise ConfigError(f"unknown variable {var}; known: {', '.join(sorted(known))}")
+            raise TierConfigError(f"unknown variable {var}; known: {', '.join(sorted(known))}")
         out[known[var]] = value
     return out
 

@@ -5,8 +5,8 @@ Unix socket, :mod:`pdmesh.frames` frames, one request at a time per connection. 
 ``{"id": same, "ok": false, "error": kind, "message": str}``. The first request must be ``hello`` with the cluster
 token; a connection whose first request fails is closed. Keys are 16-byte msgpack bin. The ops (:data:`OPS`):
 
-- ``hello {token, proto?, fingerprint?: dict}`` -> ``{proto, segment, pool_bytes, slot_bytes, num_slots,
-  chunk_tokens}``
+- ``hello {token, proto?, fingerprint?: dict, chunk_tokens?: int}`` -> ``{proto, segment, pool_bytes, slot_bytes,
+  num_slots, chunk_tokens}`` (the first fingerprint and chunk size a connector tells are the engine's)
 - ``lookup {keys, remote?: bool}`` -> ``{n, tiers}``: the longest prefix held by any tier and, per key, where
   (``memory``/``disk``/``remote``). No data moves.
 - ``load {keys}`` -> ``{n, locs: [[offset, length], ...]}``: brings the longest available prefix into the pool
@@ -153,6 +153,14 @@ def _hello(tier: Tier, conn: Conn, msg: dict) -> dict:
         conn.fp = mf.digest()
         if tier.fingerprint is None:
             tier.fingerprint = mf
+    chunk = msg.get("chunk_tokens")
+    if (
+        isinstance(chunk, int)
+        and not isinstance(chunk, bool)
+        and chunk > 0
+        and tier.engine_chunk_tokens is None
+    ):
+        tier.engine_chunk_tokens = chunk  # the engine's chunk size: /lookup by token ids chunks alike
     pool = tier.pool
     return {
         "proto": CONTROL_PROTO,

@@ -3,7 +3,9 @@
 Families (label ``tier`` in ``memory``, ``disk``, ``remote``): ``pdmesh_tier_hits_total``,
 ``pdmesh_tier_misses_total``, ``pdmesh_tier_evictions_total``, ``pdmesh_tier_bytes_read_total``,
 ``pdmesh_tier_bytes_written_total``, ``pdmesh_tier_used_bytes``, ``pdmesh_tier_capacity_bytes``; plus
-``pdmesh_tier_corrupt_total{tier}``, ``pdmesh_tier_remote_errors_total``, ``pdmesh_tier_remote_up`` and
+``pdmesh_tier_corrupt_total{tier}``, ``pdmesh_tier_remote_errors_total``,
+``pdmesh_tier_remote_mac_failures_total`` (remote chunks whose record tag did not verify: planted, altered or
+written under another cluster token; read as misses), ``pdmesh_tier_remote_up`` and
 ``pdmesh_tier_pool_{pinned,in_use,in_flight}_chunks``; with PD transfer enabled ``pdmesh_tier_push{,_failures,
 _chunks,_bytes,_seconds}_total``, ``pdmesh_tier_push_by_backend_total{backend}``,
 ``pdmesh_tier_received_{commits,aborts}_total`` and ``pdmesh_tier_receive_leases``.

@@ -7,8 +7,11 @@ reads/writes chunk bytes at the ``(offset, length)`` the tier server hands out. 
 
 Chunk life: ``alloc`` -> ALLOCATED -> ``mark_written`` -> WRITTEN -> ``commit`` -> READY (visible to ``lookup``).
 ``abort`` drops a chunk that is not ready. An allocation may carry a lease (made for a remote writer): if it is
-neither committed nor aborted, ``reclaim_expired`` frees it once ``deadline + grace`` has passed, never before, so a
-late write cannot land in a reused slot.
+neither committed nor aborted, ``reclaim_expired`` frees it once ``deadline + grace`` has passed, never before. A
+lease alone cannot stop a writer that stalls past it and writes straight into the segment (another process's
+mapping, shm/NIXL): the transfer receiver gives the pool the latest time it could free a region and frees it
+earlier only once the writer showed it stopped (:mod:`pdmesh.transfer.leases`); the connector allocates without
+a lease (its slots are aborted when its control connection ends).
 
 Eviction: when ``alloc`` finds no free slot it evicts the least recently used READY chunk that is neither pinned
 (``pin``/``unpin``, held across time by a request) nor in use (``acquire``/``release``, held while bytes are read).

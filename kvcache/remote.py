@@ -6,6 +6,11 @@ timeout (``connect_timeout_s``, ``timeout_s``). :class:`GuardedRemote` wraps a t
 :class:`pdmesh.breaker.CircuitBreaker`: after ``failures`` consecutive errors it stops calling the remote for the
 cooldown, so a dead remote makes lookups miss at once instead of paying a timeout each time; errors never
 propagate from a guarded tier (reads miss, writes are dropped, both counted).
+
+Integrity: both tiers store each chunk with a record tag (:class:`pdmesh.kvcache.record.RecordMac`) keyed from the
+cluster ``token`` given to :func:`open_remote`, and verify it on every read. A chunk that another writer planted
+or altered without the token, or that was written under another token, is a miss counted in the tier's
+``mac_failures`` (malformed values in ``corrupt``); the remote server itself is never trusted with integrity.
 """
 
 from __future__ import annotations
@@ -124,6 +129,16 @@ class GuardedRemote:
         return self._run(self.tier.clear, 0, self.write_breaker)
 
     @property
+    def corrupt(self) -> int:
+        """Malformed chunks the remote returned (read as misses)."""
+        return int(getattr(self.tier, "corrupt", 0))
+
+    @property
+    def mac_failures(self) -> int:
+        """Chunks whose record tag did not verify (read as misses): planted, altered or foreign records."""
+        return int(getattr(self.tier, "mac_failures", 0))
+
+    @property
     def available(self) -> bool:
         """Reads are served (writes may be refused: see ``writable``)."""
         return not self.breaker.is_open
@@ -144,10 +159,12 @@ def open_remote(
     connect_timeout_s: float = 0.5,
     ttl_s: int | None = None,
 ) -> RemoteTier:
-    """``redis://host:port/db`` (also ``rediss://``, ``unix://``) or ``pdmesh://host:port``. ValueError otherwise."""
+    """``redis://[[user]:password@]host:port/db`` (also ``rediss://`` for TLS, ``unix://``) or
+    ``pdmesh://host:port``; ValueError otherwise. ``token`` is the cluster token: it keys the record tags of both
+    tiers and authenticates to the cache server (Redis authenticates with the URL's credentials)."""
     u = urlparse(url)
     if u.scheme in ("redis", "rediss", "unix"):
-        return RedisTier(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ttl_s=ttl_s)
+        return RedisTier(url, token, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, ttl_s=ttl_s)
     if u.scheme == "pdmesh":
         if not u.hostname or not u.port:
             raise ValueError(f"remote URL {url!r}: pdmesh:// needs host:port")

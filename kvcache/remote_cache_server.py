@@ -1,8 +1,12 @@
 """Client of the pdmesh cache server (``pdmesh://host:port``), a :class:`pdmesh.kvcache.remote.RemoteTier`.
 
 All calls block (network I/O): call them from a thread, never an event loop. Every socket operation is bounded
-(``connect_timeout_s``, ``timeout_s``). The server sends each payload's checksum; the client verifies it, and a bad
-chunk is a miss (counted in ``corrupt``).
+(``connect_timeout_s``, ``timeout_s``). Each put carries the chunk's record tag
+(:class:`pdmesh.kvcache.record.RecordMac`, keyed from the cluster token) and the server hands it back with the
+chunk; the client verifies it on every get, so neither the server nor another writer can plant or alter a chunk
+this client accepts. A chunk that fails is a miss, never an exception, and is deleted from the server (so it
+cannot block the genuine put): counted in ``corrupt`` when its checksum also fails (damage), else in
+``mac_failures`` (planted, altered, or written under another token).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from collections.abc import Sequence
 from pdmesh.frames import FrameError, recv_exact_into, recv_frame, send_frame, tune_tcp
 from pdmesh.kvcache.cache_server import PROTO_VERSION
 from pdmesh.kvcache.errors import RemoteError, RemoteUnavailable
-from pdmesh.kvcache.record import NO_FINGERPRINT, checksum
+from pdmesh.kvcache.record import NO_FINGERPRINT, RecordMac, checksum
+
+_REJECTED = object()  # get_into's op: the server sent a chunk that failed verification
 
 
 class CacheServerClient:
     """Client of :mod:`pdmesh.kvcache.cache_server`. Thread-safe: a small pool of connections, one per concurrent call.
-    Any socket error or timeout closes that connection and raises :class:`RemoteUnavailable`."""
+    Any socket error or timeout closes that connection and raises :class:`RemoteUnavailable`. ``token`` is the
+    cluster token: sent in the hello and the key of the record tags (unkeyed digests when empty)."""
 
     name = "cache_server"
 
@@ -39,7 +46,9 @@ class CacheServerClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._idle: queue.LifoQueue[socket.socket] = queue.LifoQueue(max_idle)
-        self.corrupt = 0
+        self.mac = RecordMac(token)
+        self.corrupt = 0  # chunks whose checksum and tag both failed (damaged)
+        self.mac_failures = 0  # chunks whose tag failed (planted, altered, another token)
 
     def _connect(self) -> socket.socket:
         try:
@@ -107,12 +116,14 @@ class CacheServerClient:
 
     def put(self, key: bytes, data, fingerprint: bytes | None = None) -> bool:
         view = memoryview(data).cast("B")
+        fp = fingerprint or NO_FINGERPRINT
         msg = {
             "op": "put",
             "key": key,
-            "fp": fingerprint or NO_FINGERPRINT,
+            "fp": fp,
             "n": len(view),
             "csum": checksum(view),
+            "mac": self.mac.tag(key, fp, view),
         }
 
         def op(s: socket.socket) -> bool:
@@ -122,23 +133,39 @@ class CacheServerClient:
         return self._call(op)
 
     def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
+        """Read ``key`` into ``out``; its length, or None for a miss. A chunk whose tag does not verify is a miss
+        (``out`` may then hold its bytes), counted and deleted from the server. With ``fingerprint`` given, a
+        genuine chunk of another fingerprint is a plain miss. ValueError when ``out`` is too small."""
         dst = memoryview(out).cast("B")
 
-        def op(s: socket.socket) -> int | None:
+        def op(s: socket.socket):
             send_frame(s, {"op": "get", "key": key, "fp": fingerprint})
             reply = self._ok(recv_frame(s))
             if not reply.get("hit"):
                 return None
-            n = reply["n"]
+            n = reply.get("n")
+            if not isinstance(n, int) or n < 0:
+                raise FrameError(f"cache server sent a chunk length of {n!r}")  # closes the connection
             if n > len(dst):
                 raise ValueError(f"chunk is {n} bytes, buffer only {len(dst)}")  # closes the connection
             recv_exact_into(s, dst[:n])
-            if checksum(dst[:n]) != reply.get("csum"):
-                self.corrupt += 1
-                return None
+            fp = reply.get("fp")
+            if not self.mac.verify(reply.get("mac"), key, fp, dst[:n]):
+                if checksum(dst[:n]) != reply.get("csum"):
+                    self.corrupt += 1
+                else:
+                    self.mac_failures += 1
+                return _REJECTED
+            if fingerprint is not None and fp != fingerprint:
+                return None  # a genuine chunk of another model (the server filters these already)
             return n
 
-        return self._call(op)
+        n = self._call(op)
+        if n is _REJECTED:
+            with contextlib.suppress(RemoteError):
+                self.delete([key])
+            return None
+        return n
 
     def get(self, key: bytes, fingerprint: bytes | None = None, max_bytes: int = 1 << 28) -> bytes | None:
         buf = bytearray(max_bytes)

@@ -2,8 +2,16 @@
 :class:`pdmesh.kvcache.remote.RemoteTier`.
 
 All calls block (network I/O): call them from a thread, never an event loop; every call is bounded by the
-pool's socket timeouts. Each value is a :mod:`pdmesh.kvcache.record` (header + payload), verified on every read;
-a corrupt value is deleted and read as a miss (counted in ``corrupt``).
+pool's socket timeouts. Each value is a version-2 :mod:`pdmesh.kvcache.record` (header with a tag keyed from the
+cluster token, then the payload), verified on every read. A value that fails is read as a miss, never an
+exception, and deleted (so a planted value cannot block the ``SET NX`` of the genuine one): a malformed value is
+counted in ``corrupt``, one whose tag does not verify (planted or altered by a writer without the token, written
+under another token, damaged, or an older record version) in ``mac_failures``. Clusters with different tokens
+must not share a database and prefix: each would delete the other's records.
+
+The URL is redis-py's: ``redis://[[user]:password@]host:port/db`` (AUTH with a password or an ACL user),
+``rediss://...`` (TLS; redis-py's ``ssl_*`` query parameters, e.g. ``ssl_ca_certs``) and
+``unix:///path?db=0``.
 """
 
 from __future__ import annotations
@@ -12,23 +20,19 @@ import contextlib
 from collections.abc import Sequence
 
 from pdmesh.kvcache.errors import RemoteUnavailable
-from pdmesh.kvcache.record import (
-    HEADER_BYTES,
-    NO_FINGERPRINT,
-    CorruptRecord,
-    FingerprintMismatch,
-    RecordHeader,
-)
+from pdmesh.kvcache.record import CorruptRecord, FingerprintMismatch, RecordMac, UnauthenticRecord
 
 
 class RedisTier:
-    """Chunks in Redis under ``<prefix><key hex>``; the value is a verified record (header + payload)."""
+    """Chunks in Redis under ``<prefix><key hex>``; the value is a record (header + payload) tagged with
+    ``token``'s record MAC (unkeyed digest when ``token`` is empty) and verified on every read."""
 
     name = "redis"
 
     def __init__(
         self,
         url: str,
+        token: str = "",
         *,
         timeout_s: float = 2.0,
         connect_timeout_s: float = 0.5,
@@ -49,7 +53,9 @@ class RedisTier:
         self._r = redis.Redis(connection_pool=self._pool)
         self.prefix = prefix.encode()
         self.ttl_s = ttl_s
-        self.corrupt = 0
+        self.mac = RecordMac(token)
+        self.corrupt = 0  # malformed values read (and deleted)
+        self.mac_failures = 0  # values whose tag did not verify (and deleted)
 
     def _k(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -62,26 +68,26 @@ class RedisTier:
 
     def put(self, key: bytes, data, fingerprint: bytes | None = None) -> bool:
         view = memoryview(data).cast("B")
-        value = RecordHeader.for_payload(key, view, fingerprint or NO_FINGERPRINT).pack() + view
+        value = self.mac.seal(key, view, fingerprint) + view
         return bool(self._guard(lambda: self._r.set(self._k(key), value, ex=self.ttl_s, nx=True)))
 
     def _fetch(self, key: bytes, fingerprint: bytes | None) -> memoryview | None:
-        """The verified payload of ``key`` (a view into the reply), or None. Corrupt values are deleted."""
+        """The verified payload of ``key`` (a view into the reply), or None. Values that fail verification are
+        counted and deleted; a genuine record of another fingerprint is a plain miss."""
         raw = self._guard(lambda: self._r.get(self._k(key)))
         if raw is None:
             return None
         try:
-            hdr = RecordHeader.unpack(raw, key=key, fingerprint=fingerprint)
-            payload = memoryview(raw)[HEADER_BYTES:]
-            hdr.verify_payload(payload)
+            return self.mac.open(raw, key, fingerprint)
         except FingerprintMismatch:
             return None
+        except UnauthenticRecord:
+            self.mac_failures += 1
         except CorruptRecord:
             self.corrupt += 1
-            with contextlib.suppress(*self._redis_errors):
-                self._r.delete(self._k(key))
-            return None
-        return payload
+        with contextlib.suppress(*self._redis_errors):
+            self._r.delete(self._k(key))
+        return None
 
     def get_into(self, key: bytes, out, fingerprint: bytes | None = None) -> int | None:
         payload = self._fetch(key, fingerprint)

@@ -69,6 +69,9 @@ class Tier:
         self.fingerprint: ModelFingerprint | None = (
             ModelFingerprint.from_dict(config.fingerprint) if config.fingerprint else None
         )
+        # the chunk size of the engine this tier serves (told at its connector's hello); /lookup by token ids
+        # uses it, so the router's lookups chunk as the engine keys (the tier's own config may differ)
+        self.engine_chunk_tokens: int | None = None
         self.counters: dict[str, Counter] = {t: Counter() for t in ("memory", "disk", "remote")}
         self.registry = make_registry(self._metrics_snapshot)
         self._tasks: list[asyncio.Task] = []
@@ -76,12 +79,24 @@ class Tier:
         self._spill_event = asyncio.Event()
         self._writeback_dropped = 0
 
+    def engine_id(self) -> str:
+        """The digest (hex) of the engine fingerprint this tier's chunks belong to; ``""`` until the engine's
+        connector says hello (or the config names it)."""
+        return self.fingerprint.digest().hex() if self.fingerprint is not None else ""
+
     async def start_core(self) -> None:
         """Start the transfer endpoint (if configured) and the background tasks."""
         if self.config.transfer.enabled:
             t = self.config.transfer
             self.transfer = TransferNode(
-                self.pool, t.fingerprint, self.token, t.host, t.port, t.advertise_host, t.backends
+                self.pool,
+                t.fingerprint,
+                self.token,
+                t.host,
+                t.port,
+                t.advertise_host,
+                t.backends,
+                self.engine_id,
             )
             await asyncio.to_thread(self.transfer.start)
         self._tasks += [
@@ -185,7 +200,12 @@ class Tier:
         return len(tiers), tiers
 
     async def _fill_from(self, tier: str, key: bytes, fp: bytes | None) -> bool:
-        """Allocate a slot for ``key`` and read it from disk/remote straight into it. True when ready."""
+        """Allocate a slot for ``key`` and read it from disk/remote straight into it. True when ready.
+
+        Whatever happens after the slot is allocated (a miss, any error of the reader, a failpoint, the caller's
+        cancellation) the slot is committed or aborted before this returns or raises: no key stays allocated for
+        later requests to wait on. On cancellation the read thread is first waited for (bounded by the tier's own
+        timeouts), since it writes into the slot."""
         try:
             a = self.pool.alloc(key, self.pool.slot_bytes, None, {"fp": fp} if fp else None)
         except PoolFull:
@@ -194,16 +214,24 @@ class Tier:
         if a is None:  # someone else is filling it (a push, another load), or it became ready meanwhile
             return await self._wait_in_flight(key)
         view = self.pool.buffer[a.offset : a.offset + a.length]
-        failpoints.hit("kvcache.tier.load")
+        n: int | None = None
+        read: asyncio.Future | None = None
         try:
-            if tier == "disk":
-                n = await asyncio.to_thread(self.disk.get_into, key, view, fp)  # type: ignore[union-attr]
-            else:
-                n = await asyncio.to_thread(self.remote.get_into, key, view, fp)  # type: ignore[union-attr]
-        except (ValueError, OSError):
-            n = None
-        finally:
+            failpoints.hit("kvcache.tier.load")
+            reader = self.disk.get_into if tier == "disk" else self.remote.get_into  # type: ignore[union-attr]
+            read = asyncio.ensure_future(asyncio.to_thread(reader, key, view, fp))
+            n = await asyncio.shield(read)
+        except asyncio.CancelledError:
+            if read is not None:
+                await asyncio.wait({read})  # the thread writes into the slot: never free it under the writer
             view.release()
+            self.pool.abort(key)
+            raise
+        except Exception as e:  # any reader failure is a miss; the slot goes back
+            if not isinstance(e, (ValueError, OSError)):
+                log.warning("%s tier fill of %s failed: %r", tier, key.hex()[:16], e)
+            n = None
+        view.release()
         if n is None:
             self.pool.abort(key)
             self.counters[tier]["misses"] += 1
@@ -283,6 +311,8 @@ class Tier:
                 "up": self.remote.available,
                 "writable": self.remote.writable,
                 **asdict(self.remote.stats),
+                "corrupt": self.remote.corrupt,
+                "mac_failures": self.remote.mac_failures,
             }
         out["writeback_queue"] = self._writeback.qsize()
         out["writeback_dropped"] = self._writeback_dropped
@@ -336,9 +366,10 @@ class Tier:
                 "misses": rs.misses,
                 "bytes_read": rs.bytes_read,
                 "bytes_written": rs.bytes_written,
-                "corrupt": getattr(self.remote.tier, "corrupt", 0),
+                "corrupt": self.remote.corrupt,
             }
             extra["remote_errors_total"] = rs.errors
+            extra["remote_mac_failures_total"] = self.remote.mac_failures
             extra["remote_up"] = 1 if self.remote.available else 0
         if self.transfer is not None:
             ts, rx = self.transfer.stats, self.transfer.receiver.stats()

@@ -11,10 +11,16 @@
 ``/stats``, ``/lookup`` and ``/clear`` need the cluster token in ``X-PDMesh-Token``. The token is checked before
 the body is read, and a body is read only up to :data:`MAX_BODY_BYTES` (413 past it), so an unauthenticated
 client costs a header parse and nothing more.
+
+The tier's event loop also serves the connector's control socket, so a request's CPU work never runs on it:
+``/lookup`` parses a large body and derives the keys of its token ids (up to ~1M ids: a second of hashing at
+``chunk_tokens=1``) in a worker thread, at most :data:`LOOKUP_THREADS` at once, and refuses (422) a lookup of
+more than :data:`MAX_LOOKUP_KEYS` keys before hashing anything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as JSON token ids is ~1 MB
 MAX_LOOKUP_KEYS = 1 << 20  # keys one /lookup may ask about (chunks x shards): bounds its work
+LOOKUP_THREADS = 2  # /lookup key derivations running at once (worker threads); more wait their turn
+PARSE_INLINE_BYTES = 64 << 10  # a larger JSON body is parsed in a worker thread
 
 
 class _HTTPError(Exception):
@@ -57,12 +65,52 @@ async def _authed_body(tier: Tier, request: Request) -> dict[str, Any]:
     if not buf:
         return {}
     try:
-        body = json.loads(buf)
+        body = json.loads(buf) if len(buf) <= PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, buf)
     except (ValueError, RecursionError) as e:
         raise _HTTPError(400, f"body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise _HTTPError(400, "body must be a JSON object")
     return body
+
+
+def _lookup_keys(tier: Tier, body: dict[str, Any]) -> tuple[list[bytes], list[bytes], int, int]:
+    """The chunk keys a ``/lookup`` body asks about, the keys to look up (every shard's part of each), the number
+    of shards and the chunk size in tokens. CPU-bound (hashes the token ids): called in a worker thread. Raises
+    :class:`_HTTPError` (422) for a bad body or more than :data:`MAX_LOOKUP_KEYS` keys, checked before hashing."""
+    try:
+        chunk_tokens = int(body.get("chunk_tokens") or tier.config.chunk_tokens)
+        if chunk_tokens <= 0:
+            raise ValueError("chunk_tokens must be positive")
+        shards = 1
+        if "keys" in body:
+            _bound(len(body["keys"]), shards)
+            keys = [key_from_hex(k) for k in body["keys"]]
+        elif "token_ids" in body:
+            fp = body.get("fingerprint")
+            if fp is not None:
+                model = ModelFingerprint.from_dict(fp)
+            elif tier.fingerprint is not None:
+                model = tier.fingerprint
+            else:
+                raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
+            shards = model.shards
+            salt = body.get("salt", "")
+            if not isinstance(salt, str):
+                raise ValueError("salt must be a string")
+            token_ids = body["token_ids"]
+            _bound(len(token_ids) // chunk_tokens, shards)
+            keys = chain_keys(model.digest(), token_ids, chunk_tokens, InputIdentity(salt=salt))
+        else:
+            raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
+        # a sharded engine's chunk is there when every shard's part is (pdmesh.kvcache.keys.every_shard_keys)
+        return keys, every_shard_keys(keys, shards), shards, chunk_tokens
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        raise _HTTPError(422, str(e)) from e
+
+
+def _bound(chunks: int, shards: int) -> None:
+    if chunks * shards > MAX_LOOKUP_KEYS:
+        raise ValueError(f"{chunks} chunks x {shards} shards: more than {MAX_LOOKUP_KEYS} keys")
 
 
 def make_app(tier: Tier) -> FastAPI:
@@ -89,37 +137,13 @@ def make_app(tier: Tier) -> FastAPI:
         _require_token(tier, request)
         return tier.stats()
 
+    hashing = asyncio.Semaphore(LOOKUP_THREADS)
+
     @app.post("/lookup")
     async def lookup(request: Request) -> dict:
         body = await _authed_body(tier, request)
-        try:
-            chunk_tokens = int(body.get("chunk_tokens") or tier.config.chunk_tokens)
-            if chunk_tokens <= 0:
-                raise ValueError("chunk_tokens must be positive")
-            shards = 1
-            if "keys" in body:
-                keys = [key_from_hex(k) for k in body["keys"]]
-            elif "token_ids" in body:
-                fp = body.get("fingerprint")
-                if fp is not None:
-                    model = ModelFingerprint.from_dict(fp)
-                elif tier.fingerprint is not None:
-                    model = tier.fingerprint
-                else:
-                    raise _HTTPError(422, "no fingerprint: pass one or configure the tier's fingerprint")
-                shards = model.shards
-                salt = body.get("salt", "")
-                if not isinstance(salt, str):
-                    raise ValueError("salt must be a string")
-                keys = chain_keys(model.digest(), body["token_ids"], chunk_tokens, InputIdentity(salt=salt))
-            else:
-                raise _HTTPError(422, "body needs 'keys' (hex) or 'token_ids'")
-            if len(keys) * shards > MAX_LOOKUP_KEYS:
-                raise ValueError(f"{len(keys)} chunks x {shards} shards: more than {MAX_LOOKUP_KEYS} keys")
-            # a sharded engine's chunk is there when every shard's part is (pdmesh.kvcache.keys.every_shard_keys)
-            parts = every_shard_keys(keys, shards)
-        except (ValueError, TypeError, AttributeError, OverflowError) as e:
-            raise _HTTPError(422, str(e)) from e
+        async with hashing:
+            keys, parts, shards, chunk_tokens = await asyncio.to_thread(_lookup_keys, tier, body)
         n, tiers = await tier.lookup(parts, bool(body.get("remote", True)))
         n //= shards
         return {

@@ -1,12 +1,14 @@
 """The tier server's end of PD transfer: a receiver other nodes push into, and a sender for our own pushes.
 
 - The receiver writes straight into this node's pool through :class:`LeaseRegionProvider`:
-  pushed chunks are leased regions until COMMIT makes them ready (a late write can never land in reused memory).
+  pushed chunks are leased regions until COMMIT makes them ready, reused only as :mod:`pdmesh.transfer.leases`
+  allows (after grace; for shm/NIXL writes once the sender showed it stopped, or after ``one_sided_hold_s``).
 - :meth:`TransferNode.push` pins the chunks it sends for the whole push (they cannot be evicted or reused while
   the peer reads or is written from them), and unpins them afterwards whatever happens. Blocking: the tier
   server calls it from a worker thread (``asyncio.to_thread``), so its event loop never waits on the network.
-- Backends are tried in order (same host: shared memory; else NIXL/UCX; else TCP); the first that connects
-  wins. The handshake refuses a peer whose compatibility fingerprint differs.
+- Backends are built by name through :mod:`pdmesh.transfer.registry` and tried in order (same host: shared
+  memory; else NIXL/UCX; else TCP); the first that connects wins. The handshake refuses a peer whose compatibility
+  fingerprint differs.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdmesh.kvcache.pool import ChunkPool, PoolFull
+from pdmesh.transfer import registry
 from pdmesh.transfer.backend import TransferBackend
 from pdmesh.transfer.errors import PoolExhausted, TransferError
+from pdmesh.transfer.protocol import no_engine
 from pdmesh.transfer.receiver import Receiver, ReceiverConfig
+from pdmesh.transfer.registry import BackendOptions
 from pdmesh.transfer.sender import Chunk, PushResult, Sender, SenderConfig
 
 log = logging.getLogger("pdmesh.tier.transfer")
@@ -36,23 +41,11 @@ def parse_address(peer: str) -> tuple[str, int]:
 def _factories(
     fingerprint: str, token: str, host: str, advertise_host: str, names: Sequence[str]
 ) -> dict[str, Callable[[], TransferBackend]]:
-    out: dict[str, Callable[[], TransferBackend]] = {}
-    for name in names:
-        if name == "shm":
-            from pdmesh.transfer.shm_backend import ShmBackend
-
-            out[name] = lambda: ShmBackend(fingerprint)
-        elif name == "tcp":
-            from pdmesh.transfer.tcp_backend import TcpBackend
-
-            out[name] = lambda: TcpBackend(fingerprint, token, host, advertise_host)
-        elif name == "nixl":
-            from pdmesh.transfer.nixl_backend import NixlBackend
-
-            out[name] = lambda: NixlBackend(fingerprint)
-        else:
-            raise ValueError(f"unknown transfer backend {name!r}")
-    return out
+    """This node's factory for each backend in ``names``, in order, from the transfer registry
+    (:mod:`pdmesh.transfer.registry`); :class:`~pdmesh.transfer.registry.UnknownBackend` (a ValueError) for a
+    name it lacks."""
+    options = BackendOptions(fingerprint, token=token, host=host, advertise_host=advertise_host)
+    return registry.factories(names, options)
 
 
 def _start_backends(factories: dict[str, Callable[[], TransferBackend]]) -> list[TransferBackend]:
@@ -73,8 +66,9 @@ def _start_backends(factories: dict[str, Callable[[], TransferBackend]]) -> list
 
 class LeaseRegionProvider:
     """Adapter: a :class:`ChunkPool` as the transfer receiver's ``RegionProvider`` (``pdmesh.transfer.provider``).
-    ``alloc`` takes the receiver's absolute lease deadline (grace included) and raises the transfer layer's
-    ``PoolExhausted`` when the pool is full."""
+    ``alloc`` takes the receiver's absolute lease deadline (the latest time the receiver would free the region,
+    grace included: the pool's own reclaim is a backstop) and raises the transfer layer's ``PoolExhausted`` when
+    the pool is full."""
 
     def __init__(self, pool: ChunkPool) -> None:
         self.pool = pool
@@ -119,7 +113,10 @@ class TransferNode:
         port: int = 0,
         advertise_host: str | None = None,
         backends: Sequence[str] = ("shm", "tcp"),
+        engine: Callable[[], str] = no_engine,
     ) -> None:
+        """``engine``: the digest of the model fingerprint of the chunks this node holds, read at each handshake
+        (peers of another engine are refused both ways); ``""`` while the tier has not learned it."""
         self.pool = pool
         self.advertise_host = advertise_host or host
         factories = _factories(fingerprint, token, host, self.advertise_host, backends)
@@ -127,12 +124,12 @@ class TransferNode:
         self.backends = [b.name for b in offered]  # what this node's receiver offers, in preference order
         self.receiver = Receiver(
             LeaseRegionProvider(pool),
-            ReceiverConfig(fingerprint=fingerprint, host=host, port=port, token=token),
+            ReceiverConfig(fingerprint=fingerprint, engine=engine, host=host, port=port, token=token),
             offered,
         )
         self.sender = Sender(
             pool.buffer,
-            SenderConfig(fingerprint=fingerprint, token=token, backends=tuple(backends)),
+            SenderConfig(fingerprint=fingerprint, engine=engine, token=token, backends=tuple(backends)),
             factories,
             segment_name=pool.segment_name,
         )

@@ -9,11 +9,14 @@ the foundation modules below (tests/test_layout.py checks it).
 
 This folder holds the command and what every layer shares:
 
-- ``cli`` (the ``pdmesh`` command), ``cluster`` (``pdmesh up``: a local cluster), ``modelgen`` (the built-in tiny
-  model), ``worker/`` (the shared launch of a worker node).
+- ``cli`` (the ``pdmesh`` command), ``status`` (``pdmesh status``), ``planner`` + ``plan_sim`` + ``plan_live`` +
+  ``plan_command`` (``pdmesh plan``: pool sizes for a load, checked by a simulation, fed by live metrics),
+  ``placement`` (which core each engine of ``pdmesh up`` is pinned to), ``cluster`` (``pdmesh up``: a local cluster), ``modelgen`` (the built-in tiny
+  model), ``lora_adapter`` (a PEFT LoRA adapter written for a local model), ``worker/`` (the shared launch of a worker node).
 - Foundation, imported by every layer and importing none: ``security`` (the cluster token), ``procs`` (owned
   subprocesses), ``frames`` (the length-prefixed msgpack codec of every binary protocol), ``breaker`` (the one
-  circuit breaker), ``http_guard`` (header timeout and connection cap of every HTTP listener).
+  circuit breaker), ``failpoints`` (named places where the fault tests make a process die or stall), ``http_guard`` (header timeout and connection cap of every HTTP listener), ``restart_policy``
+  (the one restart policy of every supervisor: backoff, crash-loop rule, a dead child's last log lines).
 """
 
 import importlib.abc

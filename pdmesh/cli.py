@@ -25,7 +25,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    from pdmesh.router.config import ConfigError, load_router_config
+    from pdmesh.router.config import RouterConfigError, load_router_config
     from pdmesh.router.main import run_router
 
     try:
@@ -33,7 +33,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
             args.config, host=args.host, port=args.port, pd_mode=args.pd_mode, processes=args.processes
         )
         run_router(cfg)
-    except ConfigError as e:
+    except RouterConfigError as e:
         print(f"pdmesh router: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,9 @@
 :class:`LocalCluster` owns every process it starts; :meth:`LocalCluster.stop` (idempotent, also run by the
 context manager) stops them all, workers first so they deregister. Children also die with this process
 (PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of the owner. :meth:`LocalCluster.supervise` restarts
-a child that exited, with its command, port and log, and gives up (RuntimeError) on a crash loop.
+a child that exited, with its command, port and log, under :data:`CLUSTER_RESTART_POLICY` (backoff while it keeps
+failing right after its start), and gives up (:class:`~pdmesh.restart_policy.CrashLoop`, a RuntimeError) on a
+crash loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from pdmesh.procs import ManagedProcess, free_port
+from pdmesh.restart_policy import RestartPolicy, RestartTracker, log_tail
 from pdmesh.worker.shm_leftovers import remove_orphans, segments_of
 
 log = logging.getLogger("pdmesh.cluster")
@@ -45,6 +48,19 @@ class ClusterSpec:
 
 MAX_RESTARTS = 5  # exits of one child within RESTART_WINDOW_S before `pdmesh up` gives up
 RESTART_WINDOW_S = 60.0
+# A child that exits is restarted at once the first time; while it keeps exiting within a minute of its start
+# the restarts wait 1, 2, 4 ... 30 s. More than MAX_RESTARTS exits of one child within RESTART_WINDOW_S is a
+# crash loop: `pdmesh up` stops, quoting the child's last log lines.
+CLUSTER_RESTART_POLICY = RestartPolicy(
+    first_delay_s=1.0,
+    max_delay_s=30.0,
+    factor=2.0,
+    at_once=1,
+    max_exits=MAX_RESTARTS,
+    window_s=RESTART_WINDOW_S,
+    quick_s=RESTART_WINDOW_S,
+)
+_LOG_LINES = 30  # of a dead child's log, quoted
 
 
 class LocalCluster:
@@ -60,7 +76,8 @@ class LocalCluster:
         self.url = f"http://{spec.host}:{spec.port}"
         self._n_started = 0
         self._spawned: dict[str, tuple[list[str], Path, dict[str, str] | None]] = {}  # name -> how to restart
-        self._exits: dict[str, list[float]] = {}  # name -> recent exit times (crash-loop detection)
+        self._restarts: dict[str, RestartTracker] = {}  # name -> its restart state (CLUSTER_RESTART_POLICY)
+        self._dead: set[str] = set()  # children seen dead, waiting for their restart to be due
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -234,33 +251,34 @@ class LocalCluster:
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last} (logs in {self.log_dir})")
 
     def supervise(self) -> list[str]:
-        """Restart every child that exited, with the same command, port and log (``pdmesh up`` calls this every
-        second). Returns the names restarted. Raises RuntimeError, naming the child and its last log lines, when
-        one exits more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop, not a crash).
-        Call it from the thread that owns the cluster (``pdmesh up``: the main thread): a child's death signal
-        follows the thread that spawned it."""
+        """Restart every child that exited, with the same command, port and log, once its restart is due under
+        :data:`CLUSTER_RESTART_POLICY` (``pdmesh up`` calls this every second; a child waiting out its backoff
+        stays dead meanwhile). Returns the names restarted. A child's exit is logged with its last log lines when
+        first seen (and what was left of its process group is stopped then). Raises
+        :class:`~pdmesh.restart_policy.CrashLoop` (a RuntimeError), naming the child and quoting its last log
+        lines, when one exits more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (a crash loop, not
+        a crash). Call it from the thread that owns the cluster (``pdmesh up``: the main thread): a child's
+        death signal follows the thread that spawned it."""
         restarted = []
-        now = time.monotonic()
         for name, proc in self._children():
             if proc.alive():
                 continue
-            code = proc.poll()
-            history = [t for t in self._exits.get(name, []) if now - t < RESTART_WINDOW_S] + [now]
-            self._exits[name] = history
-            tail = _tail(self._spawned[name][1])
-            if len(history) > MAX_RESTARTS:
-                raise RuntimeError(
-                    f"{name} exited {len(history)} times within {RESTART_WINDOW_S:.0f}s (last code {code}); "
-                    f"giving up. Last log lines:\n{tail}"
+            tracker = self._restarts[name]
+            if name not in self._dead:  # first seen dead: judge the exit once
+                code = proc.poll()
+                tail = log_tail(self._spawned[name][1], _LOG_LINES)
+                delay = tracker.exited(f"last code {code}", last_log=tail)  # CrashLoop on a crash loop
+                log.warning(
+                    "%s exited with code %s; restarting it in %.0fs. Its last log lines:\n%s",
+                    name,
+                    code,
+                    delay,
+                    tail,
                 )
-            log.warning(
-                "%s exited with code %s; restarting it (%d in %.0fs)",
-                name,
-                code,
-                len(history),
-                RESTART_WINDOW_S,
-            )
-            proc.stop(10)  # reap it and whatever of its process group is left (e.g. a worker's vLLM)
+                proc.stop(10)  # reap it and whatever of its process group is left (e.g. a worker's vLLM)
+                self._dead.add(name)
+            if not tracker.due():
+                continue
             args, log_path, env = self._spawned[name]
             new = self._spawn(name, args, log_path, env)
             if name == "router":
@@ -279,7 +297,7 @@ class LocalCluster:
     def _check_alive(self) -> None:
         for name, proc in self._children():
             if not proc.alive():
-                tail = _tail(self.log_dir / f"{name}.log")
+                tail = log_tail(self.log_dir / f"{name}.log", _LOG_LINES)
                 raise RuntimeError(f"{name} exited with code {proc.poll()}; last log lines:\n{tail}")
 
     def _spawn(
@@ -294,13 +312,9 @@ class LocalCluster:
             **(env or {}),
         }
         self._spawned[name] = (args, log_path, env)
-        return ManagedProcess(
+        proc = ManagedProcess(
             name, [sys.executable, "-m", "pdmesh.cli", *args], env=full_env, log_path=str(log_path)
         )
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+        self._dead.discard(name)
+        self._restarts.setdefault(name, RestartTracker(CLUSTER_RESTART_POLICY, name=name)).started()
+        return proc

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import time
 
 TOKEN_HEADER = "X-PDMesh-Token"
 TOKEN_ENV = "PDMESH_CLUSTER_TOKEN"
@@ -66,24 +67,107 @@ def worker_api_key(token: str) -> str:
     return auth_proof(token, "vllm-api-key").hex() if token else ""
 
 
-def sign_push_target(token: str, transfer_id: str, push_to: str, deadline_ms: int) -> str:
-    """The router's grant for one push: a prefill worker pushes only to an address signed for that transfer."""
-    return auth_proof(
-        token, "push-target", transfer_id.encode(), push_to.encode(), str(deadline_ms).encode()
-    ).hex()
+# A push grant's expiry is absolute (unix ms): its deadline plus this margin for clock skew between router and
+# workers; a grant that claims to live longer than MAX_GRANT_MS from now is refused as well.
+PUSH_GRANT_SKEW_MS = 5_000
+MAX_GRANT_MS = 600_000 + 2 * PUSH_GRANT_SKEW_MS
+PUSH_KIND = "push-target"  # the signature over push_to
+PUSH_DEVICE_KIND = "push-target-device"  # the signature over push_to_device
 
 
-def push_target_signed(
-    signature: object, token: str, transfer_id: str, push_to: str, deadline_ms: object
-) -> bool:
-    if not isinstance(signature, str) or isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int):
-        return False
+def prompt_digest(token_ids) -> str:
+    """A digest (hex) of a prompt's token ids, which a push grant binds to. ValueError for an id outside uint32."""
+    import struct
+
     try:
-        proof = bytes.fromhex(signature)
-        parts = (transfer_id.encode(), push_to.encode(), str(deadline_ms).encode())
-    except ValueError:  # also UnicodeEncodeError (a lone surrogate): never raise inside vLLM's scheduler
-        return False
-    return proof_matches(proof, token, "push-target", *parts)
+        raw = struct.pack(f"<{len(token_ids)}I", *token_ids)
+    except struct.error as e:
+        raise ValueError("token id out of range") from e
+    return hashlib.blake2b(raw, digest_size=16, person=b"pdmesh-prompt").hexdigest()
+
+
+def _grant_parts(grant: dict, address: str) -> tuple[bytes, ...]:
+    return tuple(
+        str(v).encode()
+        for v in (
+            grant["transfer_id"],
+            address,
+            grant["deadline_ms"],
+            grant["expires_ms"],
+            grant["nonce"],
+            grant.get("prompt", ""),
+        )
+    )
+
+
+def push_grant(
+    token: str,
+    transfer_id: str,
+    push_to: str,
+    deadline_ms: int,
+    prompt: str | None = None,
+    push_to_device: str | None = None,
+    now_ms: int | None = None,
+) -> dict:
+    """The router's grant for one prefill leg's pushes: ``{transfer_id, push_to, deadline_ms, expires_ms, nonce,
+    prompt?, sig, push_to_device?, sig_device?}``. ``sig`` (label :data:`PUSH_KIND`) and ``sig_device`` (label
+    :data:`PUSH_DEVICE_KIND`) are HMACs keyed by the cluster token over the transfer id, the address, the deadline,
+    the absolute expiry, a fresh nonce (so every grant is used once: :class:`pdmesh.connector.params.SeenGrants`)
+    and ``prompt`` (:func:`prompt_digest` of the prompt's token ids, when the router knows them)."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    grant: dict = {
+        "transfer_id": transfer_id,
+        "push_to": push_to,
+        "deadline_ms": int(deadline_ms),
+        "expires_ms": now + int(deadline_ms) + PUSH_GRANT_SKEW_MS,
+        "nonce": secrets.token_hex(12),
+    }
+    if prompt is not None:
+        grant["prompt"] = prompt
+    grant["sig"] = auth_proof(token, PUSH_KIND, *_grant_parts(grant, push_to)).hex()
+    if push_to_device:
+        grant["push_to_device"] = push_to_device
+        grant["sig_device"] = auth_proof(token, PUSH_DEVICE_KIND, *_grant_parts(grant, push_to_device)).hex()
+    return grant
+
+
+def push_grant_refusal(
+    grant: dict, token: str, kind: str, prompt_ids=None, now_ms: int | None = None
+) -> str | None:
+    """Why a prefill worker must not honour ``grant`` for ``kind`` (``None``: it may). Checks the signature
+    (constant time), the expiry (with :data:`PUSH_GRANT_SKEW_MS` of skew either way) and, when the grant is bound
+    to a prompt, that ``prompt_ids`` are that prompt. Never raises (the grant is untrusted input)."""
+    address = grant.get("push_to" if kind == PUSH_KIND else "push_to_device")
+    sig = grant.get("sig" if kind == PUSH_KIND else "sig_device")
+    expires, deadline = grant.get("expires_ms"), grant.get("deadline_ms")
+    if not (
+        isinstance(address, str)
+        and isinstance(sig, str)
+        and isinstance(grant.get("transfer_id"), str)
+        and isinstance(grant.get("nonce"), str)
+        and isinstance(grant.get("prompt", ""), str)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in (expires, deadline))
+    ):
+        return "unsigned or malformed"
+    try:
+        proof = bytes.fromhex(sig)
+        parts = _grant_parts(grant, address)
+    except (ValueError, UnicodeError):  # also a lone surrogate: never raise inside vLLM's scheduler
+        return "unsigned or malformed"
+    if not proof_matches(proof, token, kind, *parts):
+        return "bad signature"
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if now > expires + PUSH_GRANT_SKEW_MS:
+        return "expired"
+    if expires - now > MAX_GRANT_MS:
+        return "expiry too far ahead"
+    if "prompt" in grant:
+        try:
+            if prompt_ids is None or prompt_digest(prompt_ids) != grant["prompt"]:
+                return "granted for another prompt"
+        except ValueError:
+            return "granted for another prompt"
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -16,6 +16,8 @@ Folder map, in request order:
   ``leg_target`` (keep-alive HTTP/1.1 client of the legs).
 - ``registry`` + ``registration`` (the registration schema, a leaf the worker agent imports) + ``discovery`` +
   ``health_checks`` (which workers exist and are healthy; breakers are ``pdmesh.breaker``).
+- ``deciders/`` (conditional PD: one module per decider, a name -> factory registry over the typed
+  ``conditional_pd`` config; the first yes names the decode-only reason).
 - ``policies/`` (worker choice: one module per policy, a name -> factory registry), ``prefix_index``,
   ``prompt_keys``, ``prompt_analysis``, ``tier_lookup``, ``route_context`` (what cache-aware choice reads).
 - ``metrics``, ``log_format``, ``config``.

@@ -196,6 +196,9 @@ class RouterConfig(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0)
     # Open client connections per router process; one more is closed at once.
     max_connections: int = Field(4096, ge=1)
+    # The largest request head (request line + header fields) in bytes: more is answered 431 and the connection
+    # closed, before the request exists (pdmesh/http_guard.py).
+    max_head_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # Whole-request deadline (all legs, retries and the stream); 504 before the first byte, an error event after.
     request_deadline_s: float = Field(600.0, gt=0)
     # Attempts per leg before the first byte reached the client (other workers first).
@@ -203,6 +206,9 @@ class RouterConfig(BaseModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     # A batched completion (several prompts in one request) routes at most this many prompts at a time.
     batch_parallelism: int = Field(8, ge=1, le=256)
+    # The most sequences one request may ask for: its prompts (a batched completion's, else 1) x ``n``; more is a
+    # 400 ``too_many_parts``. Each sequence is admitted as one request against ``limits``.
+    max_batch_parts: int = Field(1024, ge=1, le=131_072)
     # Public API keys (Authorization: Bearer ...). Empty: no client auth.
     api_keys: list[str] = Field(default_factory=list)
     # Token for internal endpoints (worker registration). Empty: allowed only on loopback binds.
@@ -253,7 +259,7 @@ class RouterConfig(BaseModel):
         return getattr(self.model_policies.get(model, self.policies), role)
 
 
-class ConfigError(RouterError, ValueError):
+class RouterConfigError(RouterError, ValueError):
     """A configuration file or variable is invalid; the message names the field."""
 
 
@@ -284,19 +290,19 @@ def _from_env(data: dict[str, object]) -> None:
 def load_router_config(path: str | os.PathLike[str] | None = None, **overrides: object) -> RouterConfig:
     """Merge, lowest first: defaults, YAML file, ``PDMESH_ROUTER_<FIELD>`` env vars, explicit overrides.
 
-    List fields in env vars are comma separated. Raises :class:`ConfigError` with a readable message.
+    List fields in env vars are comma separated. Raises :class:`RouterConfigError` with a readable message.
     """
     data: dict[str, object] = {}
     if path:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read router config {path}: {e}") from e
+            raise RouterConfigError(f"cannot read router config {path}: {e}") from e
         if not isinstance(loaded, dict):
-            raise ConfigError(f"router config {path} must be a mapping")
+            raise RouterConfigError(f"router config {path} must be a mapping")
         section = loaded.get("router", loaded)
         if not isinstance(section, dict):
-            raise ConfigError(f"router config {path}: 'router' must be a mapping")
+            raise RouterConfigError(f"router config {path}: 'router' must be a mapping")
         data.update(section)
     _from_env(data)
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -304,4 +310,4 @@ def load_router_config(path: str | os.PathLike[str] | None = None, **overrides: 
         return RouterConfig.model_validate(data)
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid router config:\n" + "\n".join(lines)) from None
+        raise RouterConfigError("invalid router config:\n" + "\n".join(lines)) from None

@@ -5,7 +5,8 @@ The completion routes are the router's hot path and run on this instead of Starl
 
 Contract:
 - :meth:`Exchange.read_body` enforces ``max_bytes`` (:func:`read_limited`, which the FastAPI routes use too)
-  and raises :class:`ClientGone` if the client disconnects while sending it.
+  and raises :class:`ClientGone` if the client disconnects while sending it; :func:`read_within` bounds a body
+  read in time (408), on the completion routes and the passthrough routes alike.
 - :meth:`Exchange.watched` runs a coroutine function in the current task while watching for the client's
   disconnect; a disconnect cancels it and :class:`ClientGone` is raised instead of the cancellation.
 - :meth:`Exchange.respond` / :meth:`Exchange.start_stream` + :meth:`Exchange.send_chunk` + :meth:`Exchange.end`
@@ -170,6 +171,18 @@ async def read_limited(parts: AsyncIterator[bytes], declared: str | None, max_by
                 raise _too_large(max_bytes)
             chunks.append(part)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_within(read: Awaitable[bytes], timeout_s: float) -> bytes:
+    """Await a body read (``read_limited(...)``) for at most ``timeout_s`` seconds: past it the read is cancelled
+    and :class:`OpenAIError` 408 ``body_timeout`` is raised (the client sent its body too slowly)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read
+    except TimeoutError:
+        raise OpenAIError(
+            408, f"request body not received within {timeout_s:g}s", code="body_timeout"
+        ) from None
 
 
 def _too_large(max_bytes: int) -> OpenAIError:

@@ -1,10 +1,13 @@
 """One client request end to end: admission, validation, worker choice, PD legs, relay.
 
-Order: API key (401) -> admission limits (429) -> body (413/400) -> model (404/503) -> prompt analysis (only when
-a policy or conditional disaggregation needs it) -> legs -> response. The legs run under the request deadline
-(``request_deadline_s``: 504 ``PD_DEADLINE_EXCEEDED`` before the first byte, an error event after) and under a
-disconnect watch (:meth:`router.exchange.Exchange.watched`) for the whole exchange: when the client goes away,
-the running leg or stream relay is cancelled, which closes its upstream connection (vLLM aborts the request).
+Order: API key (401) -> admission limits for one unit (429) -> body (413/408/400) -> sequences asked for
+(prompts x ``n``: 400 past ``max_batch_parts`` or the limits' capacity; the rest of them admitted, 429) -> model
+(404/503) -> prompt analysis (only when a policy or conditional disaggregation needs it) -> legs -> response.
+Every unit of the permit is held until the response (its stream included) is finished. The legs run under the
+request deadline (``request_deadline_s``: 504 ``PD_DEADLINE_EXCEEDED`` before the first byte, an error event after)
+and under a disconnect watch (:meth:`router.exchange.Exchange.watched`) for the whole exchange: when the client
+goes away, the running leg or stream relay is cancelled, which closes its upstream connection (vLLM aborts the
+request).
 The completion routes run on raw ASGI (:mod:`router.exchange`), not Starlette, because they are the hot path.
 
 Modes: push PD (pdmesh connector: prefill pushes KV to the chosen decoder's tier), stock NIXL PD (pull), and
@@ -24,13 +27,15 @@ import msgspec
 from pdmesh.router.auth import api_key_of
 from pdmesh.router.batch import StreamMerger, gather_parts, merge_responses, merged_stream
 from pdmesh.router.config import RouterConfig
+from pdmesh.router.deciders import PDQuestion
 from pdmesh.router.errors import OpenAIError, sse_error_event
-from pdmesh.router.exchange import ClientGone, Exchange
-from pdmesh.router.legs import Legs, idle_decoder, short_uncached
+from pdmesh.router.exchange import ClientGone, Exchange, read_within
+from pdmesh.router.legs import Legs
 from pdmesh.router.limits import Permit
 from pdmesh.router.openai_requests import (
     Kind,
     batched_prompts,
+    check_parts,
     parse_request,
 )
 from pdmesh.router.policies import Policy
@@ -51,7 +56,8 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
     """Serve one completion request on ``ex`` (never raises for the client's or a worker's faults).
 
     Errors before the first byte become OpenAI error bodies; after it, the stream ends with an error event.
-    The admission permit is held until the response (stream included) is finished.
+    The admission permit (one unit per sequence asked for: prompts x ``n``) is held until the response, stream
+    included, is finished.
     """
     started = time.perf_counter()
     endpoint = PATHS[kind]
@@ -63,14 +69,11 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
         key = api_key_of(ex.header(b"authorization"), st.config.api_keys)
         if st.limiter.enabled:
             permit = st.limiter.admit(key)
-        try:
-            async with asyncio.timeout(st.config.body_timeout_s):
-                raw = await ex.read_body(st.config.max_body_bytes)
-        except TimeoutError:
-            raise OpenAIError(
-                408, f"request body not received within {st.config.body_timeout_s:g}s", code="body_timeout"
-            ) from None
+        raw = await read_within(ex.read_body(st.config.max_body_bytes), st.config.body_timeout_s)
         body = parse_request(raw, kind)
+        units = check_parts(body, _max_parts(st))
+        if permit is not None:
+            permit.grow(units - 1)  # a batch (or n > 1) counts as that many requests
         model = body["model"]
         _check_model(st, model)
         ctx = RouteContext(body, model, _session_key(st.config, ex, body), marks=Marks(started))
@@ -104,6 +107,13 @@ async def serve(st: RouterState, ex: Exchange, kind: Kind) -> None:
             permit.release()
         if ctx is not None:
             _breakdown(st, ctx, endpoint, request_id, status)
+
+
+def _max_parts(st: RouterState) -> int:
+    """The most sequences one request may ask for: ``max_batch_parts``, and no more than the admission limits
+    could ever admit at once (their capacity), so that such a request is a 400 that names the bound, not a 429."""
+    capacity = st.limiter.capacity if st.limiter.enabled else None
+    return min(st.config.max_batch_parts, capacity or st.config.max_batch_parts)
 
 
 def _breakdown(st: RouterState, ctx: RouteContext, endpoint: str, request_id: str, status: str) -> None:
@@ -314,12 +324,19 @@ def _held_by_a_decoder(
 
 def _decode_only_on_the_one_decoder(st: RouterState, ctx: RouteContext, decoders: list[Worker]) -> bool:
     """One decode worker, and the whole prompt (what it must compute at most) already meets a conditional-PD rule
-    of :mod:`router.legs` (``short_uncached``, ``idle_decoder``): it goes decode-only there whatever the tiers hold,
-    so the lookups could change neither the worker nor the mode and are skipped."""
+    that only fewer uncached tokens could strengthen (the ``short_prompt`` and ``idle_decoder`` deciders): it goes
+    decode-only there whatever the tiers hold, so the lookups could change neither the worker nor the mode and
+    are skipped."""
     if len(decoders) != 1 or ctx.prompt is None:
         return False
-    n = ctx.prompt.n_tokens
-    return short_uncached(st, n) or idle_decoder(st, ctx, decoders[0], n)
+    q = PDQuestion(st, ctx, decoders[0], ctx.prompt.n_tokens)
+    return st.deciders.reason(q, only=_SIZE_RULES) is not None
+
+
+_SIZE_RULES = (
+    "short_prompt",
+    "idle_decoder",
+)  # deciders whose yes stays a yes when fewer tokens are uncached
 
 
 async def _route(st: RouterState, ctx: RouteContext, kind: Kind, request_id: str) -> LegResult:

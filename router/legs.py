@@ -1,11 +1,9 @@
 """The worker legs of one request: which workers, which legs, in which order (push PD, NIXL PD, decode-only).
 
 Push PD (:meth:`Legs.push`), the default mode:
-1. choose the decode worker D (its pool's policy); go decode-only when the request needs the prompt's logits, when
-   the part of the prompt D does not hold is shorter than ``conditional_pd.min_uncached_tokens``, when D has
-   nothing in flight and that part is at most ``idle_decoder_max_uncached_tokens``, when the prefill pool is
-   queued (``max_prefill_queue_tokens``), when D has no
-   transfer receiver, or when D serves both roles and no prefill-only worker exists (a data-parallel pool);
+1. choose the decode worker D (its pool's policy); go decode-only when a PD decider says so
+   (:mod:`pdmesh.router.deciders`: the prompt's logits are needed, a data-parallel pool, a short uncached part, an
+   idle decoder, a queued prefill pool) or when D has no transfer receiver;
 2. the prefill leg: a prefill worker computes the prompt and pushes its KV chunks to D; then the decode leg on D,
    whose connector waits (bounded by the transfer deadline) for chunks still in flight;
 3. ``pd_overlap_legs`` (off by default) sends the decode leg at the same time as the prefill leg: D's wait then
@@ -32,9 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pdmesh.router import pd_nixl, pd_push
+from pdmesh.router.deciders import PDQuestion
 from pdmesh.router.decode_report import count_transfer_fallback, usage_prompt_tokens
 from pdmesh.router.errors import OpenAIError
-from pdmesh.router.openai_requests import estimate_prompt_tokens, needs_prompt_logits
+from pdmesh.router.openai_requests import estimate_prompt_tokens
 from pdmesh.router.policies import Policy, Prefer
 from pdmesh.router.policies.cache_aware import cached_prefix_tokens
 from pdmesh.router.registry import Worker
@@ -59,23 +58,6 @@ def uncached_tokens(st: RouterState, ctx: RouteContext, target: Worker) -> int |
     return ctx.prompt.n_tokens - cached_prefix_tokens(st.index, [target], ctx)[target.id]
 
 
-def short_uncached(st: RouterState, uncached: int | None) -> bool:
-    """Conditional disaggregation: is the part of the prompt the decoder must compute below the threshold?"""
-    threshold = st.config.conditional_pd.min_uncached_tokens
-    return bool(threshold) and uncached is not None and uncached < threshold
-
-
-def idle_decoder(st: RouterState, ctx: RouteContext, target: Worker, uncached: int | None) -> bool:
-    """Conditional PD on an idle decoder: ``target`` has no request in flight and none on its way (a PD request
-    whose prefill leg runs), as this router process sees it, and the part of the prompt it must compute
-    (``uncached``; estimated from the body when the prompt was not analyzed) is at most
-    ``idle_decoder_max_uncached_tokens``."""
-    limit = st.config.conditional_pd.idle_decoder_max_uncached_tokens
-    if not limit or target.in_flight or target.pd_pending:
-        return False
-    return (estimate_prompt_tokens(ctx.body) if uncached is None else uncached) <= limit
-
-
 @contextlib.contextmanager
 def pd_pending(target: Worker) -> Iterator[None]:
     """``target`` is the decoder of a PD request whose decode leg may not be issued yet (its ``in_flight`` does
@@ -85,23 +67,6 @@ def pd_pending(target: Worker) -> Iterator[None]:
         yield
     finally:
         target.pd_pending -= 1
-
-
-def prefill_pool_queued(st: RouterState, ctx: RouteContext) -> bool:
-    """Conditional PD on load: the prefill legs in flight hold at least ``max_prefill_queue_tokens`` prompt
-    tokens per prefill worker, so a new prompt would wait behind them while its decoder could compute it now."""
-    limit = st.config.conditional_pd.max_prefill_queue_tokens
-    if not limit or not st.prefill_tokens_in_flight:
-        return False
-    prefillers = sum(1 for w in st.registry.candidates("prefill", ctx.model) if w.info.role == "prefill")
-    return st.prefill_tokens_in_flight >= limit * max(1, prefillers)
-
-
-def data_parallel(st: RouterState, ctx: RouteContext, target: Worker) -> bool:
-    """``target`` serves both roles and the model has no prefill-only worker: a plain data-parallel pool."""
-    if target.info.role != "both":
-        return False
-    return not any(w.info.role == "prefill" for w in st.registry.candidates("prefill", ctx.model))
 
 
 async def _cancel(task: asyncio.Task[LegResult]) -> None:
@@ -130,18 +95,9 @@ class Legs:
         return self.decode_policy.choose(decoders, self.ctx)
 
     def _decode_only_reason(self, target: Worker) -> str | None:
-        if needs_prompt_logits(self.ctx.body):
-            return "prompt_logprobs"
-        if data_parallel(self.st, self.ctx, target):
-            return "data_parallel"
+        """The PD deciders' answer (:mod:`pdmesh.router.deciders`): why this request skips the prefill leg."""
         uncached = uncached_tokens(self.st, self.ctx, target)
-        if short_uncached(self.st, uncached):
-            return "short_prompt"
-        if idle_decoder(self.st, self.ctx, target, uncached):
-            return "idle_decoder"
-        if prefill_pool_queued(self.st, self.ctx):
-            return "prefill_queue"
-        return None
+        return self.st.deciders.reason(PDQuestion(self.st, self.ctx, target, uncached))
 
     async def _prefill(self, body_for: Callable[[Worker], dict]) -> LegResult:
         marks = self.ctx.marks
@@ -215,6 +171,9 @@ class Legs:
         transfer_id, deadline_ms = self.request_id, st.config.pd_transfer_deadline_ms
         push_to = target.info.transfer_address
         assert push_to is not None
+        prompt = self.ctx.prompt
+        # the grant binds to the prompt's token ids when the router has the engine's own tokenization of it
+        prompt_ids = prompt.token_ids if prompt is not None and prompt.exact else None
 
         def decode_body(w: Worker) -> dict:
             return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body
@@ -228,6 +187,7 @@ class Legs:
                     deadline_ms,
                     st.config.cluster_token,
                     target.info.device_transfer_address,
+                    prompt_ids,
                 )
             )
         )

@@ -33,5 +33,5 @@ def run_router(config: RouterConfig) -> None:
         timeout_graceful_shutdown=5,
         proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
         server_header=False,
-        http=guarded_protocol(config.header_timeout_s, config.max_connections),
+        http=guarded_protocol(config.header_timeout_s, config.max_connections, config.max_head_bytes),
     )

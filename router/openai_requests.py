@@ -4,20 +4,27 @@ Only what the router must rely on is checked, strictly (``"stream": "false"`` or
 not a guess); every other field passes through to vLLM unchanged (vLLM validates the rest and its 4xx errors are
 relayed). Internal fields a client must never set (``kv_transfer_params``, also inside ``vllm_xargs``) are
 removed. A body that is not UTF-8, not JSON or nested too deep is a 400, never a 500.
+
+A completion ``prompt`` (:func:`check_prompt`) is a string, a non-empty list of token ids, a non-empty list of
+strings, or a non-empty list of non-empty token-id lists; a token id is a JSON integer (not a boolean, not a
+float) in ``[0, 2**31)``, the range of the engines' int32 token ids and of the router's own prompt keys. Anything
+else is a 400 with ``param`` ``"prompt"`` and the offending position in the message.
+
+A request asks for :func:`request_parts` sequences: its prompts (a batched completion's, else 1) times ``n``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from pdmesh.router.errors import OpenAIError
 
 INTERNAL_FIELDS = ("kv_transfer_params",)
 MAX_N = 128  # samples per prompt
-MAX_BATCH = 1024  # prompts per batched completion request
+TOKEN_ID_LIMIT = 2**31  # token ids are in [0, TOKEN_ID_LIMIT)
 
 
 class _Base(BaseModel):
@@ -31,16 +38,7 @@ class _Base(BaseModel):
 
 
 class CompletionRequest(_Base):
-    prompt: str | list[int] | list[str] | list[list[int]]
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, v: object) -> object:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and isinstance(v[0], (str, list)) and len(v) > MAX_BATCH:
-            raise ValueError(f"at most {MAX_BATCH} prompts per request")
-        return v
+    prompt: Any  # required; its shape is checked by check_prompt (clearer errors than a pydantic union)
 
 
 class ChatMessage(BaseModel):
@@ -73,7 +71,83 @@ def parse_request(raw: bytes, kind: Kind) -> dict:
         raise OpenAIError(
             400, f"{param}: {msg}" if param else msg, param=param, code="invalid_request"
         ) from None
+    if kind == "completions":
+        check_prompt(obj["prompt"])
     return obj
+
+
+_TokenId = Annotated[int, msgspec.Meta(ge=0, lt=TOKEN_ID_LIMIT)]
+_TokenIds = Annotated[list[_TokenId], msgspec.Meta(min_length=1)]
+_PROMPT_SHAPES = "a string, a list of token ids, a list of strings or a list of token-id lists"
+
+
+def check_prompt(prompt: object) -> None:
+    """Raise :class:`OpenAIError` 400 (``param`` ``"prompt"``, code ``invalid_request``) unless ``prompt`` has one
+    of the shapes of the module docstring. Token ids are checked in C (msgspec): ~3 ms for 128k ids."""
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list):
+        raise _bad_prompt(f"prompt must be {_PROMPT_SHAPES}")
+    if not prompt:
+        raise _bad_prompt("prompt must not be empty")
+    first = prompt[0]
+    if isinstance(first, str):
+        shape, expected = list[str], "a string, like the batch's first prompt"
+    elif isinstance(first, list):
+        shape, expected = list[_TokenIds], "a token-id list, like the batch's first prompt"
+    else:
+        shape, expected = _TokenIds, ""
+    try:
+        msgspec.convert(prompt, shape)
+    except msgspec.ValidationError as e:
+        detail, _, path = str(e).partition(" - at `$")
+        where = "prompt" + path.rstrip("`")
+        if "length >=" in detail:
+            raise _bad_prompt(f"{where} must not be empty (a prompt needs at least one token id)") from None
+        if "Expected `int`" in detail:
+            raise _bad_prompt(
+                f"{where}: a token id must be an integer in [0, {TOKEN_ID_LIMIT}), not {_shown(prompt, path)}"
+            ) from None
+        raise _bad_prompt(f"{where} must be {expected or 'a token id'}") from None
+
+
+def _shown(prompt: list, path: str) -> str:
+    """The value at a msgspec error path such as ``[1][3]`` of ``prompt``, shortened for a message."""
+    value: object = prompt
+    for index in path.rstrip("`").strip("[]").split("]["):
+        if not (index.isdigit() and isinstance(value, list) and int(index) < len(value)):
+            break
+        value = value[int(index)]
+    return msgspec.json.encode(value).decode()[:40]
+
+
+def _bad_prompt(message: str) -> OpenAIError:
+    return OpenAIError(400, message, param="prompt", code="invalid_request")
+
+
+def request_parts(body: dict) -> int:
+    """The sequences a validated request asks for: its prompts (a batched completion's, else 1) times ``n``.
+    Each is admitted as one request against the admission limits (:mod:`router.limits`)."""
+    prompt = body.get("prompt")
+    batched = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    return (len(prompt) if batched else 1) * int(body.get("n", 1))  # type: ignore[arg-type]
+
+
+def check_parts(body: dict, max_parts: int) -> int:
+    """:func:`request_parts` of a validated request, or :class:`OpenAIError` 400 ``too_many_parts`` when it is
+    more than ``max_parts`` (``param`` ``"prompt"`` for a batch of prompts, else ``"n"``)."""
+    parts = request_parts(body)
+    if parts <= max_parts:
+        return parts
+    n = int(body.get("n", 1))
+    prompts = parts // n
+    asked = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+    raise OpenAIError(
+        400,
+        f"this request asks for {parts} sequences ({asked}); this router takes at most {max_parts} per request",
+        param="prompt" if prompts > 1 else "n",
+        code="too_many_parts",
+    )
 
 
 def json_object(raw: bytes) -> dict:

@@ -9,27 +9,40 @@ model asked for embeddings answers what it cannot do); a streamed answer (``"str
 comes. ``GET /version`` answers the workers' vLLM version and pdmesh's.
 
 Client-supplied internal fields (``kv_transfer_params``) are dropped as on the completion routes; the API key
-and admission limits apply; bodies are bounded by ``max_body_bytes``.
+and admission limits apply (one unit per request); bodies are bounded by ``max_body_bytes`` and must arrive within
+``body_timeout_s`` (408 ``body_timeout``). The request deadline applies as on the completion routes: counted from
+the end of the body, ``request_deadline_s`` bounds the worker call (504 ``PD_DEADLINE_EXCEEDED`` before the first
+byte; the call is cancelled, which aborts it on the worker) and a streamed answer (past it the stream ends with a
+``PD_DEADLINE_EXCEEDED`` error event; a client that stops reading is cut off at most :data:`SEND_GRACE_S` later).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pdmesh.router.auth import api_key_of, check_api_key
+from pdmesh.router.auth import check_api_key
 from pdmesh.router.errors import OpenAIError
-from pdmesh.router.exchange import read_limited
+from pdmesh.router.exchange import read_limited, read_within
 from pdmesh.router.openai_requests import json_object
 from pdmesh.router.policies import PowerOfTwo
 from pdmesh.router.route_context import RouteContext
 
 if TYPE_CHECKING:
+    from pdmesh.router.metrics import RouterMetrics
     from pdmesh.router.state import RouterState
+
+log = logging.getLogger("pdmesh.router")
+
+# A streamed answer past the request deadline ends with an error event (the relay's own deadline); a client that
+# does not read it is cut off this long after the deadline.
+SEND_GRACE_S = 1.0
 
 PASSTHROUGH_ROUTES = (
     "/tokenize",
@@ -53,10 +66,10 @@ def install_passthrough(app: FastAPI, state: Callable[[Request], RouterState]) -
     async def passthrough(request: Request) -> Response:
         st = state(request)
         config = st.config
-        check_api_key(request, config.api_keys)
+        key = check_api_key(request, config.api_keys)
         permit = None
         if st.limiter.enabled:
-            permit = st.limiter.admit(api_key_of(request.headers.get("authorization"), config.api_keys))
+            permit = st.limiter.admit(key)
         release = permit.release if permit is not None else (lambda: None)
         try:
             response = await _forward(st, request, policy, release)
@@ -89,15 +102,29 @@ def install_passthrough(app: FastAPI, state: Callable[[Request], RouterState]) -
 
 class _OwnedStream(StreamingResponse):
     """A streamed answer that frees what it holds however it ends (done, client gone before or during the
-    stream): the worker's response with its in-flight count, and the admission permit."""
+    stream, deadline): the worker's response with its in-flight count, and the admission permit. Sending is
+    bounded by ``deadline`` (event-loop time) plus :data:`SEND_GRACE_S`: a client that stops reading is cut off."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kw) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        deadline: float,
+        metrics: RouterMetrics,
+        **kw,
+    ) -> None:
         super().__init__(content, **kw)
         self._on_close = on_close
+        self._deadline = deadline
+        self._metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
         try:
-            await super().__call__(scope, receive, send)
+            async with asyncio.timeout_at(self._deadline + SEND_GRACE_S):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:  # the response stays incomplete: uvicorn closes the connection
+            self._metrics.stream_aborts.inc()
+            log.warning("%s: stream passed the request deadline (a client that stops reading)", scope["path"])
         finally:
             await self._on_close()
 
@@ -106,8 +133,10 @@ async def _forward(
     st: RouterState, request: Request, policy: PowerOfTwo, release: Callable[[], None]
 ) -> Response:
     path = request.url.path
-    raw = await read_limited(
-        request.stream(), request.headers.get("content-length"), st.config.max_body_bytes
+    config = st.config
+    raw = await read_within(
+        read_limited(request.stream(), request.headers.get("content-length"), config.max_body_bytes),
+        config.body_timeout_s,
     )
     body = json_object(raw)
     models = st.registry.models()
@@ -125,30 +154,38 @@ async def _forward(
         )
     stream = body.get("stream") is True
     role = "decode" if st.registry.candidates("decode", model) else "prefill"
-    result = await st.upstream.call(
-        "passthrough",
-        role,
-        model,
-        path,
-        lambda _w: body,
-        policy,
-        st.request_ids.next(),
-        stream,
-        ctx=RouteContext(body, model),
-    )
+    deadline = asyncio.get_running_loop().time() + config.request_deadline_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            result = await st.upstream.call(
+                "passthrough",
+                role,
+                model,
+                path,
+                lambda _w: body,
+                policy,
+                st.request_ids.next(),
+                stream,
+                ctx=RouteContext(body, model),
+            )
+    except TimeoutError:
+        st.metrics.errors.labels("PD_DEADLINE_EXCEEDED").inc()
+        raise OpenAIError(504, "request deadline exceeded", code="PD_DEADLINE_EXCEEDED") from None
     st.metrics.requests.labels(path, str(result.status)).inc()
     if not stream:
         return Response(result.content, status_code=result.status, media_type="application/json")
 
     async def relay() -> AsyncIterator[bytes]:
-        async for chunk in st.upstream.relay_stream(result, None, path, done_marker=None):
+        async for chunk in st.upstream.relay_stream(result, deadline, path, done_marker=None):
             yield chunk
 
     async def on_close() -> None:
         await result.close()
         release()
 
-    return _OwnedStream(relay(), on_close, status_code=result.status, media_type="text/event-stream")
+    return _OwnedStream(
+        relay(), on_close, deadline, st.metrics, status_code=result.status, media_type="text/event-stream"
+    )
 
 
 def _pdmesh_version() -> str | None:

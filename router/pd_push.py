@@ -1,4 +1,4 @@
-"""pdmesh push PD protocol: what the prefill and decode legs carry (design.md, "PD request flow").
+"""pdmesh push PD protocol: what the prefill and decode legs carry (docs/architecture.md, "A request, step by step").
 
 The router picks the decode worker D first, then asks a prefill worker P to compute the prompt with one output
 token and push its KV chunks into D's tier (``push_to`` = D's transfer receiver). D's connector finds the
@@ -10,8 +10,10 @@ Only the router sets these fields (client-supplied ``kv_transfer_params`` are dr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pdmesh.router.openai_requests import one_token_leg
-from pdmesh.security import sign_push_target
+from pdmesh.security import prompt_digest, push_grant
 
 
 def prefill_request(
@@ -21,19 +23,24 @@ def prefill_request(
     deadline_ms: int,
     token: str,
     push_to_device: str | None = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> dict:
-    """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to``, which the router
-    vouches for with ``sig`` (HMAC of ``{transfer_id, push_to, deadline_ms}`` keyed by the cluster token): the
-    prefill worker's connector pushes nowhere else. ``push_to_device``: D's device landing (its registration's
-    ``device_transfer_address``), signed the same way as ``sig_device``; a prefill worker with the device path on
-    writes there first (docs/transfer.md, "Device memory")."""
+    """The prefill leg: same prompt, one token, no streaming, chunks pushed to ``push_to`` under the router's push
+    grant (:func:`pdmesh.security.push_grant`: signed with the cluster token, expiring, used once, bound to the
+    prompt's token ids when the router knows them (``prompt_ids``)): the prefill worker's connector pushes nowhere
+    else, and a leaked grant pushes nothing else. ``push_to_device``: D's device landing (its registration's
+    ``device_transfer_address``), signed under its own label as ``sig_device``; a prefill worker with the device
+    path on writes there first (docs/transfer.md, "Device memory"). Call once per attempt: each call is a new
+    grant."""
     leg = one_token_leg(body)
-    sig = sign_push_target(token, transfer_id, push_to, deadline_ms)
-    pd = {"transfer_id": transfer_id, "push_to": push_to, "deadline_ms": deadline_ms, "sig": sig}
-    if push_to_device:
-        pd["push_to_device"] = push_to_device
-        pd["sig_device"] = sign_push_target(token, transfer_id, push_to_device, deadline_ms)
-    leg["kv_transfer_params"] = {"pdmesh": pd}
+    prompt = None
+    if prompt_ids is not None:
+        try:
+            prompt = prompt_digest(prompt_ids)
+        except ValueError:
+            prompt = None  # ids vLLM will refuse anyway: the leg fails on its own
+    grant = push_grant(token, transfer_id, push_to, deadline_ms, prompt, push_to_device)
+    leg["kv_transfer_params"] = {"pdmesh": grant}
     return leg
 
 

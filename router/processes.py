@@ -7,8 +7,10 @@ their siblings (:mod:`router.peers`: relayed registrations, merged /metrics).
 Contract of the supervisor (:func:`run_supervisor`, blocking):
 - It owns a private 0700 directory (the unix sockets) and removes it on exit; the config, secrets included,
   reaches the children in their environment (readable by this user only), never in a file.
-- It starts the children and restarts a child that exits (backoff doubling from 1 s while a child fails
-  right after its start; after 5 such failures in a row it stops everything and returns 1), and on
+- It starts the children and restarts a child that exits (:data:`ROUTER_RESTART_POLICY` of
+  :mod:`pdmesh.restart_policy`: at once after a child that ran 10 s or more, backoff doubling from 1 s while
+  a child fails right after its start; after 5 such failures in a row it stops everything and returns 1;
+  each exit is logged, saying that the child's output is in the supervisor's own), and on
   SIGTERM/SIGINT/SIGHUP stops them all (SIGTERM, 10 s grace, then SIGKILL) and returns 0. Children die with
   it (PR_SET_PDEATHSIG) if it is killed.
 - Per-process state: admission limits are split evenly (each process enforces 1/N of every limit), breakers,
@@ -26,21 +28,25 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 
 import uvicorn
 
 from pdmesh.http_guard import guarded_protocol
 from pdmesh.procs import ManagedProcess
-from pdmesh.router.config import ConfigError, RouterConfig
+from pdmesh.restart_policy import CrashLoop, RestartPolicy, RestartTracker
+from pdmesh.router.config import RouterConfig, RouterConfigError
 from pdmesh.router.log_format import setup_logging
 from pdmesh.router.peers import Peers, peer_socket_paths
 
 log = logging.getLogger("pdmesh.router")
 
-_RESTART_BACKOFF_S = 1.0  # doubled for each failure right after a start (1, 2, 4, 8 s, then give up)
-_QUICK_FAILURE_S = 10.0  # a process that exits sooner than this after its start "failed right after starting"
-_GIVE_UP_AFTER = 5
+# A router process that exits sooner than 10 s after its start failed right after starting: restarts back off
+# 1, 2, 4, 8 s and the 5th such failure in a row stops everything. One that ran longer is restarted at once.
+ROUTER_RESTART_POLICY = RestartPolicy(
+    first_delay_s=1.0, max_delay_s=30.0, factor=2.0, max_exits=None, max_failed_starts=4, quick_s=10.0
+)
+# Children write to the supervisor's own stdout/stderr: there is no file of theirs to quote when one dies.
+_NO_LOG_FILE = "It has no log file of its own: its last lines are in this process's output above."
 CONFIG_ENV = "PDMESH_ROUTER_PROCESS_CONFIG"
 _MAX_ENV_CONFIG = 120 * 1024
 
@@ -97,14 +103,14 @@ def _port_free(host: str, port: int) -> None:
 
 def run_supervisor(config: RouterConfig) -> int:
     """Run ``config.processes`` router processes until SIGTERM/SIGINT/SIGHUP (returns 0) or until a process
-    keeps failing right after its start (``_GIVE_UP_AFTER`` times in a row: returns 1). Blocking."""
+    keeps failing right after its start (:data:`ROUTER_RESTART_POLICY`'s crash-loop rule: returns 1). Blocking."""
     n = config.processes
     _port_free(config.host, config.port)
     # The config (with the API keys and the cluster token) goes to the children in their environment, which
     # only this user can read, rather than in a file that a SIGKILL would leave behind.
     env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
     if len(env[CONFIG_ENV]) > _MAX_ENV_CONFIG:  # one environment string is limited to 128 KiB on Linux
-        raise ConfigError(
+        raise RouterConfigError(
             f"router config too large to hand to {n} processes ({len(env[CONFIG_ENV])} bytes; the limit is "
             f"{_MAX_ENV_CONFIG}): fewer api_keys, or processes: 1"
         )
@@ -119,9 +125,8 @@ def run_supervisor(config: RouterConfig) -> int:
     old = {s: signal.signal(s, on_signal) for s in stop_signals}
     workdir = tempfile.mkdtemp(prefix="pdmesh-router-")  # 0700; holds the unix sockets only
     children: dict[int, ManagedProcess] = {}
-    started_at: dict[int, float] = {}
-    quick_failures: dict[int, int] = {}  # failures right after a start, in a row, per process index
-    dead_at: dict[int, float] = {}  # when a dead process was first seen (it is restarted after its backoff)
+    trackers = {i: RestartTracker(ROUTER_RESTART_POLICY, name=f"router process {i}") for i in range(n)}
+    dead: set[int] = set()  # processes seen dead, waiting for their restart to be due
     status = 0
 
     def spawn(i: int, restart: bool = False) -> None:
@@ -129,37 +134,35 @@ def run_supervisor(config: RouterConfig) -> int:
         if restart:  # its siblings know the registered workers: copy them before serving
             argv.append("--copy-registry")
         children[i] = ManagedProcess(f"router-{i}", argv, env=env)
-        started_at[i] = time.monotonic()
+        trackers[i].started()
 
     try:
         for i in range(n):
             spawn(i)
         log.info("router: %d processes on %s:%d", n, config.host, config.port)
         while not stop.wait(0.2):
-            now = time.monotonic()
             for i, child in list(children.items()):
                 if child.alive():
                     continue
-                if i not in dead_at:  # first seen dead: judge the failure once
-                    dead_at[i] = now
-                    quick = now - started_at[i] < _QUICK_FAILURE_S
-                    quick_failures[i] = quick_failures.get(i, 0) + 1 if quick else 0
-                    if quick_failures[i] >= _GIVE_UP_AFTER:
-                        log.error(
-                            "router process %d failed %d times right after starting (exit %s); stopping",
-                            i,
-                            quick_failures[i],
-                            child.poll(),
-                        )
+                if i not in dead:  # first seen dead: judge the exit once
+                    dead.add(i)
+                    try:
+                        delay = trackers[i].exited(f"exit {child.poll()}")
+                    except CrashLoop as e:
+                        log.error("%s: stopping every process. %s", e, _NO_LOG_FILE)
                         status = 1
                         stop.set()
                         break
-                    log.warning("router process %d exited with %s; restarting it", i, child.poll())
-                failures = quick_failures[i]
-                backoff = _RESTART_BACKOFF_S * 2 ** (failures - 1) if failures else 0.0
-                if now - dead_at[i] < backoff:
+                    log.warning(
+                        "router process %d exited with %s; restarting it in %.0fs. %s",
+                        i,
+                        child.poll(),
+                        delay,
+                        _NO_LOG_FILE,
+                    )
+                if not trackers[i].due():
                     continue
-                del dead_at[i]
+                dead.discard(i)
                 child.stop(timeout=1)
                 spawn(i, restart=True)
     finally:
@@ -202,7 +205,7 @@ def run_child(index: int, workdir: str, copy_registry: bool = False) -> None:
             timeout_graceful_shutdown=5,
             proxy_headers=False,  # client addresses are not used; X-Forwarded-* is not trusted
             server_header=False,
-            http=guarded_protocol(config.header_timeout_s, config.max_connections),
+            http=guarded_protocol(config.header_timeout_s, config.max_connections, config.max_head_bytes),
         )
     )
     server.run(sockets=[tcp, uds])

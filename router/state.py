@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdmesh.router.config import RouterConfig
+from pdmesh.router.deciders import DeciderChain
 from pdmesh.router.limits import Limiter
 from pdmesh.router.metrics import RouterMetrics
 from pdmesh.router.policy_set import PolicySet, RequestIds
@@ -36,3 +37,9 @@ class RouterState:
     # same number is the gauge pdmesh_router_pool_inflight_tokens{role="prefill"}).
     prefill_tokens_in_flight: int = 0
     request_ids: RequestIds = field(default_factory=RequestIds)
+    # conditional PD: the deciders the config turns on (built from ``config.conditional_pd`` when not given)
+    deciders: DeciderChain | None = None
+
+    def __post_init__(self) -> None:
+        if self.deciders is None:
+            self.deciders = DeciderChain(self.config.conditional_pd)

@@ -32,6 +32,7 @@ FOUNDATION = (
     "pdmesh.breaker",
     "pdmesh.http_guard",
     "pdmesh.failpoints",
+    "pdmesh.restart_policy",
 )
 LAYERS = [
     FOUNDATION,

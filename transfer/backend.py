@@ -6,11 +6,17 @@ Shaped like NIXL's agent API. One backend instance lives on each side of a trans
   is what a peer needs to write into it (sent in the control handshake);
 * sender: ``connect(peer_metadata) -> peer`` (checks the compatibility fingerprint embedded in the metadata and
   raises :class:`IncompatiblePeer` on mismatch), ``write(peer, segments, notif) -> handle`` posts ONE descriptor
-  list for a whole batch of chunks, ``wait(handle, deadline)`` drives it to completion or raises a typed error by
-  the deadline (after which nothing of the batch is still being written by this process), ``disconnect(peer)``;
+  list for a whole batch of chunks and returns the backend's :class:`WriteHandle` (each backend has its own
+  subclass: ``TransferBackend[H]`` is generic in it), ``wait(handle, deadline)`` drives it to completion or raises
+  a typed error by the deadline (after which nothing of the batch is still being written by this process),
+  ``disconnect(peer)``;
 * receiver: ``get_notifs()`` drains completion notifications (``notif`` bytes of finished writes), and
   ``set_write_guard(guard)`` lets backends that see writes arrive (TCP) check them against live leases;
 * ``close()`` releases everything (idempotent).
+
+How a backend is built: :meth:`TransferBackend.from_options` from one :class:`BackendOptions` (everything any
+backend may need), by name through :mod:`pdmesh.transfer.registry`; :meth:`TransferBackend.available` says whether
+it can start in this process at all (NIXL: importable).
 
 Offsets are byte offsets into the registered buffers. Backends never allocate: the receiver's RegionProvider
 does (see :mod:`transfer.provider`).
@@ -28,11 +34,12 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
 from pdmesh.transfer.errors import IncompatiblePeer
+from pdmesh.transfer.nixl_agent import NixlConfig
 
 METADATA_VERSION = 1
 MEM_TYPES = ("DRAM", "VRAM")
@@ -63,6 +70,36 @@ class Segment:
     local_offset: int
     length: int
     remote_offset: int
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Everything a backend may be built from (each takes what it needs, :meth:`TransferBackend.from_options`):
+
+    * ``fingerprint``: the compatibility fingerprint (all backends; peers with another one are refused);
+    * ``token``: the cluster token (TCP's data connections authenticate with it);
+    * ``host``: where a receiving TCP backend's data listener binds (may be a wildcard), ``advertise_host`` what
+      its metadata tells senders to dial (None: ``host``);
+    * ``nixl``: the NIXL agent's configuration (None: :class:`NixlConfig`'s defaults).
+    """
+
+    fingerprint: str
+    token: str = ""
+    host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    nixl: NixlConfig | None = None
+
+
+@dataclass(frozen=True)
+class WriteHandle:
+    """A batch posted by :meth:`TransferBackend.write` to ``peer``, owned by the caller until it hands it to that
+    same backend's :meth:`~TransferBackend.wait`, exactly once. Opaque to callers: each backend subclasses it
+    with what its ``wait`` needs."""
+
+    peer: str
+
+
+H = TypeVar("H", bound=WriteHandle)
 
 
 class WriteGuard(Protocol):
@@ -130,8 +167,9 @@ def check_segments(segments: Sequence[Segment], local_size: int, remote_size: in
             raise ValueError(f"segment {s} outside buffers ({local_size}, {remote_size})")
 
 
-class TransferBackend(ABC):
-    """One side's data path. Thread-safe: many pushes may call write/wait concurrently."""
+class TransferBackend(ABC, Generic[H]):
+    """One side's data path. Thread-safe: many pushes may call write/wait concurrently. ``H``: the backend's
+    :class:`WriteHandle` type."""
 
     name: str = ""
     # The receiving side moves bytes only when progressed (get_notifs): the receiver polls it often during transfers.
@@ -141,6 +179,19 @@ class TransferBackend(ABC):
 
     def __init__(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> TransferBackend[H]:
+        """A new backend built from ``options`` (the fields it uses are its constructor's). Errors of starting
+        it propagate (e.g. NIXL without a usable UCX transport). Every backend in the registry implements it;
+        the default raises NotImplementedError (a backend only ever built directly, e.g. a test double)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from BackendOptions")
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this backend can start in this process at all (its dependencies import): cheap, builds
+        nothing. True does not promise that building succeeds (a transport may still be missing)."""
+        return True
 
     @abstractmethod
     def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
@@ -159,11 +210,12 @@ class TransferBackend(ABC):
         """Prepare writes to the peer. Returns a peer id. Raises IncompatiblePeer / PeerUnavailable."""
 
     @abstractmethod
-    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> Any:
-        """Post one batch (one descriptor list). Returns a handle for :meth:`wait`. Never blocks for long."""
+    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> H:
+        """Post one batch (one descriptor list). Returns its handle for :meth:`wait`. Never blocks for long.
+        Raises PeerUnavailable for a peer not connected, ValueError for a segment outside either buffer."""
 
     @abstractmethod
-    def wait(self, handle: Any, deadline: float) -> None:
+    def wait(self, handle: H, deadline: float) -> None:
         """Block until the batch is written (remote side complete) or raise a TransferError by ``deadline``
         (time.monotonic). On any exit the handle is released; after an error nothing is still written."""
 
@@ -171,10 +223,10 @@ class TransferBackend(ABC):
         """Receiver side: drain (peer, notif) pairs of finished writes. Backends without notifications: []."""
         return []
 
-    def set_write_guard(self, guard: WriteGuard) -> None:  # noqa: B027 - optional hook
+    def set_write_guard(self, guard: WriteGuard) -> None:
         """Receiver side: install the lease check (only backends that see writes arrive use it)."""
 
-    def disconnect(self, peer: str) -> None:  # noqa: B027 - optional hook
+    def disconnect(self, peer: str) -> None:
         """Forget a peer returned by :meth:`connect`."""
 
     @abstractmethod

@@ -1,8 +1,8 @@
 """Typed errors of the transfer layer.
 
 Every failure that crosses the transfer API is a :class:`TransferError` with a stable ``code`` (one of the
-``PD_*`` strings below, also sent on the wire in ERROR frames) and a ``retryable`` flag. The router retries a
-retryable error before the first byte reached the client, never after it.
+``PD_*`` strings below, also sent on the wire in ERROR frames) and a ``retryable`` flag: whether the same
+operation may succeed when tried again. The transfer layer itself never retries; its callers decide.
 """
 
 from __future__ import annotations

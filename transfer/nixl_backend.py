@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 
 from pdmesh.transfer.backend import (
+    BackendOptions,
     Segment,
     TransferBackend,
+    WriteHandle,
     buffer_address,
     check_segments,
     pack_metadata,
@@ -54,7 +56,14 @@ from pdmesh.transfer.nixl_agent import (
     progress_thread_wanted,
 )
 
-__all__ = ["NixlBackend", "NixlConfig", "lanes_wanted", "nixl_available", "progress_thread_wanted"]
+__all__ = [
+    "NixlBackend",
+    "NixlConfig",
+    "NixlWrite",
+    "lanes_wanted",
+    "nixl_available",
+    "progress_thread_wanted",
+]
 
 log = logging.getLogger("pdmesh.transfer")
 
@@ -105,14 +114,17 @@ class _Remote:
     )  # remote agent name per local lane used (lane 0's is ``name``)
 
 
-@dataclass
-class _Handle:
-    xfers: list[tuple[Any, Any]]  # (agent, transfer handle) per lane used
+@dataclass(frozen=True)
+class NixlWrite(WriteHandle):
+    """The WRITEs posted for one batch to ``peer``: (agent, transfer handle) per lane used, and ``status``
+    ``"DONE"`` (every lane finished inside its post, or nothing to move) or ``"PROC"`` (some still running).
+    :meth:`NixlBackend.wait` releases every transfer handle."""
+
+    xfers: list[tuple[Any, Any]]
     status: str
-    peer: str
 
 
-class NixlBackend(TransferBackend):
+class NixlBackend(TransferBackend[NixlWrite]):
     name = "nixl"
     needs_progress = True  # UCX's TCP transport moves a WRITE's bytes on the target only when progressed
     region_mem_types = ("DRAM", "VRAM")
@@ -140,6 +152,16 @@ class NixlBackend(TransferBackend):
         self._mem_type = "DRAM"
         self._device = 0
         self._closed = False
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> NixlBackend:
+        """Uses ``fingerprint`` and ``nixl`` (None: :class:`NixlConfig`'s defaults); creates the agents."""
+        return cls(options.fingerprint, options.nixl)
+
+    @classmethod
+    def available(cls) -> bool:
+        """NIXL's Python API imports (:func:`nixl_available`)."""
+        return nixl_available()
 
     def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
         self.register_region(buffer_address(buffer), buffer.nbytes, "DRAM", 0)
@@ -215,7 +237,7 @@ class NixlBackend(TransferBackend):
             names.append(n.decode() if isinstance(n, bytes) else str(n))
         return names
 
-    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> _Handle:
+    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> NixlWrite:
         r = self._remotes.get(peer)
         if r is None or self._reg is None:
             raise PeerUnavailable(f"nixl peer {peer} not connected")
@@ -234,12 +256,12 @@ class NixlBackend(TransferBackend):
                 agent.remove_remote_agent(name)
         return self._post(r, peer, _lane_rows(segments, 1), notif)
 
-    def _post(self, r: _Remote, peer: str, rows: list[list[tuple[int, int, int]]], notif: bytes) -> _Handle:
+    def _post(self, r: _Remote, peer: str, rows: list[list[tuple[int, int, int]]], notif: bytes) -> NixlWrite:
         """One WRITE per lane (lane i gets ``rows[i]``), lanes beyond the first posted from the backend's posting
         threads at the same time as the first from the caller's (UCX may move the bytes inside the post: cma
         copies there); every lane's post is waited for, and on any failure every WRITE posted is released."""
         if not rows:  # nothing to move
-            return _Handle([], "DONE", peer)
+            return NixlWrite(peer, xfers=[], status="DONE")
         posts = [(self._agents[lane], r.lanes[lane], lane_rows) for lane, lane_rows in enumerate(rows)]
         futures = [self._posting_pool().submit(self._post_lane, r, *p, notif) for p in posts[1:]]
         outcomes = [_outcome(lambda: self._post_lane(r, *posts[0], notif))]
@@ -255,7 +277,7 @@ class NixlBackend(TransferBackend):
                 raise errors[0]
             raise PeerUnavailable(f"nixl: cannot post write to {peer}: {errors[0]}") from errors[0]
         status = "PROC" if any(status == "PROC" for _, _, status in done) else "DONE"
-        return _Handle(posted, status, peer)
+        return NixlWrite(peer, xfers=posted, status=status)
 
     def _post_lane(
         self, r: _Remote, agent: Any, lane_peer: str, rows: list[tuple[int, int, int]], notif: bytes
@@ -281,7 +303,7 @@ class NixlBackend(TransferBackend):
                 )
             return self._pool
 
-    def wait(self, handle: _Handle, deadline: float) -> None:
+    def wait(self, handle: NixlWrite, deadline: float) -> None:
         """Every lane's transfer DONE (or the first error, or ``deadline``); releases them all in any case. The
         lanes still running are checked together each round (a check also progresses that lane's worker)."""
         pending = list(handle.xfers) if handle.status == "PROC" else []

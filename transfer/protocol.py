@@ -3,8 +3,9 @@
 Every frame is a msgpack map with an ``op`` field. Requests and replies alternate on a connection (one request in
 flight per connection; a sender pools connections for concurrency).
 
-    hello   {v, nonce, fingerprint, backends: [name...]}           ->  challenge {nonce, proof}
-    auth    {proof}                                                ->  hello_ok {v, fingerprint, metadata: {name: bytes}}
+    hello   {v, nonce, fingerprint, engine, backends: [name...]}   ->  challenge {nonce, proof}
+    auth    {proof}                                        ->  hello_ok {v, fingerprint, engine, metadata: {name: bytes}}
+            (``engine``: the node's engine fingerprint digest, :func:`engines_differ` refuses a mismatch)
             (mutual challenge-response, :mod:`pdmesh.transfer.peer_auth`: the token never goes on the wire)
     alloc   {transfer_id, keys: [bytes], sizes: [int], lease_ms}    ->  alloc_ok {offsets: [int | None], lease_ms}
             (None = key already present or in flight: skip it)
@@ -101,3 +102,14 @@ def connect(address: tuple[str, int], deadline: float) -> socket.socket:
         raise PeerUnavailable(f"cannot connect to {address}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def no_engine() -> str:
+    """The engine fingerprint of a node that has none (yet): never compared."""
+    return ""
+
+
+def engines_differ(mine: str, theirs: object) -> bool:
+    """True when both sides of a handshake know their engine fingerprint (the digest of the model fingerprint:
+    model, dtype, KV layout and geometry) and the two differ: such a peer is refused."""
+    return bool(mine) and isinstance(theirs, str) and bool(theirs) and theirs != mine

@@ -8,7 +8,10 @@ Contract (all methods are called by :class:`transfer.receiver.Receiver` under it
 * ``alloc(key, nbytes, lease_deadline)`` reserves a region for chunk ``key`` and returns its byte offset in
   ``buffer``, or ``None`` when the key is already present (ready, or already in flight in another transfer): the
   sender then skips it. The region stays reserved (a lease) until ``commit``, ``abort`` or, if neither comes,
-  until ``reclaim_expired`` runs after ``lease_deadline`` (time.monotonic; the receiver already added its grace).
+  until ``reclaim_expired`` runs after ``lease_deadline`` (time.monotonic): the latest time the receiver could
+  free it itself (its grace included and, for a one-sided writer, the time it waits for that writer to show it
+  stopped: :mod:`pdmesh.transfer.leases`), so the provider's own reclaim is only a backstop for a receiver that
+  stopped reaping.
   Raise :class:`transfer.errors.PoolExhausted` when nothing is free, ValueError for a size it cannot hold.
 * ``commit(key)``: the bytes are in place; the chunk becomes ready (visible to the tier). Unknown key: no-op.
 * ``abort(key)``: drop the lease; the region may be reused at once (the receiver only calls it after the grace).

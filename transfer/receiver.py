@@ -3,15 +3,9 @@
 Serves the control protocol (:mod:`pdmesh.transfer.protocol`) on ``(host, port)`` with one thread per
 connection, at most ``max_connections`` at once (more are closed at accept), allocates regions from a :class:`RegionProvider` under leases, commits and aborts them, and reaps expired leases.
 
-Lease rules (design.md, "Leases and failure rules"):
-
-* ALLOC gives every region a lease ending at ``now + lease_ms`` (capped by ``max_lease_s``); the provider is told
-  ``lease deadline + grace``.
-* COMMIT (idempotent) before the lease ends makes the chunks ready; after it, the region belongs to the tier.
-* ABORT, a closed control connection, or an expired lease never free a region at once: the lease is cut to
-  ``now`` and the reaper frees it only after ``grace_s``, and never while a TCP write into it is still running
-  (that write is itself bounded by the lease deadline). So a late write cannot land in reused memory.
-* The reaper thread runs every ``reap_interval_s`` and also calls ``provider.reclaim_expired``.
+Lease rules: :mod:`pdmesh.transfer.leases` (a region is reused only after grace, never while a TCP write into
+it runs, and for one-sided backends only once its writer showed it stopped, or after ``one_sided_hold_s``). The
+reaper thread runs every ``reap_interval_s`` and also calls ``provider.reclaim_expired``.
 
 Peers are authenticated both ways before any ALLOC (:mod:`pdmesh.transfer.peer_auth`): an unauthenticated
 connection costs at most two frames of ``PRE_AUTH_MAX_FRAME`` bytes and ``HELLO_TIMEOUT_S`` seconds. Numbers from
@@ -32,15 +26,16 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pdmesh.failpoints as failpoints
 from pdmesh.security import require_token_for_bind
 from pdmesh.transfer.backend import TransferBackend, register_into
-from pdmesh.transfer.errors import IncompatiblePeer, TransferError, TransferFailed
+from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferFailed
+from pdmesh.transfer.leases import FORCED, Lease, sees_writes
 from pdmesh.transfer.peer_auth import server_handshake
-from pdmesh.transfer.protocol import PROTOCOL_VERSION, recv_frame, send_frame
+from pdmesh.transfer.protocol import PROTOCOL_VERSION, engines_differ, no_engine, recv_frame, send_frame
 from pdmesh.transfer.provider import RegionProvider
 
 ACTIVE_POLL_S = 500e-6  # notification/progress poll interval while a transfer is in flight
@@ -49,7 +44,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReceiverConfig:
+    """``fingerprint``: the transfer format both sides must share. ``engine``: the digest of the model fingerprint
+    of the engine whose chunks this node holds (model, dtype, KV layout and geometry; ``""`` while unknown), read
+    at each handshake: a peer whose own engine digest is known and differs is refused, since its chunks would
+    unpack into another layout."""
+
     fingerprint: str
+    engine: Callable[[], str] = no_engine
     host: str = "127.0.0.1"
     port: int = 0
     token: str = ""
@@ -60,17 +61,7 @@ class ReceiverConfig:
     io_timeout_s: float = 30.0
     committed_memory: int = 4096  # transfer ids remembered for idempotent COMMIT
     max_connections: int = 256  # control connections at once (each is a thread); more are closed at accept
-
-
-@dataclass
-class _Lease:
-    transfer_id: str
-    conn_id: int
-    deadline: float
-    keys: list[bytes] = field(default_factory=list)
-    regions: list[tuple[int, int]] = field(default_factory=list)
-    writers: int = 0
-    cut: bool = False  # aborted / connection lost: free after grace, never commit
+    one_sided_hold_s: float = 60.0  # an expired one-sided lease's wait for its writer to stop (leases)
 
 
 @dataclass(frozen=True)
@@ -82,6 +73,8 @@ class ReceiverStats:
     reaped: int
     notifs: int
     refused: int = 0  # connections closed at accept (cap reached, no thread) or failed authentication
+    forced: int = 0  # one-sided leases freed at one_sided_hold_s, their writer never seen to stop
+    held: int = 0  # expired one-sided leases kept now, waiting for their writer to show it stopped
 
 
 class Receiver:
@@ -97,12 +90,13 @@ class Receiver:
         self.backends = {b.name: b for b in backends}
         self._progressed = any(b.needs_progress for b in backends)
         self._lock = threading.Lock()
-        self._leases: dict[str, _Lease] = {}
+        self._leases: dict[str, Lease] = {}
         self._committed: OrderedDict[str, int] = OrderedDict()
-        self._counts = {"committed": 0, "aborted": 0, "reaped": 0, "notifs": 0, "refused": 0}
+        self._counts = {"committed": 0, "aborted": 0, "reaped": 0, "notifs": 0, "refused": 0, "forced": 0}
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._conns: dict[int, socket.socket] = {}
+        self._one_sided: set[int] = set()  # connections offered a one-sided backend
         self._next_conn = 0
         self._threads: list[threading.Thread] = []
         self._metadata: dict[str, bytes] = {}
@@ -156,10 +150,12 @@ class Receiver:
             b.close()
 
     def stats(self) -> ReceiverStats:
+        now = time.monotonic()
         with self._lock:
             return ReceiverStats(
                 leases=len(self._leases),
                 leased_keys=sum(len(x.keys) for x in self._leases.values()),
+                held=sum(1 for x in self._leases.values() if x.waits_for_writer(now, self.config.grace_s)),
                 **self._counts,
             )
 
@@ -225,6 +221,7 @@ class Receiver:
 
     def _serve(self, conn: socket.socket, cid: int) -> None:
         cfg = self.config
+        peer_closed = False
         try:
             try:
                 hello = server_handshake(conn, cfg.token, self._check_hello)
@@ -232,9 +229,16 @@ class Receiver:
                 with self._lock:
                     self._counts["refused"] += 1
                 raise
+            if any(not sees_writes(self.backends[b]) for b in self._wanted(hello)):
+                with self._lock:
+                    self._one_sided.add(cid)
             send_frame(conn, self._hello_ok(hello), time.monotonic() + cfg.io_timeout_s)
             while not self._stop.is_set():
-                msg = recv_frame(conn, time.monotonic() + cfg.idle_timeout_s)
+                try:
+                    msg = recv_frame(conn, time.monotonic() + cfg.idle_timeout_s)
+                except PeerUnavailable:  # EOF or reset from the peer (not our idle timeout: TransferTimeout)
+                    peer_closed = not self._stop.is_set()
+                    raise
                 try:
                     reply = self._handle(msg, cid)
                 except TransferError as exc:
@@ -247,7 +251,7 @@ class Receiver:
                 send_frame(conn, exc.to_wire(), time.monotonic() + 1.0)
         finally:
             conn.close()
-            self._connection_lost(cid)
+            self._connection_lost(cid, peer_closed)
 
     def _check_hello(self, msg: dict) -> None:
         """Refuse before authentication; the reply says why in general terms only (the peer is not trusted with
@@ -257,6 +261,11 @@ class Receiver:
         if msg.get("fingerprint") != self.config.fingerprint:
             log.warning("transfer peer refused: fingerprint %.200r != ours", msg.get("fingerprint"))
             raise IncompatiblePeer("fingerprint mismatch")
+        if engines_differ(self.config.engine(), msg.get("engine")):
+            log.warning(
+                "transfer peer refused: engine %.200r != ours %s", msg.get("engine"), self.config.engine()
+            )
+            raise IncompatiblePeer("engine fingerprint mismatch (another model, dtype or KV layout)")
         if not self._wanted(msg):
             log.warning("transfer peer refused: no common backend in %.200r", msg.get("backends"))
             raise IncompatiblePeer("no common backend")
@@ -273,6 +282,7 @@ class Receiver:
             "op": "hello_ok",
             "v": PROTOCOL_VERSION,
             "fingerprint": self.config.fingerprint,
+            "engine": self.config.engine(),
             "metadata": {b: self._metadata[b] for b in self._wanted(msg)},
         }
 
@@ -290,7 +300,7 @@ class Receiver:
         if op == "commit":
             return self._commit(str(msg["transfer_id"]))
         if op == "abort":
-            self._cut(str(msg["transfer_id"]), count_abort=True)
+            self._cut(str(msg["transfer_id"]), count_abort=True, stopped_by=cid)
             return {"op": "abort_ok"}
         raise TransferFailed(f"unknown op {op!r}")
 
@@ -309,11 +319,14 @@ class Receiver:
                 raise TransferFailed(f"transfer {tid} already committed")
             lease = self._leases.get(tid)  # a later ALLOC of the same transfer keeps the first deadline
             if lease is None:
-                lease = _Lease(tid, cid, now + lease_s)
+                cfg = self.config
+                lease = Lease.new(
+                    tid, cid, now + lease_s, cid in self._one_sided, cfg.grace_s, cfg.one_sided_hold_s
+                )
                 self._leases[tid] = lease
             elif lease.cut or lease.conn_id != cid:
                 raise TransferFailed(f"transfer {tid} was aborted or belongs to another connection")
-            provider_deadline = lease.deadline + self.config.grace_s
+            provider_deadline = lease.provider_deadline(self.config.grace_s)
             offsets: list[int | None] = []
             new: list[bytes] = []
             try:
@@ -354,21 +367,29 @@ class Receiver:
             self._counts["committed"] += 1
             return {"op": "commit_ok", "committed": len(lease.keys)}
 
-    def _cut(self, tid: str, count_abort: bool) -> None:
+    def _cut(self, tid: str, count_abort: bool, stopped_by: int | None = None) -> None:
+        """No more writes or COMMIT for ``tid``. ``stopped_by``: the connection that showed its writer stopped
+        (it counts only when that is the lease's own connection)."""
+        now = time.monotonic()
         with self._lock:
             lease = self._leases.get(tid)
-            if lease is not None and not lease.cut:
+            if lease is None:
+                return
+            if not lease.cut:
                 lease.cut = True
-                lease.deadline = min(lease.deadline, time.monotonic())
+                lease.deadline = min(lease.deadline, now)
                 if count_abort:
                     self._counts["aborted"] += 1
+            if stopped_by == lease.conn_id and lease.stopped is None:
+                lease.stopped = now
 
-    def _connection_lost(self, cid: int) -> None:
+    def _connection_lost(self, cid: int, peer_closed: bool) -> None:
         with self._lock:
             self._conns.pop(cid, None)
+            self._one_sided.discard(cid)
             tids = [t for t, x in self._leases.items() if x.conn_id == cid]
         for t in tids:
-            self._cut(t, count_abort=False)
+            self._cut(t, count_abort=False, stopped_by=cid if peer_closed else None)
 
     # background loops
     def _reap_loop(self) -> None:
@@ -376,11 +397,22 @@ class Receiver:
             self.reap(time.monotonic())
 
     def reap(self, now: float) -> int:
-        """Free leases past deadline + grace with no write running. Returns the number of regions freed."""
+        """Free the leases that :meth:`Lease.due` allows at ``now`` (past deadline + grace, no TCP write running,
+        a one-sided one's writer shown stopped or its hold over). Returns the number of regions freed."""
         freed = 0
         with self._lock:
             for tid, lease in list(self._leases.items()):
-                if lease.writers == 0 and now > lease.deadline + self.config.grace_s:
+                due = lease.due(now, self.config.grace_s)
+                if due is not None:
+                    if due == FORCED:
+                        self._counts["forced"] += 1
+                        log.warning(
+                            "transfer %s: freeing %d regions after %.0f s without a sign that its one-sided "
+                            "writer stopped; a writer stalled even longer could still write into them",
+                            tid,
+                            len(lease.keys),
+                            self.config.one_sided_hold_s,
+                        )
                     for k in lease.keys:
                         self.provider.abort(k)
                     freed += len(lease.keys)

@@ -23,7 +23,7 @@ import pdmesh.failpoints as failpoints
 from pdmesh.transfer.backend import MemoryRegion, Segment, TransferBackend, register_into
 from pdmesh.transfer.errors import IncompatiblePeer, PeerUnavailable, TransferError, TransferTimeout
 from pdmesh.transfer.peer_auth import client_handshake
-from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, request
+from pdmesh.transfer.protocol import PROTOCOL_VERSION, connect, engines_differ, no_engine, request
 
 Address = tuple[str, int]
 log = logging.getLogger("pdmesh.transfer")
@@ -52,7 +52,10 @@ class PushResult:
 
 @dataclass
 class SenderConfig:
+    """``engine``: as :class:`pdmesh.transfer.receiver.ReceiverConfig`'s: a peer whose engine differs is refused."""
+
     fingerprint: str
+    engine: Callable[[], str] = no_engine
     token: str = ""
     backends: tuple[str, ...] = ("shm", "nixl", "tcp")
     lease_slack_s: float = 0.5  # lease asked = time left to the deadline + slack
@@ -82,7 +85,8 @@ class _Pool:
 
 class Sender:
     """``backends`` maps name -> a factory building that backend (called lazily, once); each built backend gets
-    ``buffer`` registered. Example: ``{"tcp": lambda: TcpBackend(fp, token)}``.
+    ``buffer`` registered. Usually the registry's: ``registry.factories(["shm", "tcp"], BackendOptions(fp,
+    token=token))`` (:mod:`pdmesh.transfer.registry`); any ``{name: () -> TransferBackend}`` works.
 
     ``region``: the chunks' memory as a raw :class:`MemoryRegion` instead (a device staging region: ``VRAM``,
     ``buffer`` None; or host memory, ``buffer`` a view of it). Chunk offsets are then offsets into the region.
@@ -244,6 +248,7 @@ class Sender:
                     "op": "hello",
                     "v": PROTOCOL_VERSION,
                     "fingerprint": self.config.fingerprint,
+                    "engine": self.config.engine(),
                     "backends": wanted,
                 },
                 "hello_ok",
@@ -253,6 +258,11 @@ class Sender:
             if hello.get("v") != PROTOCOL_VERSION or hello.get("fingerprint") != self.config.fingerprint:
                 raise IncompatiblePeer(
                     f"peer answered fingerprint {hello.get('fingerprint')!r} v{hello.get('v')}"
+                )
+            if engines_differ(self.config.engine(), hello.get("engine")):
+                raise IncompatiblePeer(
+                    f"peer's engine {str(hello.get('engine'))[:64]!r} != ours {self.config.engine()!r} "
+                    "(another model, dtype or KV layout)"
                 )
             offered: dict = hello["metadata"]
             errors = []

@@ -17,9 +17,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdmesh.transfer import segment as _segment
 from pdmesh.transfer.backend import (
+    BackendOptions,
     Segment,
     TransferBackend,
+    WriteHandle,
     buffer_address,
     check_segments,
     host_id,
@@ -40,13 +43,14 @@ class _Mapped:
     refs: int
 
 
-@dataclass
-class _Handle:
-    peer: str
+@dataclass(frozen=True)
+class ShmWrite(WriteHandle):
+    """A checked batch for ``peer`` (a mapped segment name): :meth:`ShmBackend.wait` does the copy."""
+
     segments: Sequence[Segment]
 
 
-class ShmBackend(TransferBackend):
+class ShmBackend(TransferBackend[ShmWrite]):
     name = "shm"
 
     def __init__(self, fingerprint: str) -> None:
@@ -56,6 +60,16 @@ class ShmBackend(TransferBackend):
         self._segment: str | None = None
         self._peers: dict[str, _Mapped] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> ShmBackend:
+        """Uses ``options.fingerprint`` only."""
+        return cls(options.fingerprint)
+
+    @classmethod
+    def available(cls) -> bool:
+        """The shared-memory directory (``/dev/shm``) exists."""
+        return os.path.isdir(_segment.SHM_DIR)
 
     def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
         self._buf = buffer
@@ -114,14 +128,14 @@ class ShmBackend(TransferBackend):
             m.refs += 1
         return seg
 
-    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> _Handle:
+    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> ShmWrite:
         m = self._peers.get(peer)
         if m is None or self._buf is None:
             raise PeerUnavailable(f"shm peer {peer} not connected")
         check_segments(segments, self._buf.nbytes, m.size)
-        return _Handle(peer, segments)
+        return ShmWrite(peer, segments)
 
-    def wait(self, handle: _Handle, deadline: float) -> None:
+    def wait(self, handle: ShmWrite, deadline: float) -> None:
         m = self._peers.get(handle.peer)
         if m is None:
             raise PeerUnavailable(f"shm peer {handle.peer} disconnected")

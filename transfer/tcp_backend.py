@@ -27,9 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdmesh.transfer.backend import (
+    BackendOptions,
     Segment,
     TransferBackend,
     WriteGuard,
+    WriteHandle,
     check_segments,
     pack_metadata,
     unpack_metadata,
@@ -59,9 +61,10 @@ class _Peer:
     lock: threading.Lock
 
 
-@dataclass
-class _Handle:
-    peer: str
+@dataclass(frozen=True)
+class TcpWrite(WriteHandle):
+    """A checked batch for ``peer`` (a data connection): :meth:`TcpBackend.wait` sends it and awaits ``write_ok``."""
+
     segments: Sequence[Segment]
     notif: bytes
 
@@ -73,7 +76,7 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
 
 
-class TcpBackend(TransferBackend):
+class TcpBackend(TransferBackend[TcpWrite]):
     """``host`` is where the receiver's data listener binds (and what it advertises); ``token`` the cluster token."""
 
     name = "tcp"
@@ -95,6 +98,11 @@ class TcpBackend(TransferBackend):
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._closed = threading.Event()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> TcpBackend:
+        """Uses ``fingerprint``, ``token``, ``host`` and ``advertise_host``."""
+        return cls(options.fingerprint, options.token, options.host, options.advertise_host)
 
     # both sides
     def register_memory(self, buffer: memoryview, segment_name: str | None = None) -> None:
@@ -145,14 +153,14 @@ class TcpBackend(TransferBackend):
             self._peers[peer] = _Peer(sock, int(md["size"]), threading.Lock())
         return peer
 
-    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> _Handle:
+    def write(self, peer: str, segments: Sequence[Segment], notif: bytes) -> TcpWrite:
         p = self._peers.get(peer)
         if p is None or self._buf is None:
             raise PeerUnavailable(f"tcp peer {peer} not connected")
         check_segments(segments, self._buf.nbytes, p.size)
-        return _Handle(peer, list(segments), notif)
+        return TcpWrite(peer, list(segments), notif)
 
-    def wait(self, handle: _Handle, deadline: float) -> None:
+    def wait(self, handle: TcpWrite, deadline: float) -> None:
         p = self._peers.get(handle.peer)
         if p is None or self._buf is None:
             raise PeerUnavailable(f"tcp peer {handle.peer} disconnected")

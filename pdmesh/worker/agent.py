@@ -27,7 +27,7 @@ import tempfile
 
 from pdmesh.procs import free_port
 from pdmesh.router.registration import WorkerRegistration
-from pdmesh.security import cluster_token_from_env, worker_api_key
+from pdmesh.security import cluster_token_from_env, is_loopback, require_token_for_bind, worker_api_key
 from pdmesh.worker.cpu_pinning import pin_worker_to_engine_cores
 from pdmesh.worker.heartbeat import RouterTargets, heartbeat_until_stopped
 from pdmesh.worker.roles import WorkerRole
@@ -167,6 +167,23 @@ def _advertised_host(args: argparse.Namespace) -> str:
         return name
 
 
+def check_worker_binds(bind_host: str, advertised_host: str, pd_mode: str, token: str) -> None:
+    """Refuse (SystemExit with the reason) a worker whose engine would listen beyond loopback without the cluster
+    token, in every PD mode: the token is what the engine's API key is derived from (without it the engine
+    serves anyone who reaches its port). In ``nixl`` mode vLLM's NIXL side channel also listens, on the
+    advertised host, and authenticates no one even with a token: it must stay on a private interface
+    (docs/architecture.md, "Security")."""
+    require_token_for_bind(bind_host, token, f"pdmesh worker ({pd_mode} mode) vLLM server")
+    if pd_mode == "nixl":
+        require_token_for_bind(advertised_host, token, "pdmesh worker (nixl mode) NIXL side channel")
+        if not is_loopback(advertised_host):
+            log.warning(
+                "nixl mode: vLLM's NIXL side channel on %s is unauthenticated; keep that interface private "
+                "(push mode authenticates every transfer peer)",
+                advertised_host,
+            )
+
+
 def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
     """Run the worker until signalled; returns the process exit code."""
     from pdmesh.modelgen import DEFAULT_MODEL_NAME, ensure_default_model
@@ -182,6 +199,11 @@ def run_worker(role: WorkerRole, args: argparse.Namespace) -> int:
         routers = RouterTargets(args.router)
     except ValueError as e:
         log.error("--router: %s", e)
+        return 2
+    try:
+        check_worker_binds(args.host, host, args.pd_mode, cluster_token_from_env())
+    except SystemExit as e:
+        log.error("%s", e)
         return 2
     pin_worker_to_engine_cores(device)  # before any child: the tier and vLLM inherit the cores
     tier: TierProcess | None = None
@@ -316,4 +338,6 @@ async def _run_until_signalled(
     try:
         return await heartbeat_until_stopped(engine, reg, router, stop, tier, served)
     finally:
+        if tier is not None:
+            await tier.aclose()
         await engine.aclose()

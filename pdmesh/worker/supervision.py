@@ -3,9 +3,11 @@
 
 Both are polled by the worker's heartbeat loop (one event loop, no threads of their own) and never block it: a
 restart that waits for readiness runs in a worker thread. New children are spawned on the loop's own thread,
-never in a pool thread: their ``PR_SET_PDEATHSIG`` fires when the thread that spawned them exits. Restarts back off (1 s doubling to 30 s) after a
-failed start. Each watch owns the process it holds at any time (``.tier`` / ``.server``); the agent stops that
-one when it exits, including one still starting.
+never in a pool thread: their ``PR_SET_PDEATHSIG`` fires when the thread that spawned them exits. When to restart
+and when to give up is :mod:`pdmesh.restart_policy` with :data:`TIER_RESTART_POLICY` / :data:`ENGINE_RESTART_POLICY`:
+a child that exits is restarted at once, a failed start backs off (1 s doubling to 30 s). Each watch owns the
+process it holds at any time (``.tier`` / ``.server``); the agent stops that one when it exits, including one
+still starting. :class:`CrashLoop` and :func:`log_tail` are :mod:`pdmesh.restart_policy`'s, importable from here.
 """
 
 from __future__ import annotations
@@ -14,106 +16,124 @@ import asyncio
 import logging
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from pdmesh.restart_policy import CrashLoop, RestartPolicy, RestartTracker, log_tail
 
 if TYPE_CHECKING:
     from pdmesh.router.registration import WorkerRegistration
     from pdmesh.worker.tier_process import TierProcess
     from pdmesh.worker.vllm_process import VLLMServer
 
+__all__ = [
+    "ENGINE_RESTART_POLICY",
+    "TIER_RESTART_POLICY",
+    "CrashLoop",
+    "EngineWatch",
+    "TierWatch",
+    "log_tail",
+]
+
 log = logging.getLogger("pdmesh.worker")
 
-
-class CrashLoop(RuntimeError):
-    """A child exited more than ``max_exits`` times within ``window_s``: restarting it again would not help."""
-
-
-def log_tail(path: str | None, n: int = 20) -> str:
-    """The last ``n`` lines of a child's log file (for the message that says why it died)."""
-    try:
-        with open(path or "", errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-class _Backoff:
-    """When the next restart may run: at once after an exit, then 1 s doubling to 30 s after failed starts."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._next_try = 0.0
-        self._delay = 1.0
-
-    def due(self) -> bool:
-        return self._clock() >= self._next_try
-
-    def failed(self) -> float:
-        delay = self._delay
-        self._next_try = self._clock() + delay
-        self._delay = min(self._delay * 2, 30.0)
-        return delay
-
-    def succeeded(self) -> None:
-        self._next_try, self._delay = 0.0, 1.0
+# The tier server: restarted forever (the worker serves without it meanwhile), 1 s doubling to 30 s after
+# failed starts.
+TIER_RESTART_POLICY = RestartPolicy(first_delay_s=1.0, max_delay_s=30.0, factor=2.0, max_exits=None)
+# The vLLM engine: the same backoff; more than 5 exits or failed starts within 15 minutes is a crash loop (an
+# engine may take minutes to start, so a shorter window would never see one).
+ENGINE_RESTART_POLICY = RestartPolicy(
+    first_delay_s=1.0, max_delay_s=30.0, factor=2.0, max_exits=5, window_s=900.0
+)
 
 
 class TierWatch:
-    """Keeps the node's tier server running. When it exits, the worker advertises no tier (no transfer address:
-    the router sends this node no pushes, and its engine computes what it cannot load) and restarts it with
-    backoff; once the new one is ready, its addresses are advertised again. The engine's connector reconnects to
-    the new server by itself (same socket path, new segment)."""
+    """Keeps the node's tier server running (:data:`TIER_RESTART_POLICY`: forever, with backoff). When it exits,
+    the worker advertises no tier at once (no transfer address: the router sends this node no pushes, and its
+    engine computes what it cannot load) and restarts it in a background task, so heartbeats never wait for a
+    restart (a tier may take a minute to become ready; the router would drop a worker that stopped beating).
+    Once the new one is ready, its addresses are advertised again. The engine's connector reconnects to the new
+    server by itself (same socket path, new segment). :meth:`aclose` cancels a restart in progress;
+    :attr:`tier` is always the newest process (the one to stop)."""
 
-    def __init__(self, tier: TierProcess, start: Callable[[], TierProcess], clock=time.monotonic) -> None:
-        """``start`` spawns a new tier server and returns at once (not yet ready)."""
+    def __init__(
+        self,
+        tier: TierProcess,
+        start: Callable[[], TierProcess],
+        clock: Callable[[], float] = time.monotonic,
+        policy: RestartPolicy = TIER_RESTART_POLICY,
+    ) -> None:
+        """``tier`` is ready (the agent waited for it); ``start`` spawns a new tier server and returns at once
+        (not yet ready)."""
         self.tier = tier
         self._start = start
-        self._backoff = _Backoff(clock)
+        self._tracker = RestartTracker(policy, clock, name="tier server")
+        self._tracker.healthy()
         self._reported = False
+        self._restart: asyncio.Task | None = None
+        self._ready = True
         self.restarts = 0
 
     async def advertised(self, reg: WorkerRegistration) -> WorkerRegistration:
-        """``reg`` with the tier's current addresses, or without any while it is down (restarting it when due).
-
-        Blocks the caller (not the loop) for at most the tier's start timeout while a restart runs."""
-        if not self.tier.process.alive():
+        """``reg`` with the tier's current addresses, or without any while it is down or restarting (starting a
+        restart in the background when one is due). Returns at once. Raises :class:`CrashLoop` only under a
+        policy that gives up (not the default)."""
+        if self._restart is None and not self.tier.process.alive():
             if not self._reported:
-                log.error(
-                    "tier server exited with code %s; restarting it. Its last log lines:\n%s",
-                    self.tier.process.poll(),
-                    log_tail(getattr(self.tier, "log_path", None)),
-                )
+                code = self.tier.process.poll()
+                tail = log_tail(getattr(self.tier, "log_path", None))
                 self._reported = True
-            if self._backoff.due():
-                try:
-                    await asyncio.to_thread(self.tier.stop)
-                    # spawned on this (the loop's) thread: PR_SET_PDEATHSIG follows the spawning thread
-                    self.tier = self._start()
-                    await asyncio.to_thread(self.tier.wait_ready, 60.0)
-                    self.restarts += 1
-                    self._reported = False
-                    self._backoff.succeeded()
-                    log.info("tier server restarted: %s", self.tier.info)
-                except (RuntimeError, TimeoutError, OSError) as e:
-                    delay = self._backoff.failed()
-                    log.error("tier server restart failed (%s); next try in %.0fs", e, delay)
-        if not self.tier.process.alive():
+                delay = self._tracker.exited(f"exit code {code}", last_log=tail)
+                log.error(
+                    "tier server exited with code %s; restarting it in %.0fs. Its last log lines:\n%s",
+                    code,
+                    delay,
+                    tail,
+                )
+            self._ready = False
+            if self._tracker.due():
+                self._restart = asyncio.create_task(self._restart_tier(), name="tier-restart")
+        if self._restart is not None and self._restart.done():
+            self._restart = None
+        if self._restart is not None or not self._ready or not self.tier.process.alive():
             return reg.model_copy(update={"tier_url": None, "transfer_address": None})
         info = self.tier.info
         return reg.model_copy(update={"tier_url": info.get("http"), "transfer_address": info.get("transfer")})
 
+    async def _restart_tier(self) -> None:
+        try:
+            await asyncio.to_thread(self.tier.stop)
+            # spawned on the loop's thread (this task's): PR_SET_PDEATHSIG follows the spawning thread
+            self.tier = self._start()
+            self._tracker.started()
+            await asyncio.to_thread(self.tier.wait_ready, 60.0)
+            self.restarts += 1
+            self._reported, self._ready = False, True
+            self._tracker.healthy()
+            log.info("tier server restarted: %s", self.tier.info)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            await asyncio.to_thread(self.tier.stop)  # one that started but never became ready goes too
+            delay = self._tracker.start_failed(str(e))  # the default policy never gives up
+            log.error("tier server restart failed (%s); next try in %.0fs", e, delay)
+
+    async def aclose(self) -> None:
+        """Cancel a restart in progress (the caller then stops :attr:`tier`)."""
+        if self._restart is not None:
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
+            self._restart = None
+
 
 class EngineWatch:
-    """Keeps the node's vLLM engine running.
+    """Keeps the node's vLLM engine running (:data:`ENGINE_RESTART_POLICY`).
 
     :meth:`serving` says whether the engine is up and healthy now. When the engine process has exited it logs
     the exit code and the engine's last log lines, starts a new one with the same command (``start`` returns a
     new, not yet healthy :class:`VLLMServer` at once) and waits for its health check in a thread
-    (``startup_timeout`` s); until then :meth:`serving` is False and the worker stays deregistered. More than
-    ``max_exits`` exits (or failed starts) within ``window_s`` (15 minutes: an engine may take minutes to
-    start, so a shorter window would never see a loop) raise :class:`CrashLoop` (the worker then exits non-zero and says why).
+    (``startup_timeout`` s); until then :meth:`serving` is False and the worker stays deregistered. A failed
+    start backs off; the policy's crash-loop rule (by default more than 5 exits or failed starts within 15
+    minutes) raises :class:`CrashLoop`, with the engine's last log lines (the worker then exits non-zero and
+    says why).
     """
 
     def __init__(
@@ -122,16 +142,14 @@ class EngineWatch:
         start: Callable[[], VLLMServer],
         startup_timeout: float,
         clock: Callable[[], float] = time.monotonic,
-        max_exits: int = 5,
-        window_s: float = 900.0,
+        policy: RestartPolicy = ENGINE_RESTART_POLICY,
     ) -> None:
+        """``server`` is healthy (the agent waited for it)."""
         self.server = server
         self._start = start
         self._startup_timeout = startup_timeout
-        self._clock = clock
-        self._backoff = _Backoff(clock)
-        self._exits: deque[float] = deque()
-        self._max_exits, self._window_s = max_exits, window_s
+        self._tracker = RestartTracker(policy, clock, name="vLLM")
+        self._tracker.healthy()
         self._starting: asyncio.Future | None = None
         self._reported = False
         self.restarts = 0
@@ -147,48 +165,41 @@ class EngineWatch:
             if error is None:
                 self.restarts += 1
                 self._reported = False
-                self._backoff.succeeded()
+                self._tracker.healthy()
                 log.info("vLLM restarted and healthy at %s (restart %d)", self.server.url, self.restarts)
                 return True
             await asyncio.to_thread(self.server.stop, 5.0)
-            delay = self._backoff.failed()
-            log.error("vLLM restart failed (%s); next try in %.0fs", error, delay)
-            self._count_exit(f"restart failed: {error}")
+            log.error("vLLM restart failed (%s); next try in %.0fs", error, self._tracker.next_delay)
+            self._tracker.start_failed(f"restart failed: {error}", last_log=self._tail())
         if self.server.process.alive():
             return True
         if not self._reported:
             self._note_exit()
-        if self._backoff.due():
+        if self._tracker.due():
             await asyncio.to_thread(self.server.stop, 5.0)
             try:
                 self.server = self._start()
             except (OSError, RuntimeError, ValueError) as e:  # could not even spawn it (a bad path, no fds)
-                delay = self._backoff.failed()
-                log.error("vLLM could not be started (%s); next try in %.0fs", e, delay)
-                self._count_exit(f"start failed: {e}")
+                log.error("vLLM could not be started (%s); next try in %.0fs", e, self._tracker.next_delay)
+                self._tracker.start_failed(f"start failed: {e}", last_log=self._tail())
                 return False
+            self._tracker.started()
             self._starting = asyncio.ensure_future(
                 asyncio.to_thread(self.server.wait_healthy, self._startup_timeout)
             )
         return False
 
+    def _tail(self) -> str:
+        return log_tail(getattr(self.server, "log_path", None))
+
     def _note_exit(self) -> None:
         code = self.server.process.poll()
-        self._count_exit(f"last exit code {code}")
-        tail = log_tail(getattr(self.server, "log_path", None))
-        log.error("vLLM exited with code %s; restarting it. Its last log lines:\n%s", code, tail)
+        tail = self._tail()
         self._reported = True
-
-    def _count_exit(self, what: str) -> None:
-        now = self._clock()
-        self._exits.append(now)
-        while self._exits and self._exits[0] < now - self._window_s:
-            self._exits.popleft()
-        if len(self._exits) > self._max_exits:
-            raise CrashLoop(
-                f"vLLM exited or failed to start {len(self._exits)} times in {self._window_s:.0f}s ({what}); "
-                f"not restarting it again. Its last log lines:\n{log_tail(getattr(self.server, 'log_path', None))}"
-            )
+        delay = self._tracker.exited(f"last exit code {code}", last_log=tail)
+        log.error(
+            "vLLM exited with code %s; restarting it in %.0fs. Its last log lines:\n%s", code, delay, tail
+        )
 
     async def aclose(self) -> None:
         """Stop waiting for a restart in progress (the caller stops :attr:`server`, which ends the wait)."""

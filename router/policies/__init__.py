@@ -1,5 +1,9 @@
 """Worker selection policies: one module each, all behind :class:`pdmesh.router.policies.base.Policy`.
 
+``base`` (the interface: ``name``, ``needs_prompt``, ``choose``), ``round_robin``, ``power_of_two`` (the less
+loaded of two at random), ``cache_aware`` (the longest held prefix, within a load guard), ``session_affinity``
+(one conversation to one worker), ``prefer`` (a given worker first, else a fallback policy).
+
 :data:`POLICIES` is the registry the config's choices follow (``policies.prefill`` / ``policies.decode`` and
 ``model_policies``): a name and a factory per policy. Adding a policy = one module + one line here.
 ``prefer`` is not in it: the request flow builds it per request (the decode leg of a push PD request).

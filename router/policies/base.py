@@ -9,6 +9,8 @@ from pdmesh.router.route_context import RouteContext
 
 
 class Policy(Protocol):
+    # The registry name (pdmesh.router.policies.POLICIES), as config and logs say it.
+    name: str
     # True when the policy reads ``ctx.prompt`` (the request flow then analyzes the prompt first).
     needs_prompt: bool
 

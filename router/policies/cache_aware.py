@@ -25,6 +25,7 @@ def cached_prefix_tokens(index: PrefixIndex, candidates: list[Worker], ctx: Rout
 
 
 class CacheAware:
+    name = "cache_aware"
     needs_prompt = True
 
     def __init__(self, index: PrefixIndex, max_load_imbalance: int = 16, seed: int | None = None) -> None:

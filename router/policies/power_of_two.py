@@ -9,6 +9,7 @@ from pdmesh.router.route_context import RouteContext
 
 
 class PowerOfTwo:
+    name = "power_of_two"
     needs_prompt = False
 
     def __init__(self, seed: int | None = None) -> None:

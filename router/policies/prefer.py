@@ -17,6 +17,7 @@ class Prefer:
         self.worker_id = worker_id
         self.fallback = fallback
         self.needs_prompt = fallback.needs_prompt
+        self.name = f"prefer({fallback.name})"
 
     def choose(self, candidates: list[Worker], ctx: RouteContext) -> Worker:
         for w in candidates:

@@ -9,6 +9,7 @@ from pdmesh.router.route_context import RouteContext
 
 
 class RoundRobin:
+    name = "round_robin"
     needs_prompt = False
 
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ def _weight(session: bytes, worker_id: str) -> bytes:
 
 
 class SessionAffinity:
+    name = "session_affinity"
     needs_prompt = False
 
     def __init__(self, seed: int | None = None) -> None:

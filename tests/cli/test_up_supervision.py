@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -39,5 +40,33 @@ def test_supervise_leaves_running_children_alone(tmp_path):
         first.proc.kill()
         first.proc.wait(10)
         assert c.supervise() == ["w"] and c.workers["w"] is not first and c.workers["w"].alive()
+    finally:
+        c.stop()
+
+
+def test_supervise_backs_off_while_a_child_keeps_failing_and_logs_its_last_lines(tmp_path, caplog):
+    """The first exit restarts at once; while the child keeps dying right after its start the restarts wait
+    1 s, 2 s, ... (CLUSTER_RESTART_POLICY); every exit is logged with the child's last log lines."""
+    caplog.set_level(logging.WARNING, logger="pdmesh.cluster")
+    c = LocalCluster(ClusterSpec(log_dir=str(tmp_path)))
+    try:
+        c.workers["decode-0"] = c._spawn("decode-0", ["--log-level", "bogus"], tmp_path / "decode-0.log")
+        died: list[float] = []
+        restarts: list[float] = []
+        deadline = time.monotonic() + 60
+        while len(restarts) < 3 and time.monotonic() < deadline:
+            proc = c.workers["decode-0"]
+            if not proc.alive():
+                if not died or died[-1] < (restarts[-1] if restarts else 0):
+                    died.append(time.monotonic())
+                if c.supervise():
+                    restarts.append(time.monotonic())
+            time.sleep(0.02)
+        assert len(restarts) == 3
+        assert restarts[0] - died[0] < 0.5  # at once
+        assert restarts[1] - died[1] >= 1.0 - 0.05 and restarts[2] - died[2] >= 2.0 - 0.05
+        exits = [r.getMessage() for r in caplog.records if "decode-0 exited" in r.getMessage()]
+        assert len(exits) == 3 and all("invalid choice" in m for m in exits)
+        assert [m.split("restarting it in ")[1].split("s.")[0] for m in exits] == ["0", "1", "2"]
     finally:
         c.stop()

@@ -4,18 +4,20 @@ when it comes up, deregisters on stop, and stops when its vLLM process dies."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 
 import httpx
+import pytest
 
 from pdmesh.procs import free_port
 from pdmesh.router.app import create_app
 from pdmesh.router.config import RouterConfig
 from pdmesh.router.registration import WorkerRegistration
 from pdmesh.worker.agent import heartbeat_until_stopped
-from pdmesh.worker.supervision import CrashLoop, EngineWatch
+from pdmesh.worker.supervision import ENGINE_RESTART_POLICY, CrashLoop, EngineWatch
 from tests.servers import ThreadServer
 
 
@@ -149,7 +151,8 @@ def test_an_engine_that_keeps_dying_is_a_crash_loop(monkeypatch, caplog):
         starts.append(now[0])
         return _FakeServer(fail=True)
 
-    watch = _watch(first, start, clock=lambda: now[0], max_exits=3, window_s=60)
+    policy = dataclasses.replace(ENGINE_RESTART_POLICY, max_exits=3, window_s=60)
+    watch = _watch(first, start, clock=lambda: now[0], policy=policy)
     try:
 
         async def run() -> BaseException | None:
@@ -206,27 +209,70 @@ class _FakeTier:
 
 
 def test_a_dead_tier_is_advertised_away_then_restarted_with_backoff():
-    """While the node's tier is down the worker advertises no transfer address; restarts back off on failure."""
+    """While the node's tier is down the worker advertises no transfer address; restarts run in the background
+    (a heartbeat never waits for one) and back off on failure."""
     from pdmesh.worker.supervision import TierWatch
 
     now = [0.0]
     first = _FakeTier("127.0.0.1:7001")
     starts: list[int] = []
+    release = threading.Event()
+
+    class _SlowTier(_FakeTier):
+        def wait_ready(self, timeout: float) -> dict:
+            assert release.wait(10)
+            return self.info
 
     def start() -> _FakeTier:
         starts.append(1)
         if len(starts) == 1:
             raise RuntimeError("tier server not ready")
-        return _FakeTier("127.0.0.1:7002")
+        return _SlowTier("127.0.0.1:7002")
 
-    watch = TierWatch(first, start, clock=lambda: now[0])
-    reg = asyncio.run(watch.advertised(REG))
-    assert reg.transfer_address == "127.0.0.1:7001" and not starts
-    first.process.exit_code = 137  # SIGKILLed
-    reg = asyncio.run(watch.advertised(REG))  # restart fails: advertised without a tier
-    assert reg.transfer_address is None and reg.tier_url is None and len(starts) == 1 and first.stopped
-    now[0] = 0.5
-    assert asyncio.run(watch.advertised(REG)).transfer_address is None and len(starts) == 1  # backing off
-    now[0] = 1.0
-    reg = asyncio.run(watch.advertised(REG))
-    assert reg.transfer_address == "127.0.0.1:7002" and watch.restarts == 1 and len(starts) == 2
+    async def settle() -> None:  # let a background restart run up to its wait
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        watch = TierWatch(first, start, clock=lambda: now[0])
+        reg = await watch.advertised(REG)
+        assert reg.transfer_address == "127.0.0.1:7001" and not starts
+        first.process.exit_code = 137  # SIGKILLed
+        reg = await watch.advertised(REG)  # at once: no tier while the restart runs
+        assert reg.transfer_address is None and reg.tier_url is None
+        await settle()
+        assert len(starts) == 1 and first.stopped  # that restart failed
+        now[0] = 0.5
+        assert (await watch.advertised(REG)).transfer_address is None  # backing off
+        await settle()
+        assert len(starts) == 1
+        now[0] = 1.0
+        t0 = time.monotonic()
+        assert (await watch.advertised(REG)).transfer_address is None  # restarting: not ready yet
+        await settle()
+        assert (await watch.advertised(REG)).transfer_address is None and len(starts) == 2
+        assert time.monotonic() - t0 < 5  # heartbeats went on while the new tier was not ready
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if (await watch.advertised(REG)).transfer_address == "127.0.0.1:7002":
+                break
+        assert watch.restarts == 1
+        await watch.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", ["push", "nixl"])
+def test_a_worker_never_listens_beyond_loopback_without_the_cluster_token(mode):
+    """Both PD modes: the engine's API key comes from the token; nixl mode's side channel (unauthenticated in vLLM)
+    on a non-loopback address needs the token too, and is logged as to be kept private."""
+    from pdmesh.worker.agent import check_worker_binds
+
+    with pytest.raises(SystemExit, match="without a cluster token"):
+        check_worker_binds("0.0.0.0", "10.0.0.5", mode, "")
+    check_worker_binds("127.0.0.1", "127.0.0.1", mode, "")  # a laptop: fine without a token
+    check_worker_binds("0.0.0.0", "10.0.0.5", mode, "s3cret")
+    if mode == "nixl":
+        with pytest.raises(SystemExit, match="NIXL side channel"):
+            check_worker_binds("127.0.0.1", "10.0.0.5", mode, "")

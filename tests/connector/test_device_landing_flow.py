@@ -169,13 +169,15 @@ def test_the_facade_starts_no_landing_for_cpu_caches_even_when_asked():
     """On CPU the facade leaves the landing off (the caches are not on CUDA): pushes land in the tier pool."""
     from types import SimpleNamespace
 
+    from pdmesh.connector.config import ConnectorConfig
     from pdmesh.connector.vllm_connector import PdmeshConnector
     from pdmesh.kernels import bind, get_layout
     from tests.connector.test_connector_worker import caches
 
     extra = {"device_staging": True, "device_landing": "127.0.0.1:0"}
-    fake = SimpleNamespace(_kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+    fake = SimpleNamespace(config=ConnectorConfig.load(extra, 128, env={}), shards=1)
     assert PdmeshConnector._device_landing(fake, bind(caches(1), get_layout("cpu_attn")), 2) is None
     fake.tier = SimpleNamespace(address="/run/t.sock")
-    assert PdmeshConnector._landed_lookup(fake, extra)([b"a"]) == [False]  # no landing in this process
-    assert PdmeshConnector._landed_lookup(fake, {"device_staging": True}) is None
+    assert PdmeshConnector._landed_lookup(fake)([b"a"]) == [False]  # no landing in this process
+    fake.config = ConnectorConfig.load({"device_staging": True}, 128, env={})
+    assert PdmeshConnector._landed_lookup(fake) is None

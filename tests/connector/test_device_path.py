@@ -52,6 +52,58 @@ def test_device_path_is_on_only_for_cuda_caches_with_nixl():
     assert device_path_decision(on, cuda, True)[0] is True
 
 
+def test_device_path_asks_the_registry_whether_nixl_can_start(monkeypatch):
+    import pdmesh.transfer.nixl_backend as nb
+
+    on, cuda = DevicePathConfig(True, 4), torch.device("cuda", 0)
+    monkeypatch.setattr(nb, "nixl_available", lambda: False)
+    use, why = device_path_decision(on, cuda)
+    assert not use and "NIXL" in why
+    monkeypatch.setattr(nb, "nixl_available", lambda: True)
+    assert device_path_decision(on, cuda)[0] is True
+
+
+def test_staging_sender_and_receiver_build_nixl_through_the_registry_on_one_lane(monkeypatch):
+    """Both ends build NIXL by name (pdmesh.transfer.registry) with the caller's config, one lane unless it sets
+    lanes; agents are stand-ins here, so this runs without NIXL."""
+    from pdmesh.connector.device_path import staging_receiver, staging_sender
+    from pdmesh.transfer import nixl_backend, registry
+    from pdmesh.transfer.device_staging import StagingRegion
+    from pdmesh.transfer.nixl_backend import NixlBackend, NixlConfig
+    from pdmesh.transfer.receiver import ReceiverConfig
+    from pdmesh.transfer.sender import SenderConfig
+
+    monkeypatch.setattr(nixl_backend, "make_agent", lambda name, config: object())
+    monkeypatch.setattr(nixl_backend, "apply_ucx_env", lambda config: None)
+    built = []
+    real_build = registry.build
+
+    def build(name, options):
+        built.append((name, options))
+        return real_build(name, options)
+
+    monkeypatch.setattr(registry, "build", build)
+    st = StagingRegion(4096, 2)
+    rx = staging_receiver(st, ReceiverConfig(fingerprint=FP), NixlConfig(ucx_env={"UCX_TLS": "tcp"}))
+    tx = staging_sender(st, SenderConfig(fingerprint=FP, backends=("nixl",)), NixlConfig(lanes=3))
+    try:
+        [(name, options)] = built
+        assert name == "nixl" and options.fingerprint == FP
+        assert options.nixl == NixlConfig(ucx_env={"UCX_TLS": "tcp"}, lanes=1)
+        b = rx.backends["nixl"]
+        assert isinstance(b, NixlBackend) and b.lanes == 1
+        assert list(tx._factories) == ["nixl"]
+        made = tx._factories["nixl"]()
+        try:
+            assert isinstance(made, NixlBackend) and made.config.lanes == 3 and made.lanes == 3
+        finally:
+            made.close()
+    finally:
+        tx.close()
+        rx.close()
+        st.close()
+
+
 @pytest.mark.parametrize(
     ("pack_impl", "unpack_impl"),
     [

@@ -100,3 +100,10 @@ def test_each_adapter_and_tenant_gets_its_own_single_engine_answer(cluster, expe
     name = "vllm:prompt_tokens_cached_by_source_total"
     loaded = sum(scrape(after, name, source=s) - scrape(before, name, source=s) for s in ("host", "p2p"))
     assert loaded >= len(CASES) * 128, loaded
+    # the connector's own counts reach vLLM's /metrics (connector/stats.py): the scheduler half's hits (each one
+    # vLLM counted above was offered by it) and the worker half's chunk loads, which cross from the model runner
+    grew = {
+        n: scrape(after, f"vllm:pdmesh_{n}_total") - scrape(before, f"vllm:pdmesh_{n}_total")
+        for n in ("hit_tokens", "loaded_chunks", "lookups")
+    }
+    assert grew["hit_tokens"] >= loaded and grew["loaded_chunks"] > 0 and grew["lookups"] > 0, grew

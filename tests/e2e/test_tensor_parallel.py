@@ -89,7 +89,10 @@ def test_tp2_push_pd_equals_one_tp2_engine_and_every_shard_crosses(cluster, expe
 def test_tier_lookup_by_token_ids_counts_chunks_whose_every_shard_is_there(cluster, expected):
     """The router's cache-aware routing asks a tier ``/lookup {"token_ids"}``: the tier learned the engine's
     fingerprint (tp_size 2) from its connector and counts a chunk only when both ranks' parts are there."""
-    body = REQS[0][1]
+    path, body = REQS[0]
+    # serve the prompt here (the test passes alone, not only after the file's first test): its chunks are then in
+    # the prefill worker's tier, and the tier has learned the engine's fingerprint from its connector
+    assert token_ids(path, body, cluster.url) == expected[0]
     prefill = cluster.tier_info("prefill-0")["http"]
     with httpx.Client(timeout=30, trust_env=False) as c:
         workers = {w["worker_id"]: w for w in c.get(cluster.url + "/internal/workers").json()}

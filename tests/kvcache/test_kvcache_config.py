@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.kvcache.config import ConfigError, TierConfig, parse_size
+from pdmesh.kvcache.config import TierConfig, TierConfigError, parse_size
 
 
 def test_defaults_are_small():
@@ -34,19 +34,19 @@ def test_yaml_then_env_then_overrides(tmp_path):
     ],
 )
 def test_invalid_config_names_the_field(env, needle):
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(TierConfigError, match=needle):
         TierConfig.load(None, env=env)
 
 
 def test_bad_yaml_and_unknown_keys(tmp_path):
     f = tmp_path / "t.yaml"
     f.write_text("pool_byts: 1\n")
-    with pytest.raises(ConfigError, match="pool_byts"):
+    with pytest.raises(TierConfigError, match="pool_byts"):
         TierConfig.load(f, env={})
     f.write_text("- a\n")
-    with pytest.raises(ConfigError, match="mapping"):
+    with pytest.raises(TierConfigError, match="mapping"):
         TierConfig.load(f, env={})
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(TierConfigError, match="cannot read"):
         TierConfig.load(tmp_path / "missing.yaml", env={})
 
 

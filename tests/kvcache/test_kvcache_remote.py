@@ -112,7 +112,8 @@ def test_cache_server_rejects_bad_checksum(cache_server):
     s = socket.create_connection(cache_server.address, timeout=5)
     send_frame(s, {"op": "hello", "proto": 1, "token": "cs-token"})
     assert recv_frame(s)["ok"]
-    send_frame(s, {"op": "put", "key": k(1), "fp": b"F" * 16, "n": 10, "csum": 12345}, b"0123456789")
+    put = {"op": "put", "key": k(1), "fp": b"F" * 16, "n": 10, "csum": 12345, "mac": b"m" * 16}
+    send_frame(s, put, b"0123456789")
     reply = recv_frame(s)
     assert reply["ok"] is False and reply["error"] == "corrupt"
     send_frame(s, {"op": "get", "key": k(1)})
@@ -166,8 +167,10 @@ def test_redis_concurrent_roundtrip(redis_url):
     raw = bytearray(r._r.get(r._k(k(0))))
     raw[-1] ^= 0xFF
     r._r.set(r._k(k(0)), bytes(raw))
-    assert r.get(k(0)) is None and r.corrupt == 1 and r.contains([k(0)]) == 0
-    assert r.clear() >= 47
+    assert r.get(k(0)) is None and r.mac_failures == 1 and r.contains([k(0)]) == 0
+    r._r.set(r._k(k(1)), b"PDKV")  # a malformed value: corrupt, not a tag failure
+    assert r.get(k(1)) is None and r.corrupt == 1 and r.contains([k(1)]) == 0
+    assert r.clear() >= 46
     r.close()
 
 
@@ -323,3 +326,236 @@ def test_a_full_redis_still_serves_reads(redis_url):
         admin.flushdb()
         g.close()
         admin.close()
+
+
+# ---------------------------------------------------------------------- record tags (remote tier integrity)
+FP_A = b"F" * 16
+SECRET = "cluster-secret"
+
+
+def _redis_tier(redis_url: str, token: str) -> RedisTier:
+    return RedisTier(redis_url, token, prefix="pdmesh:mactest:")
+
+
+def test_record_mac_binds_key_fingerprint_payload_and_token():
+    from pdmesh.kvcache.record import (
+        HEADER_BYTES,
+        CorruptRecord,
+        FingerprintMismatch,
+        RecordHeader,
+        RecordMac,
+        UnauthenticRecord,
+    )
+
+    mac, data = RecordMac(SECRET), chunk(1, 4096)
+    rec = mac.seal(k(1), data, FP_A) + data
+    assert len(mac.seal(k(1), data, FP_A)) == HEADER_BYTES
+    assert bytes(mac.open(rec, k(1), FP_A)) == data and bytes(mac.open(rec, k(1))) == data
+    assert mac.verify(mac.tag(k(1), FP_A, data), k(1), FP_A, data)
+    assert mac.keyed and not RecordMac("").keyed
+
+    def fails(raw, exc=UnauthenticRecord, key=k(1), fp=FP_A, m=mac):
+        with pytest.raises(exc):
+            m.open(raw, key, fp)
+
+    fails(rec, key=k(2))  # a genuine record moved to another key
+    fails(RecordMac("other-cluster").seal(k(1), data, FP_A) + data)  # another token
+    fails(RecordMac("").seal(k(1), data, FP_A) + data)  # written without a token
+    fails(rec, m=RecordMac(""))  # and the other way round
+    tampered = bytearray(rec)
+    tampered[HEADER_BYTES + 100] ^= 1
+    fails(bytes(tampered))
+    relabelled = bytearray(rec)
+    relabelled[24:40] = (
+        b"G" * 16
+    )  # the fingerprint field: a forged fingerprint is unauthentic, not a plain miss
+    fails(bytes(relabelled), fp=b"G" * 16)
+    fails(RecordHeader.for_payload(k(1), data, FP_A).pack() + data)  # version 1 carries no tag
+    fails(rec[:-1], exc=CorruptRecord)  # length mismatch
+    fails(b"XXXX" + rec[4:], exc=CorruptRecord)
+    fails(rec[:10], exc=CorruptRecord)
+    fails(rec, exc=FingerprintMismatch, fp=b"G" * 16)  # a genuine record of another model
+    assert not mac.verify(None, k(1), FP_A, data) and not mac.verify(b"short", k(1), FP_A, data)
+    assert not mac.verify(mac.tag(k(1), FP_A, data), k(1), 7, data)
+
+
+@pytest.mark.redis
+def test_redis_rejects_planted_and_tampered_records(redis_url):
+    """A writer without the cluster secret cannot make a reader accept a chunk: planted values (a valid-looking
+    header with a wrong tag, another token's record, an old-version record, a record moved from another key) and a
+    tampered payload are misses, counted in ``mac_failures`` and deleted; the genuine put then goes through."""
+    import redis
+
+    from pdmesh.kvcache.record import HEADER_BYTES, RecordHeader, RecordMac
+
+    r = _redis_tier(redis_url, SECRET)
+    r.clear()
+    raw = redis.Redis.from_url(redis_url)  # the other writer: plain access to the database, no secret
+    data = chunk(7, 8192)
+    buf = bytearray(len(data))
+
+    good_head = RecordMac(SECRET).seal(k(1), data, FP_A)
+    planted = {
+        k(1): good_head[:-16] + b"\0" * 16 + data,  # right layout, wrong tag
+        k(2): RecordMac("not-the-secret").seal(k(2), data, FP_A) + data,
+        k(3): RecordMac("").seal(k(3), data, FP_A) + data,  # an unkeyed digest anyone can compute
+        k(4): RecordHeader.for_payload(k(4), data, FP_A).pack() + data,  # record version 1 (old tiers)
+        k(5): good_head + data,  # a genuine record of k(1) copied under k(5)
+    }
+    for key, value in planted.items():
+        raw.set(r._k(key), value)
+    assert r.contains(list(planted)) == len(planted)  # present, but never served:
+    for n, key in enumerate(planted, 1):
+        assert r.get_into(key, buf, FP_A) is None
+        assert r.mac_failures == n and r.corrupt == 0
+        assert not raw.exists(r._k(key))  # deleted: it cannot block the genuine SET NX
+    assert r.put(k(1), data, FP_A) is True
+    assert r.get_into(k(1), buf, FP_A) == len(data) and buf == data
+
+    # a genuine record with its payload altered in place
+    value = bytearray(raw.get(r._k(k(1))))
+    value[HEADER_BYTES + 5] ^= 0x40
+    raw.set(r._k(k(1)), bytes(value))
+    g = GuardedRemote(r)
+    assert g.get_into(k(1), buf, FP_A) is None  # a miss, never an exception
+    assert r.mac_failures == len(planted) + 1 and g.mac_failures == r.mac_failures
+    assert g.stats.misses == 1 and g.stats.errors == 0
+    r.clear()
+    r.close()
+    raw.close()
+
+
+@pytest.mark.redis
+def test_redis_records_read_only_under_the_same_secret(redis_url):
+    writer = _redis_tier(redis_url, SECRET)
+    writer.clear()
+    same = _redis_tier(redis_url, SECRET)
+    data = chunk(3, 4096)
+    buf = bytearray(len(data))
+    for i in range(3):
+        assert writer.put(k(i), data, FP_A)
+    assert same.get_into(k(0), buf, FP_A) == len(data) and buf == data  # another node, same secret
+    assert same.get(k(1)) == data and same.mac_failures == 0
+    other = _redis_tier(redis_url, "another-cluster")
+    assert other.get_into(k(0), buf, FP_A) is None and other.mac_failures == 1
+    unkeyed = _redis_tier(redis_url, "")
+    assert unkeyed.get(k(2)) is None and unkeyed.mac_failures == 1
+    for t in (writer, same, other, unkeyed):
+        t.close()
+
+
+def _raw_cache_conn(address, token):
+    from pdmesh.frames import recv_frame, send_frame
+    from pdmesh.kvcache.cache_server import PROTO_VERSION
+
+    s = socket.create_connection(address, timeout=5)
+    send_frame(s, {"op": "hello", "proto": PROTO_VERSION, "token": token})
+    assert recv_frame(s)["ok"]
+    return s
+
+
+def _raw_put(s, key, data, mac, fp=FP_A):
+    from pdmesh.frames import recv_frame, send_frame
+    from pdmesh.kvcache.record import checksum
+
+    send_frame(
+        s, {"op": "put", "key": key, "fp": fp, "n": len(data), "csum": checksum(data), "mac": mac}, data
+    )
+    return recv_frame(s)
+
+
+def test_cache_server_rejects_planted_and_tampered_records():
+    """The cache server stores tags opaquely and the client verifies them: a chunk put by a writer without the
+    secret (a wrong tag, another token's tag, a good tag over another payload) or altered inside the server is a
+    miss, counted and deleted; records read back only under the same secret."""
+    from pdmesh.kvcache.cache_server import CacheServer
+    from pdmesh.kvcache.record import RecordMac
+
+    server = CacheServer(
+        "127.0.0.1", 0, max_bytes=64 << 20, token=""
+    )  # loopback, no hello token: anyone writes
+    server.start()
+    c = CacheServerClient(*server.address, SECRET)
+    raw = _raw_cache_conn(server.address, "")
+    data, other = chunk(5, 8192), chunk(6, 8192)
+    buf = bytearray(len(data))
+    try:
+        good = RecordMac(SECRET).tag(k(3), FP_A, data)
+        planted = {
+            k(1): b"\0" * 16,
+            k(2): RecordMac("not-the-secret").tag(k(2), FP_A, data),
+            k(3): good,  # the genuine tag of `data`, over another payload
+            k(4): good,  # ... and under another key
+        }
+        for key, mac in planted.items():
+            assert _raw_put(raw, key, other if key == k(3) else data, mac)["stored"] is True
+        for n, key in enumerate(planted, 1):
+            assert c.get_into(key, buf, FP_A) is None
+            assert c.mac_failures == n and c.corrupt == 0
+            assert c.contains([key]) == 0  # deleted: the genuine put is not blocked
+        assert c.put(k(1), data, FP_A) is True
+        assert c.get_into(k(1), buf, FP_A) == len(data) and buf == data
+
+        # a put without a tag is refused
+        from pdmesh.frames import recv_frame, send_frame
+
+        send_frame(raw, {"op": "put", "key": k(9), "fp": FP_A, "n": 4, "csum": 0}, b"abcd")
+        assert recv_frame(raw)["error"] == "bad_request"
+
+        # altered inside the server: the payload, the fingerprint
+        assert c.put(k(2), data, FP_A) and c.put(k(3), data, FP_A)
+        item = server.store._items[k(2)]
+        item.buf[7] ^= 1
+        item.csum = __import__("xxhash").xxh3_64_intdigest(
+            item.data
+        )  # a consistent checksum: only the tag tells
+        server.store._items[k(3)].fp = b"G" * 16
+        g = GuardedRemote(c)
+        assert g.get_into(k(2), buf, FP_A) is None and c.mac_failures == len(planted) + 1
+        assert g.get_into(k(3), buf, b"G" * 16) is None and c.mac_failures == len(planted) + 2
+        assert g.stats.misses == 2 and g.stats.errors == 0
+
+        # damage the checksum also sees is counted as corrupt
+        assert c.put(k(4), data, FP_A)
+        server.store._items[k(4)].buf[0] ^= 1
+        assert c.get_into(k(4), buf, FP_A) is None and c.corrupt == 1
+
+        # the same secret reads its records, another secret (or none) does not
+        assert c.put(k(5), data, FP_A)
+        same = CacheServerClient(*server.address, SECRET)
+        assert same.get_into(k(5), buf, FP_A) == len(data) and buf == data
+        other_cluster = CacheServerClient(*server.address, "another-cluster")
+        assert other_cluster.get(k(5), FP_A) is None and other_cluster.mac_failures == 1
+        for cl in (same, other_cluster):
+            cl.close()
+    finally:
+        raw.close()
+        c.close()
+        server.close()
+
+
+def test_tier_counts_remote_mac_failures_in_stats_and_metrics(tmp_path, tier_factory, cache_server):
+    """A chunk planted in the remote (here straight into the cache server's store, as a compromised server would)
+    is a miss for the tier's load, shown in /stats and as ``pdmesh_tier_remote_mac_failures_total``."""
+    import httpx
+
+    from pdmesh.kvcache.client import TierClient
+    from pdmesh.kvcache.keys import ModelFingerprint, chunk_keys
+
+    from .conftest import tier_config
+
+    fp = ModelFingerprint("tiny", "r0", "float32", "cpu", 32)
+    t = tier_factory(
+        tier_config(tmp_path, remote__url=f"pdmesh://127.0.0.1:{cache_server.port}", token="cs-token")
+    )
+    c = TierClient(t.config.socket_path, "cs-token", timeout_s=5, fingerprint=fp.to_dict())
+    keys = chunk_keys(fp, list(range(64)), 32)
+    for key in keys:
+        cache_server.store.put(key, chunk(1, 4096), fp.digest(), mac=b"\0" * 16)
+    assert c.lookup(keys).tiers == ["remote"] * 2  # present in the remote...
+    assert c.load(keys) == []  # ...but never loaded
+    st = c.stats()
+    assert st["remote"]["mac_failures"] == 1 and st["remote"]["corrupt"] == 0 and st["remote"]["errors"] == 0
+    with httpx.Client(base_url=t.http, timeout=5) as h:
+        assert "pdmesh_tier_remote_mac_failures_total 1.0" in h.get("/metrics").text
+    c.close()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -102,10 +104,16 @@ def test_http_api(tmp_path, tier_factory):
         assert h.post("/lookup", json={"keys": ["zz"]}, headers=TOK).status_code == 422
         # a tenant's salt keys its chunks: the plain prompt's chunks are not its hits, its own are
         salted = chunk_keys(FP, toks, 32, InputIdentity(salt="tenant-a"))
-        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 0
+        assert (
+            h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 0
+        )
         c.put(salted[:3], [data_for(k) for k in salted[:3]])
-        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 3
-        assert h.post("/lookup", json={"token_ids": toks, "salt": "tenant-b"}, headers=TOK).json()["chunks"] == 0
+        assert (
+            h.post("/lookup", json={"token_ids": toks, "salt": "tenant-a"}, headers=TOK).json()["chunks"] == 3
+        )
+        assert (
+            h.post("/lookup", json={"token_ids": toks, "salt": "tenant-b"}, headers=TOK).json()["chunks"] == 0
+        )
         assert h.post("/lookup", json={"token_ids": toks, "salt": 7}, headers=TOK).status_code == 422
         stats = h.get("/stats", headers=TOK).json()
         assert stats["memory"]["ready"] == 5
@@ -392,3 +400,51 @@ def test_load_waits_for_a_chunk_still_being_written(tmp_path, tier_factory):
     writer.abort([k2])
     th.join(10)
     assert result["locs"] == []
+
+
+class _BadRemote:
+    """A remote tier whose reads fail in ways the tier does not expect, or hang until released."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    def get_into(self, key, out, fingerprint=None):
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        self.release.wait(10)
+        out[:4] = b"late"  # a slow read writes into the slot after its caller gave up
+        self.finished.set()
+        return None
+
+
+def test_a_fill_that_fails_in_any_way_releases_its_slot(tmp_path, tier_factory):
+    """No key stays allocated after a failed cache fill (later requests for the chunk would wait on it for the
+    full in-flight wait): an unexpected error is a miss, and a cancelled fill aborts once its reader is done."""
+    t = tier_factory(tier_config(tmp_path))
+    tier = t.server
+    for i, error in enumerate([RuntimeError("driver bug"), KeyError("x"), ValueError("bad record")]):
+        key = bytes([i]) * 16
+        tier.remote = _BadRemote(error)
+        assert t.run(lambda key=key: tier._fill_from("remote", key, None)) is False
+        assert tier.pool.meta(key) is None, error
+    key = b"\x09" * 16
+    slow = tier.remote = _BadRemote()
+
+    async def cancelled_fill():
+        task = asyncio.ensure_future(tier._fill_from("remote", key, None))
+        assert await asyncio.to_thread(slow.started.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        held_while_reading = tier.pool.meta(key) is not None  # the reader still writes into the slot
+        slow.release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return held_while_reading
+
+    assert t.run(cancelled_fill) is True
+    assert slow.finished.is_set() and tier.pool.meta(key) is None
+    tier.remote = None

@@ -5,7 +5,9 @@ longer than that in "tokens" = words get vLLM's 400), ``fail_status`` (answer ev
 ``die_after_chunks`` (break a stream abruptly after that many chunks), ``chunk_delay_s``, ``delay_s`` (wait
 before answering; like vLLM, a client disconnect during that wait aborts the request and counts in
 ``cancelled``), ``health_status``, ``tokenize_status``. ``POST /tokenize`` gives one token id per word (roles
-count as words for messages), like vLLM's endpoint shape; ``tokenize_calls`` counts calls.
+count as words for messages), like vLLM's endpoint shape; ``tokenize_calls`` counts calls. ``POST /v1/responses``
+(a passthrough route) honours ``delay_s`` and, streamed, sends ``tokens`` delta events ``chunk_delay_s`` apart
+(a stream cut short counts in ``cancelled``).
 """
 
 from __future__ import annotations
@@ -208,12 +210,23 @@ class FakeWorker:
         async def responses(request: Request):
             body = await request.json()
             me.requests.append(body)
+            if me.delay_s and not await me._wait_or_abort(request, me.delay_s):
+                return JSONResponse({"error": {"message": "aborted"}}, 499)
             if not body.get("stream"):
                 return {"id": "resp", "object": "response", "worker": me.name, "output_text": "ok"}
 
             async def events():
-                yield b'event: response.created\ndata: {"type": "response.created"}\n\n'
-                yield b'event: response.completed\ndata: {"type": "response.completed"}\n\n'
+                try:
+                    yield b'event: response.created\ndata: {"type": "response.created"}\n\n'
+                    for i in range(me.tokens):
+                        if me.chunk_delay_s:
+                            await asyncio.sleep(me.chunk_delay_s)
+                        delta = {"type": "response.output_text.delta", "delta": f"t{i} "}
+                        yield f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n".encode()
+                    yield b'event: response.completed\ndata: {"type": "response.completed"}\n\n'
+                except (asyncio.CancelledError, GeneratorExit):
+                    me.cancelled += 1
+                    raise
 
             return StreamingResponse(events(), media_type="text/event-stream")
 

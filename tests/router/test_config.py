@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.router.config import ConfigError, load_router_config
+from pdmesh.router.config import RouterConfigError, load_router_config
 
 
 def test_yaml_env_and_overrides_merge(tmp_path, monkeypatch):
@@ -33,5 +33,5 @@ def test_example_config_is_valid():
 def test_bad_config_names_the_problem(tmp_path, text, needle):
     f = tmp_path / "r.yaml"
     f.write_text(text)
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(RouterConfigError, match=needle):
         load_router_config(f)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from pdmesh.security import push_target_signed
+from pdmesh.security import PUSH_KIND, push_grant_refusal
 from tests.router.conftest import TOKEN
 from tests.router.fake_worker import FakeWorker
 from tests.servers import ThreadServer
@@ -44,8 +44,11 @@ def test_push_legs_carry_transfer_fields(make_harness):
     params = pre["kv_transfer_params"]["pdmesh"]
     assert params["push_to"] == "10.2.2.2:7002" and params["deadline_ms"] == 1234
     # the router vouches for the target: the connector checks this with the cluster token
-    assert push_target_signed(params["sig"], TOKEN, params["transfer_id"], "10.2.2.2:7002", 1234)
-    assert not push_target_signed(params["sig"], TOKEN, params["transfer_id"], "evil:1", 1234)
+    ids = FakeWorker.token_ids(COMPLETION) if "prompt" in params else None
+    assert push_grant_refusal(params, TOKEN, PUSH_KIND, ids) is None
+    assert push_grant_refusal(params, TOKEN, PUSH_KIND, [7, 7, 7]) in (None, "granted for another prompt")
+    assert push_grant_refusal({**params, "push_to": "evil:1"}, TOKEN, PUSH_KIND) == "bad signature"
+    assert params["expires_ms"] > params["deadline_ms"] and len(params["nonce"]) >= 16
     (dec,) = d.requests
     assert dec["kv_transfer_params"] == {
         "pdmesh": {"transfer_id": params["transfer_id"], "deadline_ms": 1234}

@@ -7,7 +7,10 @@ registration, or metrics that were not merged, would show within a few connectio
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -18,6 +21,7 @@ import psutil
 import pytest
 
 from pdmesh.procs import ManagedProcess, free_port, wait_until
+from pdmesh.router import processes
 from pdmesh.router.config import LimitsConfig, RouterConfig
 from pdmesh.router.peers import merge_metrics
 from pdmesh.router.processes import share_of
@@ -202,3 +206,20 @@ def test_merge_metrics_labels_each_process_and_marks_silent_ones() -> None:
     assert scrape(merged, "pdmesh_router_process_up", router_process="2") == 0
     assert "_created" not in merged
     assert merged.count("# TYPE pdmesh_router_requests_total counter") == 1
+
+
+def test_supervisor_gives_up_after_failures_right_after_starting(monkeypatch, caplog) -> None:
+    """Children that die at once are restarted with backoff (ROUTER_RESTART_POLICY, delays shortened here); the
+    5th failure in a row stops the supervisor with status 1, and each death is logged."""
+    false = shutil.which("false")
+    assert false
+    fast = dataclasses.replace(processes.ROUTER_RESTART_POLICY, first_delay_s=0.01)
+    monkeypatch.setattr(processes, "ROUTER_RESTART_POLICY", fast)
+    monkeypatch.setattr(sys, "executable", false)  # every child exits 1 at once
+    caplog.set_level(logging.INFO, logger="pdmesh.router")
+    t0 = time.monotonic()
+    assert processes.run_supervisor(RouterConfig(port=free_port(), processes=1)) == 1
+    assert time.monotonic() - t0 < 30
+    deaths = [r.getMessage() for r in caplog.records if "router process 0" in r.getMessage()]
+    assert len(deaths) == 5 and "failed 5 times in a row right after starting" in deaths[-1]
+    assert all("no log file of its own" in m for m in deaths)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdmesh.breaker import CircuitBreaker
-from pdmesh.router.config import ConfigError, LimitsConfig, load_router_config
+from pdmesh.router.config import LimitsConfig, RouterConfigError, load_router_config
 from pdmesh.router.errors import OpenAIError
 from pdmesh.router.limits import Limiter, TokenBucket
 from pdmesh.router.policies import CacheAware, PowerOfTwo, RoundRobin, SessionAffinity, make_policy
@@ -227,5 +227,5 @@ def test_new_config_sections_from_yaml_and_env(tmp_path, monkeypatch):
 def test_bad_new_sections_name_the_field(tmp_path, text, needle):
     f = tmp_path / "r.yaml"
     f.write_text(text)
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(RouterConfigError, match=needle):
         load_router_config(f)

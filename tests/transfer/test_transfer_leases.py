@@ -145,6 +145,59 @@ def test_bad_token_and_fingerprint_refused(rx):
         assert info.value.code == PD_INCOMPATIBLE_PEER and not info.value.retryable
 
 
+def test_peers_of_another_engine_are_refused_both_ways():
+    """Nodes whose engines key chunks for another model, dtype or KV layout never exchange them: the receiver
+    refuses a sender of another engine, the sender a receiver of another engine; a node that does not know its
+    engine yet (no connector said hello) is not refused."""
+    pool = ReferencePool(4096, 4)
+    engine = {"rx": "nhd-engine"}
+    r = Receiver(
+        pool,
+        ReceiverConfig(fingerprint=FP, engine=lambda: engine["rx"], token="s3cret"),
+        [TcpBackend(FP, "s3cret")],
+    )
+    r.start()
+    src = memoryview(bytearray(4096))
+
+    def push(sender_engine: str, tid: str):
+        sender = Sender(
+            src,
+            SenderConfig(fingerprint=FP, engine=lambda: sender_engine, token="s3cret", backends=("tcp",)),
+            {"tcp": lambda: TcpBackend(FP, "s3cret")},
+        )
+        try:
+            return sender.push(r.address, tid, [Chunk(tid.encode(), 0, 4096)], time.monotonic() + 10)
+        finally:
+            sender.close()
+
+    try:
+        with pytest.raises(IncompatiblePeer):
+            push("hnd-engine", "t1")  # refused by the receiver before authentication
+        assert pool.get(b"t1") is None
+        assert push("nhd-engine", "t2").written == [b"t2"]
+        assert push("", "t3").written == [b"t3"]  # a sender that does not know its engine yet
+        engine["rx"] = ""
+        assert push("hnd-engine", "t4").written == [b"t4"]  # nor a receiver
+        engine["rx"] = "nhd-engine"
+        with pytest.raises(IncompatiblePeer):  # the sender checks the receiver's answer too
+            sender = Sender(
+                src,
+                SenderConfig(fingerprint=FP, engine=lambda: "hnd-engine", token="s3cret", backends=("tcp",)),
+                {"tcp": lambda: TcpBackend(FP, "s3cret")},
+            )
+            try:
+                r.config.engine = lambda: "nhd-engine"
+                original = r._check_hello
+                r._check_hello = lambda msg: None  # a receiver that skips its own check
+                sender.push(r.address, "t5", [Chunk(b"t5", 0, 4096)], time.monotonic() + 10)
+            finally:
+                r._check_hello = original
+                sender.close()
+    finally:
+        r.close()
+        pool.close()
+
+
 def test_push_round_trip_over_tcp_in_process(rx):
     r, pool = rx
     src = memoryview(bytearray(os.urandom(8192)))
