@@ -6,7 +6,7 @@ reason in the scheduler's stats), so they are never served KV computed for other
 
 - LoRA: the adapter's name and a digest of its files (:func:`adapter_digest`), so that two workers that mount the
   same adapter at different paths share its KV, and a name re-pointed at other weights does not. An adapter
-  whose files cannot be read is keyed by name and path (vLLM's own prefix cache does the same).
+  whose weight files cannot be read here is a skip (``adapter_unreadable``).
 - ``cache_salt``: the salt itself.
 - multimodal inputs: each input's placeholder range and content identifier (vLLM's ``mm_hash``); an input
   without an identifier is a skip (``multimodal_unhashed``).
@@ -29,6 +29,7 @@ _ADAPTER_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
     "adapter_model.bin",
+    "adapter_model.pt",
     "new_embeddings.safetensors",
     "new_embeddings.bin",
 )
@@ -74,10 +75,11 @@ def adapter_digest(path: str) -> str:
 
 
 def _adapter_identity(lora_request: Any) -> str:
+    """``""`` when the adapter's weights cannot be read here (then the request is not keyed)."""
     name = str(getattr(lora_request, "lora_name", "") or "")
     path = str(getattr(lora_request, "lora_path", "") or "")
     digest = adapter_digest(path) if path else ""
-    return f"lora:{name}:sha:{digest}" if digest else f"lora:{name}:path:{path}"
+    return f"lora:{name}:sha:{digest}" if digest else ""
 
 
 def _media(request: Any) -> tuple[MediaInput, ...] | None:
@@ -102,6 +104,8 @@ def identity_of(request: Any) -> InputIdentity | str:
             return "multimodal_unhashed"
         lora = getattr(request, "lora_request", None)
         adapter = _adapter_identity(lora) if lora else ""
+        if lora and not adapter:
+            return "adapter_unreadable"
         salt = getattr(request, "cache_salt", None) or ""
         return InputIdentity(adapter=adapter, salt=str(salt), media=media)
     except Exception:  # untrusted shape: never raise inside vLLM's scheduler

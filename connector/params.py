@@ -82,7 +82,12 @@ class PdParams:
         push_to = raw.get("push_to")
         if push_to is not None:
             why = push_grant_refusal(raw, token, PUSH_KIND, prompt_ids, now)
-            if why is None and seen is not None and not seen.first_use(raw["sig"], raw["expires_ms"], now):
+            # keyed on the decoded proof: another spelling of the same hex is the same grant
+            if (
+                why is None
+                and seen is not None
+                and not seen.first_use(bytes.fromhex(raw["sig"]).hex(), raw["expires_ms"], now)
+            ):
                 why = "grant already used"
             if why is not None:
                 log.warning(

@@ -68,18 +68,15 @@ def engine_layout(vllm_config: VllmConfig, backend_name: str | None = None) -> s
     and the per-rank geometry (KV heads, head size, layers). Two engines whose strings differ never share a key,
     so a pool of another layout (FlashAttention vs FlashInfer, NHD vs HND) never unpacks our chunks transposed.
 
-    ``backend_name``: the backend the worker half actually bound; None derives it from the config (vLLM's
-    default choice for it), as the scheduler half must. Never raises: what cannot be read is ``?``."""
+    ``backend_name``: the backend the worker half actually bound; None derives it from the config alone
+    (:func:`configured_attn_backend`), which every process of the engine computes alike (the scheduler process
+    has no attention layers to ask). Never raises: what cannot be read is ``?``."""
     from vllm.platforms import current_platform
 
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     parts = [current_platform.device_type, str(cc.cache_dtype)]
     try:
-        if backend_name is None:
-            from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
-
-            backend_name = get_current_attn_backends(vllm_config)[0].get_name()
-        parts.append(str(backend_name))
+        parts.append(str(backend_name if backend_name is not None else configured_attn_backend(vllm_config)))
     except Exception as e:
         log.warning("pdmesh connector: attention backend unknown (%s)", e)
         parts.append("?")
@@ -92,11 +89,29 @@ def engine_layout(vllm_config: VllmConfig, backend_name: str | None = None) -> s
         parts += [
             f"kvh{mc.get_num_kv_heads(pc)}",
             f"hd{mc.get_head_size()}",
-            f"L{mc.get_num_layers(pc)}",
+            f"L{mc.get_total_num_hidden_layers()}",  # the model's (a pipeline stage's own count differs per stage)
         ]
     except Exception:
         parts.append("?")
     return ":".join(parts)
+
+
+def configured_attn_backend(vllm_config: VllmConfig) -> str:
+    """vLLM's choice of attention backend from the config alone (what its selector answers without the model's
+    layers): the same in the scheduler process and in every worker process. The worker half refuses to load or
+    save when the backend it actually bound differs (the keys would name another layout)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.selector import get_attn_backend
+
+    mc = vllm_config.model_config
+    with set_current_vllm_config(vllm_config):
+        backend = get_attn_backend(
+            head_size=mc.get_head_size(),
+            dtype=mc.dtype,
+            kv_cache_dtype=vllm_config.cache_config.cache_dtype,
+            use_mla=mc.use_mla,
+        )
+    return backend.get_name()
 
 
 def fingerprint_for(vllm_config: VllmConfig) -> ModelFingerprint:
@@ -137,6 +152,13 @@ class PdmeshConnector(KVConnectorBase_V1):
             self._kv_transfer_config.kv_connector_extra_config, self.block_size
         )
         self.chunk_tokens = self.config.chunk
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        if role == KVConnectorRole.SCHEDULER and policy != "recompute":
+            log.warning(
+                "pdmesh connector: kv_load_failure_policy is %r: a chunk that fails to load (a tier restart, a "
+                'refused layout) fails its request; set "kv_load_failure_policy": "recompute" to compute it',
+                policy,
+            )
         self.fingerprint = fingerprint_for(vllm_config)
         self.tier = ConnectorTierClient.from_config(self.config, self.fingerprint)
         self.shards = self.fingerprint.shards

@@ -6,7 +6,8 @@ Unix socket, :mod:`pdmesh.frames` frames, one request at a time per connection. 
 token; a connection whose first request fails is closed. Keys are 16-byte msgpack bin. The ops (:data:`OPS`):
 
 - ``hello {token, proto?, fingerprint?: dict, chunk_tokens?: int}`` -> ``{proto, segment, pool_bytes, slot_bytes,
-  num_slots, chunk_tokens}`` (the first fingerprint and chunk size a connector tells are the engine's)
+  num_slots, chunk_tokens}`` (the latest fingerprint and chunk size a connector tells are the engine's; a
+  configured fingerprint stays)
 - ``lookup {keys, remote?: bool}`` -> ``{n, tiers}``: the longest prefix held by any tier and, per key, where
   (``memory``/``disk``/``remote``). No data moves.
 - ``load {keys}`` -> ``{n, locs: [[offset, length], ...]}``: brings the longest available prefix into the pool
@@ -151,15 +152,11 @@ def _hello(tier: Tier, conn: Conn, msg: dict) -> dict:
         except TypeError as e:
             raise ControlError("bad_request", f"fingerprint: {e}") from e
         conn.fp = mf.digest()
-        if tier.fingerprint is None:
+        if tier.fingerprint != mf and not tier.config.fingerprint:
+            # the latest engine's (a restart with another config replaces it); an operator's configured one stays
             tier.fingerprint = mf
     chunk = msg.get("chunk_tokens")
-    if (
-        isinstance(chunk, int)
-        and not isinstance(chunk, bool)
-        and chunk > 0
-        and tier.engine_chunk_tokens is None
-    ):
+    if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0:
         tier.engine_chunk_tokens = chunk  # the engine's chunk size: /lookup by token ids chunks alike
     pool = tier.pool
     return {

@@ -120,12 +120,16 @@ class InputIdentity:
     def chunk_extra(self, start: int, end: int) -> bytes:
         """What chunk ``[start, end)`` hashes besides its tokens: each overlapping input's identifier and its
         offset relative to the chunk (the same input at another place is other KV). Empty when none overlaps."""
-        parts = [
-            f"{m.identifier}@{m.offset - start}"
-            for m in self.media
-            if m.offset < end and m.offset + m.length > start
-        ]
-        return "\0".join(parts).encode()
+        out = bytearray()
+        for m in self.media:
+            if m.offset < end and m.offset + m.length > start:
+                ident = m.identifier.encode()
+                out += (
+                    len(ident).to_bytes(4, "little")
+                    + ident
+                    + (m.offset - start).to_bytes(8, "little", signed=True)
+                )
+        return bytes(out)
 
 
 def _chunk_bytes(chunk: Sequence[int]) -> bytes:

@@ -222,10 +222,14 @@ class Tier:
             read = asyncio.ensure_future(asyncio.to_thread(reader, key, view, fp))
             n = await asyncio.shield(read)
         except asyncio.CancelledError:
-            if read is not None:
-                await asyncio.wait({read})  # the thread writes into the slot: never free it under the writer
-            view.release()
-            self.pool.abort(key)
+            try:
+                if read is not None:
+                    # the thread writes into the slot: never free it under the writer (a second cancellation
+                    # during this wait only shortens it: the slot is aborted in any case)
+                    await asyncio.wait({read})
+            finally:
+                view.release()
+                self.pool.abort(key)
             raise
         except Exception as e:  # any reader failure is a miss; the slot goes back
             if not isinstance(e, (ValueError, OSError)):

@@ -78,7 +78,7 @@ def _lookup_keys(tier: Tier, body: dict[str, Any]) -> tuple[list[bytes], list[by
     of shards and the chunk size in tokens. CPU-bound (hashes the token ids): called in a worker thread. Raises
     :class:`_HTTPError` (422) for a bad body or more than :data:`MAX_LOOKUP_KEYS` keys, checked before hashing."""
     try:
-        chunk_tokens = int(body.get("chunk_tokens") or tier.config.chunk_tokens)
+        chunk_tokens = int(body.get("chunk_tokens") or tier.engine_chunk_tokens or tier.config.chunk_tokens)
         if chunk_tokens <= 0:
             raise ValueError("chunk_tokens must be positive")
         shards = 1

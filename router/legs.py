@@ -173,7 +173,9 @@ class Legs:
         assert push_to is not None
         prompt = self.ctx.prompt
         # the grant binds to the prompt's token ids when the router has the engine's own tokenization of it
-        prompt_ids = prompt.token_ids if prompt is not None and prompt.exact else None
+        # (not under truncation: the engine then keys fewer tokens than the router saw)
+        bound = prompt is not None and prompt.exact and self.ctx.body.get("truncate_prompt_tokens") is None
+        prompt_ids = prompt.token_ids if bound else None
 
         def decode_body(w: Worker) -> dict:
             return pd_push.decode_request(body, transfer_id, deadline_ms) if w.id == target.id else body

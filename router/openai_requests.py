@@ -165,7 +165,24 @@ def json_object(raw: bytes) -> dict:
         xargs = obj.get("vllm_xargs")
         if isinstance(xargs, dict):
             xargs.pop(name, None)
+    _drop_media_uuids(obj)
     return obj
+
+
+def _drop_media_uuids(obj: dict) -> None:
+    """Remove client-chosen ids of multimodal inputs (content parts' ``uuid``, ``multi_modal_uuids``): vLLM would
+    use them as the inputs' content hashes, which key cached KV cluster-wide; a client that guessed another's id
+    could otherwise plant KV for it. The engines hash the content themselves instead."""
+    obj.pop("multi_modal_uuids", None)
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        return
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict):
+                    part.pop("uuid", None)
 
 
 # what a prefill leg never needs: its one token is thrown away, only the prompt's KV matters

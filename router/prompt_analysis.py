@@ -22,7 +22,17 @@ from pdmesh.router.config import CacheAwareConfig
 from pdmesh.router.prompt_keys import PromptInfo, prompt_token_ids, text_info, token_info
 from pdmesh.router.registry import Worker
 
-_TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "add_generation_prompt")
+# every request field that changes the engine's prompt token ids (forwarded to /tokenize)
+_TEMPLATE_FIELDS = (
+    "tools",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "documents",
+    "mm_processor_kwargs",
+)
 _RETRY_TOKENIZE_S = 30.0
 
 

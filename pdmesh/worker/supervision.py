@@ -111,7 +111,7 @@ class TierWatch:
             self._reported, self._ready = False, True
             self._tracker.healthy()
             log.info("tier server restarted: %s", self.tier.info)
-        except (RuntimeError, TimeoutError, OSError) as e:
+        except Exception as e:  # any failure to start backs off (never one restart per heartbeat)
             await asyncio.to_thread(self.tier.stop)  # one that started but never became ready goes too
             delay = self._tracker.start_failed(str(e))  # the default policy never gives up
             log.error("tier server restart failed (%s); next try in %.0fs", e, delay)

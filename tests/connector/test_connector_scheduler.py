@@ -308,6 +308,7 @@ def test_a_push_target_the_router_did_not_sign_is_never_pushed_to():
     assert not _pushes(s, "other-prompt", [9, *prompt[1:]], grant)  # bound to the prompt
     assert _pushes(s, "ok", prompt, grant)
     assert not _pushes(s, "replay", prompt, grant)  # each grant is used once
+    assert not _pushes(s, "respelled", prompt, {**grant, "sig": grant["sig"].upper()})  # in any spelling
     assert _pushes(s, "unbound", prompt, granted(good))  # a grant without a prompt digest (router had no ids)
 
 
