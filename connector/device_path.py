@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -74,12 +74,6 @@ class DevicePathConfig:
             config.device_landing,
             config.device_landing_advertise_host,
         )
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> DevicePathConfig:
-        """Parse a ``kv_connector_extra_config`` through :class:`ConnectorConfig` (the one parser); raises
-        :class:`pdmesh.connector.config.ConnectorConfigError` (a ValueError) for invalid values."""
-        return cls.from_config(ConnectorConfig.load(extra, block_size=1, env={}))
 
 
 def device_path_decision(

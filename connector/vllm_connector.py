@@ -65,8 +65,9 @@ log = init_logger("pdmesh.connector")
 def engine_layout(vllm_config: VllmConfig, backend_name: str | None = None) -> str:
     """The KV memory layout an engine uses, as one string that goes into the fingerprint: device, cache dtype,
     attention backend, vLLM's resolved KV cache layout (NHD/HND/...; not on CPU, whose backend has one layout)
-    and the per-rank geometry (KV heads, head size, layers). Two engines whose strings differ never share a key,
-    so a pool of another layout (FlashAttention vs FlashInfer, NHD vs HND) never unpacks our chunks transposed.
+    and the geometry (KV heads per rank, head size, the model's layers). Two engines whose strings differ never
+    share a key, so a pool of another layout (FlashAttention vs FlashInfer, NHD vs HND) never unpacks our chunks
+    transposed.
 
     ``backend_name``: the backend the worker half actually bound; None derives it from the config alone
     (:func:`configured_attn_backend`), which every process of the engine computes alike (the scheduler process

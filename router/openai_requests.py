@@ -15,6 +15,7 @@ A request asks for :func:`request_parts` sequences: its prompts (a batched compl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -174,15 +175,20 @@ def _drop_media_uuids(obj: dict) -> None:
     use them as the inputs' content hashes, which key cached KV cluster-wide; a client that guessed another's id
     could otherwise plant KV for it. The engines hash the content themselves instead."""
     obj.pop("multi_modal_uuids", None)
-    messages = obj.get("messages")
+    for part in content_parts(obj):
+        part.pop("uuid", None)
+
+
+def content_parts(body: dict) -> Iterator[dict]:
+    """Every content part (an object) of the body's chat messages, in order; nothing for a completion body or
+    malformed messages (their own validation reports those)."""
+    messages = body.get("messages")
     if not isinstance(messages, list):
         return
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict):
-                    part.pop("uuid", None)
+            yield from (part for part in content if isinstance(part, dict))
 
 
 # what a prefill leg never needs: its one token is thrown away, only the prompt's KV matters

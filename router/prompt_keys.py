@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
+from pdmesh.router.openai_requests import content_parts
+
 # Rough characters per token, to turn text chunks into a token estimate (conditional disaggregation).
 CHARS_PER_TOKEN = 4
 
@@ -43,15 +45,14 @@ class PromptInfo:
 _TEXT_PART_TYPES = ("text", "input_text")
 
 
+def media_parts(body: dict) -> list[dict]:
+    """The chat messages' non-text content parts (images, audio, video, files), in order."""
+    return [part for part in content_parts(body) if part.get("type") not in _TEXT_PART_TYPES]
+
+
 def has_media(body: dict) -> bool:
-    """True when a chat message carries non-text content (an image, audio, video, file part)."""
-    for m in body.get("messages") or ():
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(
-            isinstance(part, dict) and part.get("type") not in _TEXT_PART_TYPES for part in content
-        ):
-            return True
-    return False
+    """True when a chat message carries non-text content."""
+    return any(part.get("type") not in _TEXT_PART_TYPES for part in content_parts(body))
 
 
 def input_scope(body: dict) -> str:
@@ -61,14 +62,8 @@ def input_scope(body: dict) -> str:
     parts = []
     if isinstance(salt, str) and salt:
         parts.append("salt:" + salt)
-    if has_media(body):
-        media = [
-            part
-            for m in body["messages"]
-            if isinstance(m, dict) and isinstance(m.get("content"), list)
-            for part in m["content"]
-            if isinstance(part, dict) and part.get("type") not in _TEXT_PART_TYPES
-        ]
+    media = media_parts(body)
+    if media:
         canon = json.dumps(media, sort_keys=True, separators=(",", ":"), default=str).encode()
         parts.append("media:" + blake2b(canon, digest_size=16).hexdigest())
     return "\n".join(parts)

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the connector imports vLLM's connector base classes")
 
+from pdmesh.connector.config import ConnectorConfig
 from pdmesh.connector.device_path import DevicePathConfig
 from pdmesh.connector.params import PdParams
 from pdmesh.connector.scheduler import ConnectorScheduler
@@ -25,6 +26,11 @@ from tests.connector.test_connector_scheduler import (
 )
 
 PROMPT = list(range(1, 26))  # 3 loadable chunks of 8 tokens
+
+
+def _device_config(extra: dict) -> DevicePathConfig:
+    """The device path's part of a kv_connector_extra_config, parsed the one way the connector does."""
+    return DevicePathConfig.from_config(ConnectorConfig.load(extra, block_size=1, env={}))
 
 
 def _scheduler(landed_keys: set[bytes]):
@@ -124,7 +130,7 @@ def test_landed_chunks_after_a_gap_do_not_count():
 
 
 def test_the_landing_flag_parses():
-    cfg = DevicePathConfig.from_extra(
+    cfg = _device_config(
         {
             "device_staging": True,
             "device_landing": "0.0.0.0:7100",
@@ -132,7 +138,7 @@ def test_the_landing_flag_parses():
         }
     )
     assert (cfg.enabled, cfg.landing, cfg.landing_advertise_host) == (True, "0.0.0.0:7100", "10.0.0.2")
-    assert DevicePathConfig.from_extra({}).landing is None
+    assert _device_config({}).landing is None
 
 
 def test_the_worker_launch_turns_the_device_path_on_only_with_cuda_and_nixl(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+from pdmesh.connector.config import ConnectorConfig
 from pdmesh.connector.device_path import DevicePathConfig, device_path_decision
 from pdmesh.kernels import get_layout, triton_impl
 from pdmesh.transfer.errors import PoolExhausted
@@ -31,14 +32,17 @@ CPU_CASE = ("cpu_attn", (9, 2, 32, 16), "float32")
 FA_CASE = ("flash_attn_nhd", (2, 9, 4, 2, 8), "bfloat16")
 
 
+def _device_config(extra: dict) -> DevicePathConfig:
+    """The device path's part of a kv_connector_extra_config, parsed the one way the connector does."""
+    return DevicePathConfig.from_config(ConnectorConfig.load(extra, block_size=1, env={}))
+
+
 def test_config_flag_parses_and_defaults_off():
-    assert DevicePathConfig.from_extra({}) == DevicePathConfig(False, 64)
-    assert DevicePathConfig.from_extra(
-        {"device_staging": "true", "device_staging_slots": 8}
-    ) == DevicePathConfig(True, 8)
-    assert not DevicePathConfig.from_extra({"device_staging": "off"}).enabled
+    assert _device_config({}) == DevicePathConfig(False, 64)
+    assert _device_config({"device_staging": "true", "device_staging_slots": 8}) == DevicePathConfig(True, 8)
+    assert not _device_config({"device_staging": "off"}).enabled
     with pytest.raises(ValueError):
-        DevicePathConfig.from_extra({"device_staging": True, "device_staging_slots": 0})
+        _device_config({"device_staging": True, "device_staging_slots": 0})
 
 
 def test_device_path_is_on_only_for_cuda_caches_with_nixl():
